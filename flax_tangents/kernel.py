@@ -1,0 +1,239 @@
+"""The `Kernel`: covariances of a layer's outputs in the infinite-width limit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Kernel"]
+
+_ARRAY_FIELDS = ("nngp", "ntk", "cov1", "cov2", "mask1", "mask2")
+_STATIC_FIELDS = (
+    "x1_is_x2",
+    "is_gaussian",
+    "is_reversed",
+    "is_input",
+    "diagonal_batch",
+    "diagonal_spatial",
+    "shape1",
+    "shape2",
+    "batch_axis",
+    "channel_axis",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """NNGP and NTK of a layer's outputs, with the bookkeeping to propagate them.
+
+  The fields follow Neural Tangents' `Kernel`. Array fields (`nngp`, `ntk`,
+  `cov1`, `cov2`, `mask1`, `mask2`) are pytree leaves; the others are static
+  auxiliary data, so a `Kernel` passes through `jit`, `vmap`, sharding and
+  orbax.
+
+  Layout of the covariance arrays, for inputs of shape `(N, *spatial, C)`:
+
+  - `nngp`, `ntk`: `(N1, N2, S1, S1', S2, S2', ...)` with full spatial
+    covariances, `(N1, N2, S1, S2, ...)` when `diagonal_spatial`.
+  - `cov1`: `(N1, [N1,] spatial...)`: the leading batch axis is doubled unless
+    `diagonal_batch`. `cov2` likewise, or `None` when `x1_is_x2`.
+
+  Attributes:
+    nngp: covariance between the outputs on the first and second batches.
+    ntk: neural tangent kernel, same shape as `nngp`; `None` when not computed.
+    cov1: covariance of the outputs on the first batch.
+    cov2: covariance on the second batch; `None` when `x1_is_x2`.
+    x1_is_x2: whether the two batches are the same inputs.
+    is_gaussian: whether the outputs are Gaussian given the inputs (true after
+      an affine layer, false after a nonlinearity).
+    is_reversed: whether spatial axes are stored in reversed order (always
+      `False` here; kept for compatibility with Neural Tangents).
+    is_input: whether this is the kernel of the raw inputs.
+    diagonal_batch: whether `cov1`/`cov2` keep only the batch diagonal.
+    diagonal_spatial: whether covariances keep only spatial diagonals.
+    shape1: shape of the (finite) activations on the first batch.
+    shape2: shape of the activations on the second batch.
+    batch_axis: batch axis of the activations (0).
+    channel_axis: channel axis of the activations (-1), taken to infinity.
+    mask1: optional mask of the first batch (unused by built-in layers).
+    mask2: optional mask of the second batch.
+
+  >>> import jax.numpy as jnp
+  >>> import flax_tangents as ft
+  >>> k = ft.Kernel.from_inputs(jnp.ones((3, 4)), jnp.ones((2, 4)))
+  >>> k.nngp.shape, k.cov1.shape, k.cov2.shape
+  ((3, 2), (3,), (2,))
+  """
+
+  nngp: Optional[jax.Array]
+  ntk: Optional[jax.Array]
+  cov1: Optional[jax.Array]
+  cov2: Optional[jax.Array]
+  x1_is_x2: bool
+  is_gaussian: bool
+  is_reversed: bool
+  is_input: bool
+  diagonal_batch: bool
+  diagonal_spatial: bool
+  shape1: tuple[int, ...]
+  shape2: tuple[int, ...]
+  batch_axis: int = 0
+  channel_axis: int = -1
+  mask1: Optional[jax.Array] = None
+  mask2: Optional[jax.Array] = None
+
+  # ---------------------------------------------------------------- creation
+
+  @classmethod
+  def from_inputs(
+      cls,
+      x1: jax.typing.ArrayLike,
+      x2: Optional[jax.typing.ArrayLike] = None,
+      *,
+      diagonal_batch: bool = True,
+      diagonal_spatial: bool = False,
+      compute_ntk: bool = True,
+  ) -> "Kernel":
+    """The kernel of raw inputs: second moments averaged over channels.
+
+    Args:
+      x1: inputs of shape `(N1, *spatial, C)`.
+      x2: inputs of shape `(N2, *spatial, C)`, or `None` for `x2 = x1`.
+      diagonal_batch: keep only the batch diagonal of `cov1`/`cov2`.
+      diagonal_spatial: keep only spatial diagonals.
+      compute_ntk: whether to carry an NTK (zero for raw inputs).
+
+    Returns:
+      A `Kernel` with `is_input=True` and `is_gaussian=False`.
+
+    Raises:
+      ValueError: if `x1` and `x2` differ in anything but the batch size, or
+        are not at least 2-D.
+    """
+    from flax_tangents._src.analytic import covariance  # avoid import cycle
+
+    return covariance.inputs_to_kernel(
+        x1, x2, diagonal_batch=diagonal_batch,
+        diagonal_spatial=diagonal_spatial, compute_ntk=compute_ntk)
+
+  # ------------------------------------------------------------ conveniences
+
+  def replace(self, **changes: Any) -> "Kernel":
+    """A copy with the given fields changed (as `dataclasses.replace`)."""
+    return dataclasses.replace(self, **changes)
+
+  def asdict(self) -> dict[str, Any]:
+    """The fields as a dictionary (shallow)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  @property
+  def spatial_ndim(self) -> int:
+    """Number of spatial dimensions of the activations."""
+    return len(self.shape1) - 2
+
+  def _map_covariances(self, fn) -> "Kernel":
+    """Applies `fn(array, n_batch_axes)` to every covariance array."""
+    return self.replace(
+        nngp=None if self.nngp is None else fn(self.nngp, 2),
+        ntk=None if self.ntk is None else fn(self.ntk, 2),
+        cov1=None if self.cov1 is None else fn(
+            self.cov1, 1 if self.diagonal_batch else 2),
+        cov2=None if self.cov2 is None else fn(
+            self.cov2, 1 if self.diagonal_batch else 2),
+    )
+
+  def transpose(self, axes: Optional[Sequence[int]] = None) -> "Kernel":
+    """Permutes the spatial dimensions of all covariances.
+
+    Args:
+      axes: a permutation of `range(spatial_ndim)`; `None` reverses them.
+        Batch axes stay leading; channels are not stored in a `Kernel`.
+
+    Returns:
+      The kernel of the activations with spatial axes permuted.
+    """
+    n = self.spatial_ndim
+    axes = tuple(range(n))[::-1] if axes is None else tuple(
+        a % n for a in axes)
+    if sorted(axes) != list(range(n)):
+      raise ValueError(f"`axes`={axes} is not a permutation of {n} spatial "
+                       "axes.")
+
+    def permute(x, n_batch):
+      if self.diagonal_spatial:
+        perm = list(range(n_batch)) + [n_batch + a for a in axes]
+      else:
+        perm = list(range(n_batch))
+        for a in axes:
+          perm += [n_batch + 2 * a, n_batch + 2 * a + 1]
+      return jnp.transpose(x, perm)
+
+    def permute_shape(shape):
+      return (shape[0],) + tuple(shape[1 + a] for a in axes) + (shape[-1],)
+
+    return self._map_covariances(permute).replace(
+        shape1=permute_shape(self.shape1), shape2=permute_shape(self.shape2))
+
+  def reverse(self) -> "Kernel":
+    """Reverses the order of spatial axes in all covariances."""
+    return self.transpose(None).replace(is_reversed=not self.is_reversed)
+
+  def dot_general(self, other1: Optional[jax.Array],
+                  other2: Optional[jax.Array], is_lhs: bool,
+                  dimension_numbers) -> "Kernel":
+    """Covariances of `lax.dot_general` of the activations with fixed arrays.
+
+    Only contractions over non-channel, non-batch axes are supported, with
+    full spatial covariances; it is provided for Neural Tangents
+    compatibility and is used by custom rules.
+
+    Args:
+      other1: array multiplying the first batch's activations.
+      other2: array multiplying the second batch's (defaults to `other1`).
+      is_lhs: whether the activations are the left operand.
+      dimension_numbers: as for `jax.lax.dot_general`, without batch dims.
+
+    Returns:
+      The kernel of the products.
+    """
+    raise NotImplementedError(
+        "Kernel.dot_general is not implemented yet; write the covariance "
+        "of your product in a custom kernel rule instead.")
+
+  # ---------------------------------------------------------- composition
+
+  def __add__(self, other: Any) -> "Kernel":
+    # `a + b` on two kernels is the kernel of the sum of independent branches.
+    if isinstance(other, Kernel):
+      from flax_tangents._src.analytic import combinators
+      return combinators.fan_in_sum([self, other])
+    return NotImplemented
+
+  def __radd__(self, other: Any) -> "Kernel":
+    if isinstance(other, (int, float)) and other == 0:
+      return self  # lets `sum(kernels)` work.
+    return NotImplemented
+
+  def __jax_array__(self):
+    raise TypeError(
+        "A flax_tangents Kernel was passed to a plain JAX function, which has "
+        "no infinite-width rule. Use a module from `flax_tangents.nn` (for "
+        "example `ftn.Relu()` instead of `nn.relu`), or give your module a "
+        "rule with `ft.register_kernel_rule`.")
+
+  __array__ = __jax_array__
+
+  def __mul__(self, other: Any):
+    raise TypeError(
+        "Multiplying a Kernel has no infinite-width rule; use "
+        "`ftn.FanInProd()` for products of branches.")
+
+  __rmul__ = __sub__ = __rsub__ = __truediv__ = __matmul__ = __mul__
+
+
+jax.tree_util.register_dataclass(
+    Kernel, data_fields=list(_ARRAY_FIELDS),
+    meta_fields=list(_STATIC_FIELDS))
