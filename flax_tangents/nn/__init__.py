@@ -1,1 +1,37 @@
-"""Placeholder."""
+"""Linen layers that carry infinite-width kernel rules.
+
+Each layer is an ordinary `flax.linen.Module` (its `init`/`apply` are the
+finite network) and `ft.kernel_fn` uses its rule for the infinite-width limit.
+Importing this package also registers rules for stock `flax.linen` modules.
+"""
+
+from flax_tangents.nn import stock as _stock  # registers stock rules
+from flax_tangents.nn.activations import Erf
+from flax_tangents.nn.combinators import FanInConcat
+from flax_tangents.nn.combinators import FanInProd
+from flax_tangents.nn.combinators import FanInSum
+from flax_tangents.nn.elementwise import Elementwise
+from flax_tangents.nn.elementwise import ElementwiseBase
+from flax_tangents.nn.linear import Dense
+from flax_tangents.nn.relu import ABRelu
+from flax_tangents.nn.relu import Abs
+from flax_tangents.nn.relu import LeakyRelu
+from flax_tangents.nn.relu import Relu
+from flax_tangents.nn.shape import Flatten
+from flax_tangents.nn.shape import Identity
+
+__all__ = (
+    "ABRelu",
+    "Abs",
+    "Dense",
+    "Elementwise",
+    "ElementwiseBase",
+    "Erf",
+    "FanInConcat",
+    "FanInProd",
+    "FanInSum",
+    "Flatten",
+    "Identity",
+    "LeakyRelu",
+    "Relu",
+)

@@ -1,0 +1,12 @@
+"""Errors raised while computing analytic kernels."""
+
+__all__ = ["KernelRuleError"]
+
+
+class KernelRuleError(TypeError):
+  """A module or function met by a `Kernel` has no infinite-width rule.
+
+  The message names the module path, its type, and how to fix it: use the
+  matching layer from `flax_tangents.nn`, or register a rule with
+  `ft.register_kernel_rule` / `@ft.kernel_rule`.
+  """

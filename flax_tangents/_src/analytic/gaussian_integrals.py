@@ -1,0 +1,74 @@
+"""Closed-form Gaussian expectations used by elementwise kernel rules.
+
+Every function here takes `(cov12, var1, var2)`: the covariance and variances
+of a centred bivariate Gaussian `(u, v)`, broadcast against each other, and
+returns an expectation such as `E[phi(u) phi(v)]` elementwise. They are
+written once and shared by all activation rules.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "abrelu_d_nngp",
+    "abrelu_nngp",
+    "erf_d_nngp",
+    "erf_nngp",
+    "safe_sqrt",
+]
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+  """`sqrt(max(x, 0))` with a finite (zero) gradient where `x <= 0`."""
+  positive = x > 0
+  return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def _arc_cosine_terms(cov12, var1, var2):
+  """`(sqrt(var1 var2 - cov12^2), theta)` with `cos(theta)` the correlation.
+
+  Computed without dividing by the variances, so zero variances and exactly
+  equal inputs (`theta = 0`) are handled, with finite gradients.
+  """
+  sin_term = safe_sqrt(var1 * var2 - cov12**2)
+  theta = jnp.arctan2(sin_term, cov12)
+  return sin_term, theta
+
+
+def abrelu_nngp(cov12, var1, var2, a: float, b: float) -> jax.Array:
+  """`E[phi(u) phi(v)]` for `phi(x) = a min(x, 0) + b max(x, 0)`.
+
+  The arc-cosine kernel of degree 1 (Cho and Saul, 2009), generalized:
+  `((a - b)^2 (sqrt(var1 var2 - cov12^2) - theta cov12)
+  + pi (a^2 + b^2) cov12) / (2 pi)`.
+  """
+  sin_term, theta = _arc_cosine_terms(cov12, var1, var2)
+  return ((a - b)**2 * (sin_term - theta * cov12) +
+          np.pi * (a**2 + b**2) * cov12) / (2 * np.pi)
+
+
+def abrelu_d_nngp(cov12, var1, var2, a: float, b: float) -> jax.Array:
+  """`E[phi'(u) phi'(v)]` for the same `phi` (arc-cosine kernel of degree 0)."""
+  _, theta = _arc_cosine_terms(cov12, var1, var2)
+  return (np.pi * (a**2 + b**2) - (a - b)**2 * theta) / (2 * np.pi)
+
+
+def _erf_scaled(cov12, var1, var2, b: float):
+  return (1 + 2 * b**2 * var1) * (1 + 2 * b**2 * var2)
+
+
+def erf_nngp(cov12, var1, var2, a: float, b: float, c: float) -> jax.Array:
+  """`E[phi(u) phi(v)]` for `phi(x) = a erf(b x) + c` (Williams, 1997)."""
+  prod = _erf_scaled(cov12, var1, var2, b)
+  return a**2 * (2 / np.pi) * jnp.arcsin(
+      2 * b**2 * cov12 / jnp.sqrt(prod)) + c**2
+
+
+def erf_d_nngp(cov12, var1, var2, a: float, b: float, c: float) -> jax.Array:
+  """`E[phi'(u) phi'(v)]` for `phi(x) = a erf(b x) + c`."""
+  del c
+  prod = _erf_scaled(cov12, var1, var2, b)
+  return a**2 * (4 * b**2 / np.pi) / jnp.sqrt(prod - 4 * b**4 * cov12**2)

@@ -1,0 +1,82 @@
+"""The registry of kernel rules: which function gives a module its limit."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, TypeVar
+
+__all__ = ["find_rule", "kernel_rule", "register_kernel_rule"]
+
+KernelRule = Callable[..., Any]
+ModuleT = TypeVar("ModuleT", bound=type)
+
+_RULES: dict[type, KernelRule] = {}
+
+
+def register_kernel_rule(module_type: type, rule: KernelRule) -> None:
+  """Gives every module of `module_type` (and its subclasses) a kernel rule.
+
+  Use it for classes you do not own; for your own classes the decorator
+  `kernel_rule` reads better.
+
+  Args:
+    module_type: a `flax.linen.Module` subclass.
+    rule: a pure function `rule(module, kernel, **kwargs) -> kernel`. It is
+      called with the bound module (so its attributes are available) in place
+      of `module.__call__` whenever the module is called on a `Kernel`.
+      `kwargs` are the keyword arguments of that call.
+
+  Raises:
+    TypeError: if `module_type` is not a class or `rule` is not callable.
+
+  >>> import flax.linen as nn
+  >>> import flax_tangents as ft
+  >>> class Double(nn.Module):  # y = 2 x, no parameters
+  ...   def __call__(self, x):
+  ...     return 2 * x
+  >>> def double_rule(module, k, **kwargs):
+  ...   return k.replace(nngp=4 * k.nngp, cov1=4 * k.cov1,
+  ...                    ntk=None if k.ntk is None else 4 * k.ntk)
+  >>> ft.register_kernel_rule(Double, double_rule)
+  >>> import jax.numpy as jnp
+  >>> float(ft.kernel_fn(Double())(jnp.ones((1, 3)), get='nngp')[0, 0])
+  4.0
+  """
+  if not isinstance(module_type, type):
+    raise TypeError(f"`module_type` must be a class, got {module_type!r}.")
+  if not callable(rule):
+    raise TypeError(f"`rule` must be callable, got {rule!r}.")
+  _RULES[module_type] = rule
+
+
+def kernel_rule(rule: KernelRule) -> Callable[[ModuleT], ModuleT]:
+  """Class decorator form of `register_kernel_rule`.
+
+  Args:
+    rule: a pure function `rule(module, kernel, **kwargs) -> kernel`.
+
+  Returns:
+    A decorator that registers `rule` for the decorated module class and
+    returns the class unchanged.
+
+  >>> import flax.linen as nn
+  >>> import flax_tangents as ft
+  >>> @ft.kernel_rule(lambda module, k, **kwargs: k)
+  ... class MyIdentity(nn.Module):
+  ...   def __call__(self, x):
+  ...     return x
+  """
+
+  def register(module_type: ModuleT) -> ModuleT:
+    register_kernel_rule(module_type, rule)
+    return module_type
+
+  return register
+
+
+def find_rule(module_type: type) -> Optional[KernelRule]:
+  """The rule for `module_type`, looked up along its method resolution order."""
+  for base in module_type.__mro__:
+    rule = _RULES.get(base)
+    if rule is not None:
+      return rule
+  return None

@@ -1,0 +1,58 @@
+"""Reductions over spatial locations of covariance arrays."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from flax_tangents._src.analytic import covariance
+from flax_tangents.kernel import Kernel
+
+__all__ = ["flatten_kernel", "global_pool_kernel"]
+
+
+def _drop_spatial_shape(kernel: Kernel, channels1: int,
+                        channels2: int) -> dict[str, tuple[int, ...]]:
+  return dict(shape1=(kernel.shape1[0], channels1),
+              shape2=(kernel.shape2[0], channels2))
+
+
+def flatten_kernel(kernel: Kernel) -> Kernel:
+  """Kernel after flattening `(N, *spatial, C)` to `(N, prod(spatial) * C)`.
+
+  A dense layer on flattened activations sees the mean over locations of each
+  location's own covariance, so only spatial diagonals matter.
+  """
+  n_spatial = covariance.spatial_ndim(kernel)
+  if n_spatial == 0:
+    return kernel
+
+  def mean_of_diagonal(cov: jax.Array, n_batch: int) -> jax.Array:
+    if not kernel.diagonal_spatial:
+      cov = covariance.spatial_diagonal(cov, n_batch, n_spatial, False)
+    return jnp.mean(cov, axis=tuple(range(n_batch, cov.ndim)))
+
+  size = lambda shape: math.prod(shape[1:])
+  return covariance.map_covariances(kernel, mean_of_diagonal).replace(
+      **_drop_spatial_shape(kernel, size(kernel.shape1), size(kernel.shape2)))
+
+
+def global_pool_kernel(kernel: Kernel, *, average: bool, layer: str) -> Kernel:
+  """Kernel after summing or averaging over all locations.
+
+  Raises:
+    ValueError: if the kernel keeps only spatial diagonals.
+  """
+  n_spatial = covariance.spatial_ndim(kernel)
+  if n_spatial == 0:
+    return kernel
+  covariance.require_spatial_covariances(kernel, layer)
+  reduce = jnp.mean if average else jnp.sum
+
+  def pooled(cov: jax.Array, n_batch: int) -> jax.Array:
+    return reduce(cov, axis=tuple(range(n_batch, cov.ndim)))
+
+  return covariance.map_covariances(kernel, pooled).replace(
+      **_drop_spatial_shape(kernel, kernel.shape1[-1], kernel.shape2[-1]))

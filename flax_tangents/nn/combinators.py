@@ -1,0 +1,74 @@
+"""Layers that merge parallel branches: sum, concatenation, product."""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_tangents._src.analytic import combinators
+from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents.kernel import Kernel
+
+__all__ = ["FanInConcat", "FanInProd", "FanInSum"]
+
+
+@kernel_rule(lambda module, kernels, **kw: combinators.fan_in_sum(kernels))
+class FanInSum(nn.Module):
+  """Sums a list of branches (a residual connection, for instance).
+
+  On kernels the branches are taken to be uncorrelated, which holds when all
+  but one of them start with a fresh affine layer; `a + b` on two kernels
+  does the same.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.FanInSum().apply({}, [jnp.ones(2), jnp.ones(2)])
+  Array([2., 2.], dtype=float32)
+  """
+
+  def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
+    return functools.reduce(operator.add, branches)
+
+
+def _concat_rule(module: "FanInConcat", kernels: Sequence[Kernel],
+                 **kwargs: Any) -> Kernel:
+  del kwargs
+  return combinators.fan_in_concat(kernels, module.axis)
+
+
+@kernel_rule(_concat_rule)
+class FanInConcat(nn.Module):
+  """Concatenates a list of branches along `axis` (channels by default).
+
+  Attributes:
+    axis: the concatenation axis; kernels support the channel axis only.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.FanInConcat().apply({}, [jnp.ones((2, 3)), jnp.ones((2, 1))]).shape
+  (2, 4)
+  """
+
+  axis: int = -1
+
+  def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
+    return jnp.concatenate(branches, axis=self.axis)
+
+
+@kernel_rule(lambda module, kernels, **kw: combinators.fan_in_prod(kernels))
+class FanInProd(nn.Module):
+  """Multiplies a list of branches elementwise.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.FanInProd().apply({}, [2 * jnp.ones(2), 3 * jnp.ones(2)])
+  Array([6., 6.], dtype=float32)
+  """
+
+  def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
+    return functools.reduce(operator.mul, branches)
