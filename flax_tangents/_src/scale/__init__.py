@@ -1,0 +1,1 @@
+"""Kernels at scale: tiling over a mesh, checkpointed tiles, Monte Carlo."""

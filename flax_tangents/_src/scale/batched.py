@@ -1,0 +1,310 @@
+"""`BatchedKernelFn`: a kernel function computed tile by tile over a mesh.
+
+One call:
+
+1. splits the call's arguments into inputs (`x1`, `x2`, and 2-tuple keyword
+   arguments `(for_x1, for_x2)` whose leading axes are the batch sizes:
+   tiled like the inputs), arrays (parameters, keys: copied to every
+   device) and everything else (`get`, flags: fixed at compile time);
+2. evaluates the wrapped function abstractly on one tile to learn what it
+   returns (`OutputTemplate`) and plans the tiles (`TilePlan`);
+3. restores finished tiles from `checkpoint_dir`, if given;
+4. computes the other tiles in rounds of one tile per device, with a
+   `jax.shard_map` program compiled once per tile kind and shape;
+5. stitches the tiles (`assemble`) and rebuilds the wrapped function's
+   output (arrays, namedtuple or `ft.Kernel`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Optional
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+import numpy as np
+
+from flax_tangents.kernel import Kernel
+from flax_tangents._src.scale import assemble
+from flax_tangents._src.scale import devices
+from flax_tangents._src.scale import fingerprint as fingerprint_lib
+from flax_tangents._src.scale import progress as progress_lib
+from flax_tangents._src.scale import tile_checkpoint
+from flax_tangents._src.scale import tile_outputs
+from flax_tangents._src.scale.tile_plan import DIAG, FULL, OFFDIAG
+from flax_tangents._src.scale.tile_plan import TilePlan
+from flax_tangents._src.scale.tile_plan import leading_size, pad_rows
+from flax_tangents._src.scale.tile_plan import tile_rows
+
+__all__ = ["BatchedKernelFn"]
+
+# Keyword arguments never split between x1 and x2 (Flax settings, keys).
+_UNSPLIT_KWARGS = frozenset({"mutable", "rng", "rngs", "get"})
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _hashable(values: tuple) -> Optional[tuple]:
+  try:
+    hash(values)
+    return values
+  except TypeError:
+    return None
+
+
+class _Call:
+  """The arguments of one call, sorted into tiled, array and static parts."""
+
+  def __init__(self, x1: Any, x2: Any, args: tuple, kwargs: dict):
+    self.symmetric = x2 is None
+    self.n1 = leading_size(x1, "x1")
+    self.n2 = self.n1 if self.symmetric else leading_size(x2, "x2")
+    self.get = args[0] if args else kwargs.get("get")
+    self.tiled: dict[str, tuple[Any, Any]] = {}
+    rest = {}
+    for name, value in kwargs.items():
+      if self._is_tiled_pair(name, value):
+        self.tiled[name] = value
+      else:
+        rest[name] = value
+    leaves, self.treedef = jax.tree.flatten((args, rest))
+    self.is_dynamic = tuple(_is_array(leaf) for leaf in leaves)
+    self.dynamic = [leaf for leaf in leaves if _is_array(leaf)]
+    self.static = tuple(leaf for leaf in leaves if not _is_array(leaf))
+
+  def _is_tiled_pair(self, name: str, value: Any) -> bool:
+    if (name in _UNSPLIT_KWARGS or not isinstance(value, tuple)
+        or len(value) != 2 or any(v is None for v in value)):
+      return False
+    try:
+      return (leading_size(value[0], name) == self.n1
+              and leading_size(value[1], name) == self.n2)
+    except ValueError:
+      return False
+
+  def rebuild(self, dynamic: list[Any]) -> tuple[tuple, dict]:
+    dynamic_iter, static_iter = iter(dynamic), iter(self.static)
+    leaves = [next(dynamic_iter) if is_dyn else next(static_iter)
+              for is_dyn in self.is_dynamic]
+    return jax.tree.unflatten(self.treedef, leaves)
+
+  def program_key(self, kind: str) -> Optional[tuple]:
+    static = _hashable(self.static)
+    if static is None:
+      return None
+    return (kind, self.treedef, static, self.is_dynamic,
+            tuple(sorted(self.tiled)), self.symmetric)
+
+
+class BatchedKernelFn:
+  """See `ft.batch`."""
+
+  def __init__(self, kernel_fn: Callable[..., Any], batch_size: int,
+               mesh: Optional[Mesh], store_on_device: bool,
+               checkpoint_dir: Optional[str],
+               progress: progress_lib.ProgressArg):
+    if not callable(kernel_fn):
+      raise TypeError(f"ft.batch expects a kernel function, got "
+                      f"{type(kernel_fn).__name__}.")
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+        or batch_size < 1):
+      raise ValueError(f"`batch_size` must be a positive integer, got "
+                       f"{batch_size!r}.")
+    self.kernel_fn = kernel_fn
+    self.batch_size = batch_size
+    self.mesh = mesh
+    self.store_on_device = store_on_device
+    self.checkpoint_dir = checkpoint_dir
+    self.progress = progress
+    self._programs: dict[tuple, Callable[..., Any]] = {}
+    functools.update_wrapper(self, kernel_fn)
+
+  # ------------------------------------------------------------------ call
+
+  def __call__(self, x1: Any, x2: Any = None, *args: Any, **kwargs: Any):
+    if isinstance(x1, Kernel) or isinstance(x2, Kernel):
+      raise NotImplementedError(
+          "ft.batch tiles kernels of inputs; pass the inputs `x1`, `x2` "
+          "rather than a Kernel (apply the batched function to the data and "
+          "the whole network instead of composing it with a Kernel).")
+    call = _Call(x1, x2, args, kwargs)
+    mesh = self.mesh if self.mesh is not None else devices.default_mesh()
+    b = min(self.batch_size, max(call.n1, call.n2))
+
+    template = self._template(call, x1, x2, b)
+    mirror = call.symmetric and template.all_transposable
+    plan = TilePlan(call.n1, call.n2, b, call.symmetric, mirror)
+
+    x1_padded = pad_rows(x1, plan.n1_blocks * b)
+    x2_padded = x1_padded if call.symmetric else pad_rows(
+        x2, plan.n2_blocks * b)
+    tiled1 = {n: pad_rows(v[0], plan.n1_blocks * b)
+              for n, v in call.tiled.items()}
+    tiled2 = {n: pad_rows(v[1], plan.n2_blocks * b)
+              for n, v in call.tiled.items()}
+    dynamic = devices.put_replicated(call.dynamic, mesh)
+
+    if self.store_on_device:
+      assembler = assemble.DeviceAssembler(template, plan, mesh)
+    else:
+      assembler = assemble.HostAssembler(template, plan)
+
+    checkpoint, done = None, set()
+    if self.checkpoint_dir is not None:
+      checkpoint = tile_checkpoint.TileCheckpoint(
+          self.checkpoint_dir,
+          self._fingerprint(call, x1, x2, plan))
+      for ids, leaves in checkpoint.load():
+        if self.store_on_device:
+          assembler.add_host(ids, leaves)
+        else:
+          assembler.add(ids, leaves)
+        done.update(int(i) for i in ids if i >= 0)
+
+    todo = [tile for tile in plan.tiles if tile.id not in done]
+    progress = progress_lib.Progress(len(plan.tiles), len(done),
+                                     self.progress,
+                                     devices.is_primary_process())
+    try:
+      for kind in (DIAG, OFFDIAG, FULL):
+        tiles = [tile for tile in todo if tile.kind == kind]
+        if not tiles:
+          continue
+        program = self._program(call, kind, template, mesh)
+        for start in range(0, len(tiles), mesh.size):
+          chunk = tiles[start:start + mesh.size]
+          padding = [chunk[0]] * (mesh.size - len(chunk))
+          ids = np.asarray([t.id for t in chunk] + [-1] * len(padding))
+          rows = np.asarray([t.i for t in chunk + padding])
+          cols = np.asarray([t.j for t in chunk + padding])
+          inputs = [tile_rows(x1_padded, rows, b),
+                    tile_rows(x2_padded, cols, b),
+                    tile_rows(tiled1, rows, b), tile_rows(tiled2, cols, b)]
+          leaves = program(*devices.put_sharded(inputs, mesh), dynamic)
+          if checkpoint is not None:
+            checkpoint.save(ids, leaves)
+          if self.store_on_device:
+            assembler.add(ids, jax.block_until_ready(leaves))
+          else:
+            assembler.add(ids, devices.gather_to_host(leaves))
+          progress.update(len(chunk))
+    except BaseException:
+      if checkpoint is not None:
+        checkpoint.abandon()
+      raise
+    if checkpoint is not None:
+      checkpoint.close()
+    progress.close()
+    return template.build(assembler.result(), call.n1, call.n2)
+
+  # ------------------------------------------------------------ programs
+
+  def _one_tile(self, call: _Call, kind: str) -> Callable[..., Any]:
+    """The wrapped function on one (unstacked) tile."""
+    def one_tile(x1, x2, tiled1, tiled2, dynamic):
+      args, kwargs = call.rebuild(dynamic)
+      kwargs = dict(kwargs)
+      for name in call.tiled:
+        kwargs[name] = (tiled1[name], tiled2[name])
+      return self.kernel_fn(x1, None if kind == DIAG else x2, *args, **kwargs)
+    return one_tile
+
+  def _template(self, call: _Call, x1: Any, x2: Any,
+                b: int) -> tile_outputs.OutputTemplate:
+    kind = DIAG if call.symmetric else FULL
+    def tile_spec(x):
+      return jax.tree.map(
+          lambda leaf: jax.ShapeDtypeStruct((b,) + np.shape(leaf)[1:],
+                                            _dtype(leaf)), x)
+    specs = (tile_spec(x1), tile_spec(x1 if x2 is None else x2),
+             tile_spec({n: v[0] for n, v in call.tiled.items()}),
+             tile_spec({n: v[1] for n, v in call.tiled.items()}))
+    one_tile = self._one_tile(call, kind)
+    abstract = jax.eval_shape(one_tile, *specs, call.dynamic)
+    template = tile_outputs.OutputTemplate(abstract, b, call.get,
+                                           self._layout_hint())
+    if call.symmetric and not template.all_transposable:
+      # An analytic kernel function asked for arrays: its Kernel says how
+      # the arrays are laid out.
+      hint = self._analytic_layout_hint(call, specs)
+      if hint is not None:
+        template = tile_outputs.OutputTemplate(abstract, b, call.get, hint)
+    return template
+
+  def _layout_hint(self) -> Optional[tile_outputs.LayoutHint]:
+    trace_axes = getattr(self.kernel_fn, "trace_axes", None)
+    diagonal_axes = getattr(self.kernel_fn, "diagonal_axes", None)
+    if trace_axes is None or diagonal_axes is None:
+      return None
+    return tile_outputs.empirical_layout_hint(tuple(trace_axes),
+                                              tuple(diagonal_axes))
+
+  def _analytic_layout_hint(self, call, specs):
+    args, kwargs = call.rebuild(call.dynamic)
+    if args:
+      args = (None,) + tuple(args[1:])
+    elif "get" in kwargs:
+      kwargs = dict(kwargs, get=None)
+    else:
+      return None
+    try:
+      kernel = jax.eval_shape(
+          lambda x: self.kernel_fn(x, None, *args, **kwargs), specs[0])
+    except Exception:  # pylint: disable=broad-except
+      return None  # Not an analytic kernel function: layout stays unknown.
+    if not isinstance(kernel, Kernel):
+      return None
+    layout = tile_outputs._kernel_layout(kernel)  # pylint: disable=protected-access
+    return lambda rest: layout
+
+  def _program(self, call: _Call, kind: str,
+               template: tile_outputs.OutputTemplate,
+               mesh: Mesh) -> Callable[..., Any]:
+    key = call.program_key(kind)
+    cache_key = None if key is None else key + (
+        mesh, template.treedef, tuple(template.leaves))
+    if cache_key is not None and cache_key in self._programs:
+      return self._programs[cache_key]
+    roles = ((tile_outputs.PAIR,) if kind == OFFDIAG else
+             (tile_outputs.PAIR, tile_outputs.ROW, tile_outputs.COL))
+    one_tile = self._one_tile(call, kind)
+    names = {leaf.key: assemble.leaf_name(k)
+             for k, leaf in enumerate(template.leaves)}
+
+    def body(x1s, x2s, tiled1s, tiled2s, dynamic):
+      first = functools.partial(jax.tree.map, lambda x: x[0])
+      output = one_tile(first(x1s), first(x2s), first(tiled1s),
+                        first(tiled2s), dynamic)
+      flat = template.flatten(output, roles)
+      return {names[key]: value[None] for key, value in flat.items()}
+
+    spec = devices.tile_axis_spec(mesh)
+    program = jax.jit(jax.shard_map(
+        body, mesh=mesh, in_specs=(spec, spec, spec, spec, PartitionSpec()),
+        out_specs=spec, check_vma=False))
+    if cache_key is not None:
+      self._programs[cache_key] = program
+    return program
+
+  # ---------------------------------------------------------- fingerprint
+
+  def _fingerprint(self, call: _Call, x1: Any, x2: Any,
+                   plan: TilePlan) -> dict[str, str]:
+    digest = fingerprint_lib.digest
+    return {
+        "x1": digest(x1),
+        "x2": digest(x2),
+        "batch_size": str(self.batch_size),
+        "tiling": digest(plan.describe()),
+        "get": repr(call.get),
+        "kernel_fn": fingerprint_lib.function_identity(self.kernel_fn),
+        "array arguments (parameters)": digest(call.dynamic),
+        "other arguments": digest(list(call.static)),
+        "tiled arguments": digest(call.tiled),
+    }
+
+
+def _dtype(leaf: Any) -> Any:
+  return leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
