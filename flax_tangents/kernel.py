@@ -218,7 +218,8 @@ class Kernel:
     return NotImplemented
 
   def __jax_array__(self):
-    raise TypeError(
+    from flax_tangents._src.analytic.errors import PlainFunctionError
+    raise PlainFunctionError(
         "A flax_tangents Kernel was passed to a plain JAX function, which has "
         "no infinite-width rule. Use a module from `flax_tangents.nn` (for "
         "example `ftn.Relu()` instead of `nn.relu`), or give your module a "

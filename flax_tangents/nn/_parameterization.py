@@ -24,7 +24,8 @@ def affine_params(module: nn.Module, kernel_shape: tuple[int, ...],
   are drawn as N(0, W_std^2 / fan_in) and N(0, b_std^2) and used as they are.
 
   Returns:
-    `(weights, bias)` ready to use; `bias` is `None` when `b_std is None`.
+    `(weights, bias)` ready to use; `bias`, of shape `(features,)`, is `None`
+    when `b_std is None`. Reshape it to the output's rank before adding.
   """
   check_parameterization(parameterization)
   w_scale = W_std / math.sqrt(fan_in)

@@ -62,4 +62,6 @@ class Dense(nn.Module):
         self, (fan_in, self.features), fan_in, self.features, self.W_std,
         self.b_std, self.parameterization, self.param_dtype)
     y = jnp.matmul(x, weights)
-    return y if bias is None else y + bias
+    if bias is None:
+      return y
+    return y + bias.reshape((1,) * (y.ndim - 1) + (self.features,))

@@ -22,6 +22,7 @@ from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic.errors import KernelRuleError
+from flax_tangents._src.analytic.errors import PlainFunctionError
 from flax_tangents.kernel import Kernel
 
 __all__ = ["kernel_fn"]
@@ -79,9 +80,17 @@ def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
     if rule is not None:
       return rule(module, *args, **kwargs)
     return next_fun(*args, **kwargs)
+  except PlainFunctionError as e:
+    raise KernelRuleError(
+        f"{_describe(module)} passed a Kernel to a plain function (such as "
+        "`nn.relu` or `jnp.tanh`), which has no infinite-width rule. Use a "
+        "layer from `flax_tangents.nn` instead (e.g. `ftn.Relu()` for "
+        "`nn.relu`), or give your module a rule with "
+        "`ft.register_kernel_rule`.") from e
   except KernelRuleError:
     raise
-  except flax.errors.ScopeParamNotFoundError as e:
+  except (flax.errors.ScopeParamNotFoundError,
+          flax.errors.ScopeCollectionNotFound) as e:
     # A user module that creates parameters itself has no rule.
     raise _no_rule_error(module) from e
   except Exception as e:  # pylint: disable=broad-except
