@@ -1,1 +1,50 @@
-"""Placeholder: being written."""
+"""Predictions of wide networks: closed forms and ODEs in function space.
+
+Neural Tangents' `predict` module, on current JAX. Given kernels (analytic
+from `ft.kernel_fn`, or empirical from `ft.empirical_ntk_fn`), these predict:
+
+- `gradient_descent_mse`: the outputs of one linearized / infinitely wide
+  network trained by gradient flow on the MSE, at any (or infinite) time;
+- `gradient_descent`: the same for any loss, with optional momentum (ODE);
+- `gp_inference`: exact NNGP / NTK / NTKGP Gaussian-process inference;
+- `gradient_descent_mse_ensemble`: the mean and covariance of an infinite
+  ensemble of infinitely wide networks at any training time;
+- `max_learning_rate`: the largest stable learning rate on the MSE.
+
+Time `t` is in steps (`absolute_time = learning_rate * t`) and the MSE is
+`||f(x_train) - y_train||^2 / (2 * y_train.size)`, as in Neural Tangents.
+Kernels are symmetrized and factorized in float64 when JAX has it enabled; a
+kernel that is not positive semi-definite raises `NotPSDError`, which names
+the matrix, its smallest eigenvalue and a `diag_reg` that fixes it.
+
+>>> import jax.numpy as jnp
+>>> import flax_tangents as ft
+>>> k = jnp.array([[1., .5], [.5, 1.]])
+>>> fx = ft.predict.gradient_descent_mse(k, jnp.ones((2, 1)))(None, 0.)
+>>> fx.shape
+(2, 1)
+"""
+
+from flax_tangents._src.predict.gradient_descent import ODEState
+from flax_tangents._src.predict.gradient_descent import PredictFn
+from flax_tangents._src.predict.gradient_descent import PredictFnODE
+from flax_tangents._src.predict.gradient_descent import gradient_descent
+from flax_tangents._src.predict.gradient_descent import gradient_descent_mse
+from flax_tangents._src.predict.gradient_descent import max_learning_rate
+from flax_tangents._src.predict.inference import Gaussian
+from flax_tangents._src.predict.inference import gp_inference
+from flax_tangents._src.predict.inference import gradient_descent_mse_ensemble
+from flax_tangents._src.predict.linalg import NotPSDError
+
+__all__ = (
+    "Gaussian",
+    "NotPSDError",
+    "ODEState",
+    "PredictFn",
+    "PredictFnODE",
+    "gp_inference",
+    "gradient_descent",
+    "gradient_descent_mse",
+    "gradient_descent_mse_ensemble",
+    "max_learning_rate",
+)

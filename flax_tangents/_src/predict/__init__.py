@@ -1,0 +1,1 @@
+"""Implementation of `ft.predict`; import from `flax_tangents.predict`."""
