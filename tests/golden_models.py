@@ -76,6 +76,9 @@ def build_layer(spec: Sequence[Any]) -> nn.Module:
   if name == "Dropout":
     mode = args.pop("mode", "train")
     args["deterministic"] = mode != "train"
+    # NT's `rate` is the probability of KEEPING a unit; Flax's (and
+    # ftn.Dropout's) is the probability of dropping one.
+    args["rate"] = 1.0 - args["rate"]
   return getattr(ftn, name)(**args)
 
 

@@ -10,9 +10,11 @@ from flax_tangents.nn.activations import Erf
 from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd
 from flax_tangents.nn.combinators import FanInSum
+from flax_tangents.nn.dropout import Dropout
 from flax_tangents.nn.elementwise import Elementwise
 from flax_tangents.nn.elementwise import ElementwiseBase
 from flax_tangents.nn.linear import Dense
+from flax_tangents.nn.normalization import LayerNorm
 from flax_tangents.nn.relu import ABRelu
 from flax_tangents.nn.relu import Abs
 from flax_tangents.nn.relu import LeakyRelu
@@ -24,6 +26,7 @@ __all__ = (
     "ABRelu",
     "Abs",
     "Dense",
+    "Dropout",
     "Elementwise",
     "ElementwiseBase",
     "Erf",
@@ -32,6 +35,7 @@ __all__ = (
     "FanInSum",
     "Flatten",
     "Identity",
+    "LayerNorm",
     "LeakyRelu",
     "Relu",
 )

@@ -4,7 +4,8 @@ Stock layers use the standard parameterization with their default
 initializers: `lecun_normal` weights (variance `1 / fan_in`, so `W_std = 1`)
 and zero biases (`b_std = 0`, though a bias still adds its gradient to the
 NTK). Custom initializers are not inspected; use the `flax_tangents.nn`
-layers for other scales.
+layers for other scales. `nn.LayerNorm` (default scale 1, bias 0) and
+`nn.Dropout` have rules too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import flax.linen as nn
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
+from flax_tangents.nn.dropout import dropout_rule
+from flax_tangents.nn.normalization import layer_norm_kernel
 
 __all__: list[str] = []
 
@@ -31,3 +34,50 @@ def _stock_dense_rule(module: nn.Dense, kernel: Kernel,
 
 
 register_kernel_rule(nn.Dense, _stock_dense_rule)
+
+
+def _stock_layer_norm_rule(module: nn.LayerNorm, kernel: Kernel,
+                           **kwargs: Any) -> Kernel:
+  """`nn.LayerNorm`: normalization, then `scale * y + bias` per channel.
+
+  At initialization `scale = 1` and `bias = 0`, so the NNGP is that of the
+  plain normalization. Both parameters are trained, though: the gradient of
+  output channel `c` in `scale_c` is the normalized activation `y_c` and in
+  `bias_c` it is 1, which adds `E[y_c(x1) y_c(x2)]` (the new NNGP) and 1 to
+  the NTK.
+  """
+  del kwargs
+  layer = f"nn.LayerNorm(reduction_axes={module.reduction_axes})"
+  ndim = len(kernel.shape1)
+  features = module.feature_axes
+  features = (features,) if isinstance(features, int) else tuple(features)
+  if tuple(sorted({a % ndim for a in features})) != (ndim - 1,):
+    raise NotImplementedError(
+        f"{layer} with feature_axes={module.feature_axes}: only per-channel "
+        "scale and bias (feature_axes=-1) have an infinite-width kernel "
+        "here.")
+  if module.axis_name is not None:
+    raise NotImplementedError(
+        f"{layer} with axis_name={module.axis_name!r} (cross-device "
+        "statistics) has no kernel rule.")
+  if ((module.use_scale and module.scale_init is not nn.initializers.ones)
+      or (module.use_bias and module.bias_init is not nn.initializers.zeros)):
+    raise NotImplementedError(
+        f"{layer} with custom scale_init/bias_init: only the default "
+        "initializers (scale 1, bias 0) are supported; use "
+        "`ftn.LayerNorm` followed by an explicit affine layer instead.")
+  out = layer_norm_kernel(kernel, module.reduction_axes, module.epsilon,
+                          layer)
+  if out.ntk is not None:
+    ntk = out.ntk
+    if module.use_scale:
+      ntk = ntk + out.nngp
+    if module.use_bias:
+      ntk = ntk + 1.0
+    out = out.replace(ntk=ntk)
+  return out
+
+
+register_kernel_rule(nn.LayerNorm, _stock_layer_norm_rule)
+# `flax_tangents.nn.Dropout` subclasses `nn.Dropout`: one rule serves both.
+register_kernel_rule(nn.Dropout, dropout_rule)

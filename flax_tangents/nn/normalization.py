@@ -1,0 +1,125 @@
+"""Layer normalization, and its infinite-width kernel."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents.kernel import Kernel
+
+__all__ = ["LayerNorm", "layer_norm_kernel"]
+
+Axes = Union[int, Sequence[int]]
+
+
+def _canonical_axes(axis: Axes, ndim: int) -> tuple[int, ...]:
+  axes = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(sorted({a % ndim for a in axes}))
+
+
+def layer_norm_kernel(kernel: Kernel, axis: Axes, eps: float,
+                      layer: str) -> Kernel:
+  """Kernel after normalizing activations by their variance over `axis`.
+
+  With infinitely many channels the mean over channels of a centred Gaussian
+  layer vanishes and its variance concentrates on the kernel's diagonal, so
+  normalization divides each covariance `cov[x1, x2, s1, s2]` by
+  `sqrt(v1[x1, s1] v2[x2, s2])`, where `v` is `eps` plus the per-location
+  variance averaged over the spatial (and batch) axes in `axis`. Only the
+  variances are needed, so spatial diagonals suffice. The NTK is divided
+  likewise: the normalizer's own gradient vanishes in the limit.
+
+  Args:
+    kernel: kernel of the (Gaussian) inputs.
+    axis: axes of the activations `(N, *spatial, C)` normalized over; must
+      include the channel axis.
+    eps: added to the variances.
+    layer: the layer's name, for error messages.
+
+  Returns:
+    The normalized kernel (still Gaussian).
+
+  Raises:
+    ValueError: if `axis` omits the channel axis, or the input is not
+      Gaussian.
+  """
+  ndim = len(kernel.shape1)
+  axes = _canonical_axes(axis, ndim)
+  if ndim - 1 not in axes:
+    raise ValueError(
+        f"{layer} normalizes over axes {axes} of activations with {ndim} "
+        "axes; the channel axis (-1) must be among them for the "
+        "infinite-width kernel to exist. Use e.g. axis=-1.")
+  if not kernel.is_gaussian:
+    # The channel mean of a non-centred layer (e.g. after ReLU) does not
+    # vanish; as Neural Tangents, only Gaussian inputs are supported.
+    where = "raw inputs" if kernel.is_input else "a non-Gaussian input"
+    raise ValueError(
+        f"{layer} is applied to {where}; its infinite-width kernel is "
+        "implemented only for Gaussian inputs. Put it right after a "
+        "`Dense`/`Conv` (or attention) layer.")
+  # Averaged axes of the variance arrays `(N, *spatial)`.
+  reduce = tuple(a for a in axes if a != ndim - 1)
+  var1, var2 = covariance.diagonal_variances(kernel)
+  normalizer = lambda v: eps + (jnp.mean(v, axis=reduce, keepdims=True)
+                                if reduce else v)
+  var1 = normalizer(var1)
+  var2 = var1 if kernel.cov2 is None else normalizer(var2)
+
+  def divide(cov, va, vb, batch_pair):
+    if cov is None:
+      return None
+    a, b = covariance.paired_variances(
+        va, vb, batch_pair=batch_pair,
+        diagonal_spatial=kernel.diagonal_spatial)
+    return cov / jnp.sqrt(a * b)
+
+  full_batch = not kernel.diagonal_batch
+  return kernel.replace(
+      nngp=divide(kernel.nngp, var1, var2, True),
+      ntk=divide(kernel.ntk, var1, var2, True),
+      cov1=divide(kernel.cov1, var1, var1, full_batch),
+      cov2=divide(kernel.cov2, var2, var2, full_batch))
+
+
+def _layer_norm_rule(module: "LayerNorm", kernel: Kernel,
+                     **kwargs: Any) -> Kernel:
+  del kwargs
+  return layer_norm_kernel(kernel, module.axis, module.eps,
+                           f"LayerNorm(axis={module.axis})")
+
+
+@kernel_rule(_layer_norm_rule)
+class LayerNorm(nn.Module):
+  """Normalizes activations to zero mean and unit variance over `axis`.
+
+  `(x - mean) / sqrt(var + eps)`, with mean and variance over `axis`; no
+  learnable scale or bias (as Neural Tangents' `stax.LayerNorm`; stock
+  `flax.linen.LayerNorm` with its scale and bias also has a kernel rule).
+  `axis` must include the channel axis for the limit to exist; it may also
+  include spatial axes.
+
+  Attributes:
+    axis: axis or axes normalized over.
+    eps: added to the variance.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> y = ftn.LayerNorm().apply({}, jnp.array([[1.0, 2.0, 3.0, 6.0]]))
+  >>> round(float(y.mean()), 6), round(float((y ** 2).mean()), 6)
+  (0.0, 1.0)
+  """
+
+  axis: Axes = -1
+  eps: float = 1e-12
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axes = _canonical_axes(self.axis, x.ndim)
+    mean = jnp.mean(x, axis=axes, keepdims=True)
+    var = jnp.var(x, axis=axes, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + self.eps)
