@@ -7,6 +7,7 @@ Importing this package also registers rules for stock `flax.linen` modules.
 
 from flax_tangents.nn import stock as _stock  # registers stock rules
 from flax_tangents.nn.activations import Erf
+from flax_tangents.nn.attention import GlobalSelfAttention
 from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd
 from flax_tangents.nn.combinators import FanInSum
@@ -34,6 +35,7 @@ __all__ = (
     "FanInProd",
     "FanInSum",
     "Flatten",
+    "GlobalSelfAttention",
     "Identity",
     "LayerNorm",
     "LeakyRelu",
