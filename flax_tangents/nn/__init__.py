@@ -7,6 +7,16 @@ Importing this package also registers rules for stock `flax.linen` modules.
 
 from flax_tangents.nn import stock as _stock  # registers stock rules
 from flax_tangents.nn.activations import Erf
+from flax_tangents.nn.activations import Exp
+from flax_tangents.nn.activations import ExpNormalized
+from flax_tangents.nn.activations import Gaussian
+from flax_tangents.nn.activations import Gelu
+from flax_tangents.nn.activations import Sigmoid_like
+from flax_tangents.nn.activations import Sign
+from flax_tangents.nn.activations_trig import Cos
+from flax_tangents.nn.activations_trig import Gabor
+from flax_tangents.nn.activations_trig import Rbf
+from flax_tangents.nn.activations_trig import Sin
 from flax_tangents.nn.attention import GlobalSelfAttention
 from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd
@@ -15,6 +25,11 @@ from flax_tangents.nn.dropout import Dropout
 from flax_tangents.nn.elementwise import Elementwise
 from flax_tangents.nn.elementwise import ElementwiseBase
 from flax_tangents.nn.linear import Dense
+from flax_tangents.nn.numerical import ElementwiseNumerical
+from flax_tangents.nn.polynomial import Hermite
+from flax_tangents.nn.polynomial import Monomial
+from flax_tangents.nn.polynomial import Polynomial
+from flax_tangents.nn.polynomial import RectifiedMonomial
 from flax_tangents.nn.normalization import LayerNorm
 from flax_tangents.nn.relu import ABRelu
 from flax_tangents.nn.relu import Abs
@@ -26,18 +41,33 @@ from flax_tangents.nn.shape import Identity
 __all__ = (
     "ABRelu",
     "Abs",
+    "Cos",
     "Dense",
     "Dropout",
     "Elementwise",
     "ElementwiseBase",
+    "ElementwiseNumerical",
     "Erf",
+    "Exp",
+    "ExpNormalized",
     "FanInConcat",
     "FanInProd",
     "FanInSum",
     "Flatten",
+    "Gabor",
+    "Gaussian",
+    "Gelu",
     "GlobalSelfAttention",
+    "Hermite",
     "Identity",
     "LayerNorm",
     "LeakyRelu",
+    "Monomial",
+    "Polynomial",
+    "Rbf",
+    "RectifiedMonomial",
     "Relu",
+    "Sigmoid_like",
+    "Sign",
+    "Sin",
 )

@@ -17,7 +17,11 @@ __all__ = [
     "abrelu_nngp",
     "erf_d_nngp",
     "erf_nngp",
+    "gelu_d_nngp",
+    "gelu_nngp",
     "safe_sqrt",
+    "sign_d_nngp",
+    "sign_nngp",
 ]
 
 
@@ -72,3 +76,61 @@ def erf_d_nngp(cov12, var1, var2, a: float, b: float, c: float) -> jax.Array:
   del c
   prod = _erf_scaled(cov12, var1, var2, b)
   return a**2 * (4 * b**2 / np.pi) / jnp.sqrt(prod - 4 * b**4 * cov12**2)
+
+
+def sign_nngp(cov12, var1, var2) -> jax.Array:
+  """`E[sign(u) sign(v)] = 1 - 2 theta / pi` (the arcsine law).
+
+  `theta` is the angle between `u` and `v`. Where either variance is zero
+  that input is a.s. zero, and so is the expectation.
+  """
+  _, theta = _arc_cosine_terms(cov12, var1, var2)
+  return jnp.where(var1 * var2 > 0, 1 - 2 * theta / np.pi, 0)
+
+
+def sign_d_nngp(cov12, var1, var2) -> jax.Array:
+  """Zero: `sign` has zero derivative almost everywhere.
+
+  This is what gradient descent sees in a finite network (autodiff of `sign`
+  is zero), so the NTK contribution of the layers below a `Sign` vanishes;
+  the distributional derivative (a delta at 0) would not match it.
+  """
+  cov12, _, _ = jnp.broadcast_arrays(cov12, var1, var2)
+  return jnp.zeros_like(cov12)
+
+
+def _gelu_terms(cov12, var1, var2):
+  """`(P, delta, theta)`: `P = (1 + var1)(1 + var2)`, `delta^2 = P - cov12^2`.
+
+  `theta = arcsin(cov12 / sqrt(P))`. `delta > 0` for any valid covariance
+  since `cov12^2 <= var1 var2 < P`, so nothing here needs a guard.
+  """
+  shifted_prod = (1 + var1) * (1 + var2)
+  delta = jnp.sqrt(shifted_prod - cov12**2)
+  return shifted_prod, delta, jnp.arctan2(cov12, delta)
+
+
+def gelu_nngp(cov12, var1, var2) -> jax.Array:
+  """`E[phi(u) phi(v)]` for the exact GELU `phi(x) = x Phi(x)`.
+
+  Tsuchida et al. (2021): with `P = (1 + var1)(1 + var2)`,
+  `delta = sqrt(P - cov12^2)`, `theta = arcsin(cov12 / sqrt(P))`,
+  `cov12 / 4 + (cov12 theta + (cov12^2 + var1 var2 delta^2) / (P delta))
+  / (2 pi)`. At `cov12 = 0` it factorizes into `E[u Phi(u)] E[v Phi(v)]`.
+  """
+  shifted_prod, delta, theta = _gelu_terms(cov12, var1, var2)
+  ratio = (cov12**2 + var1 * var2 * delta**2) / (shifted_prod * delta)
+  return cov12 / 4 + (cov12 * theta + ratio) / (2 * np.pi)
+
+
+def gelu_d_nngp(cov12, var1, var2) -> jax.Array:
+  """`E[phi'(u) phi'(v)]` for the exact GELU: `d gelu_nngp / d cov12`.
+
+  Differentiating `gelu_nngp` term by term (`d theta / d cov12 = 1 / delta`,
+  `d delta / d cov12 = -cov12 / delta`) gives
+  `1/4 + (theta + cov12 / delta (1 + 1 / delta^2 + (1 - var1 var2) / P))
+  / (2 pi)`.
+  """
+  shifted_prod, delta, theta = _gelu_terms(cov12, var1, var2)
+  bracket = 1 + 1 / delta**2 + (1 - var1 * var2) / shifted_prod
+  return 0.25 + (theta + cov12 / delta * bracket) / (2 * np.pi)
