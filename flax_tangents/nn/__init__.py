@@ -22,6 +22,9 @@ from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd
 from flax_tangents.nn.combinators import FanInSum
 from flax_tangents.nn.dropout import Dropout
+from flax_tangents.nn.conv import Conv
+from flax_tangents.nn.conv import ConvLocal
+from flax_tangents.nn.conv import ConvTranspose
 from flax_tangents.nn.elementwise import Elementwise
 from flax_tangents.nn.elementwise import ElementwiseBase
 from flax_tangents.nn.linear import Dense
@@ -31,6 +34,10 @@ from flax_tangents.nn.polynomial import Monomial
 from flax_tangents.nn.polynomial import Polynomial
 from flax_tangents.nn.polynomial import RectifiedMonomial
 from flax_tangents.nn.normalization import LayerNorm
+from flax_tangents.nn.pooling import AvgPool
+from flax_tangents.nn.pooling import GlobalAvgPool
+from flax_tangents.nn.pooling import GlobalSumPool
+from flax_tangents.nn.pooling import SumPool
 from flax_tangents.nn.relu import ABRelu
 from flax_tangents.nn.relu import Abs
 from flax_tangents.nn.relu import LeakyRelu
@@ -41,6 +48,10 @@ from flax_tangents.nn.shape import Identity
 __all__ = (
     "ABRelu",
     "Abs",
+    "AvgPool",
+    "Conv",
+    "ConvLocal",
+    "ConvTranspose",
     "Cos",
     "Dense",
     "Dropout",
@@ -57,7 +68,9 @@ __all__ = (
     "Gabor",
     "Gaussian",
     "Gelu",
+    "GlobalAvgPool",
     "GlobalSelfAttention",
+    "GlobalSumPool",
     "Hermite",
     "Identity",
     "LayerNorm",
@@ -70,4 +83,5 @@ __all__ = (
     "Sigmoid_like",
     "Sign",
     "Sin",
+    "SumPool",
 )

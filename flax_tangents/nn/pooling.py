@@ -1,0 +1,180 @@
+"""Pooling layers: windowed and global, sum and average."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_tangents._src.analytic import conv as conv_math
+from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.analytic.spatial import global_pool_kernel
+from flax_tangents.kernel import Kernel
+
+__all__ = ["AvgPool", "GlobalAvgPool", "GlobalSumPool", "SumPool"]
+
+
+class _Pool(nn.Module):
+  """Window, strides and padding shared by AvgPool and SumPool."""
+
+  window_shape: Sequence[int]
+  strides: Optional[Sequence[int]] = None
+  padding: str = "VALID"
+
+  def geometry(self, spatial_shape: Sequence[int]
+               ) -> tuple[tuple[int, ...], tuple[int, ...],
+                          conv_math.Pads, bool]:
+    name = type(self).__name__
+    n = len(spatial_shape)
+    if len(self.window_shape) != n:
+      raise ValueError(
+          f"{name}: window_shape {tuple(self.window_shape)} has "
+          f"{len(self.window_shape)} entries but the input has spatial shape "
+          f"{tuple(spatial_shape)}; inputs must be (N, *spatial, C).")
+    window = conv_math.as_tuple(self.window_shape, n, "window_shape")
+    strides = conv_math.as_tuple(self.strides, n, "strides")
+    padding = conv_math.check_padding(self.padding, name)
+    pads, circular = conv_math.pad_config(padding, spatial_shape, window,
+                                          strides)
+    return window, strides, pads, circular
+
+  def normalization(self) -> Optional[str]:
+    """`None` (sum), `'window'` or `'edges'` (see `pool_covariance`)."""
+    return None
+
+  def pool(self, x: jax.Array) -> jax.Array:
+    window, strides, pads, circular = self.geometry(x.shape[1:-1])
+    lax_pads = [(0, 0)] + list(pads) + [(0, 0)]
+    if circular:
+      x = jnp.pad(x, lax_pads, mode="wrap")
+      lax_pads = [(0, 0)] * x.ndim
+    dims = (1,) + window + (1,)
+    steps = (1,) + strides + (1,)
+    y = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, dims,
+                              steps, lax_pads)
+    normalize = self.normalization()
+    if normalize is None:
+      return y
+    if normalize == "edges" and not circular:
+      counts = np.ones(())
+      for i, (size, k, s, pad) in enumerate(
+          zip(x.shape[1:-1], window, strides, pads)):
+        axis_counts = conv_math.window_counts(size, k, s, pad)
+        counts = np.multiply.outer(counts, axis_counts)
+      return y / jnp.asarray(counts[..., None], y.dtype)
+    return y / math.prod(window)
+
+
+def _pool_rule(module: _Pool, kernel: Kernel, **kwargs: Any) -> Kernel:
+  del kwargs
+  name = type(module).__name__
+  window, strides, pads, circular = module.geometry(kernel.shape1[1:-1])
+  covariance.require_spatial_covariances(kernel, name)
+
+  def pooled(cov: jax.Array, n_batch: int) -> jax.Array:
+    return conv_math.pool_covariance(
+        cov, n_batch, diagonal_spatial=kernel.diagonal_spatial,
+        window_shape=window, strides=strides, pads=pads, circular=circular,
+        normalize=module.normalization())
+
+  out_spatial = tuple(
+      conv_math.conv_output_size(size, k, s, pad) for size, k, s, pad in
+      zip(kernel.shape1[1:-1], window, strides, pads))
+  return covariance.map_covariances(kernel, pooled).replace(
+      shape1=(kernel.shape1[0],) + out_spatial + (kernel.shape1[-1],),
+      shape2=(kernel.shape2[0],) + out_spatial + (kernel.shape2[-1],))
+
+
+@kernel_rule(_pool_rule)
+class AvgPool(_Pool):
+  """Average pooling over windows of locations (NT's `AvgPool`).
+
+  With `'SAME'` padding, windows at the edges contain zeros; by default the
+  sum is still divided by the full window size (as Neural Tangents does),
+  `normalize_edges=True` divides by the number of real inputs instead.
+  `'CIRCULAR'` wraps the input around.
+
+  Attributes:
+    window_shape: pooling window, one entry per spatial dimension.
+    strides: strides; `None` means 1 (Neural Tangents' default, not the
+      window shape).
+    padding: `'VALID'`, `'SAME'` or `'CIRCULAR'`.
+    normalize_edges: divide by the real window size at the edges.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.AvgPool((2, 2), strides=(2, 2)).apply({}, jnp.ones((1, 4, 4, 3))).shape
+  (1, 2, 2, 3)
+  """
+
+  normalize_edges: bool = False
+
+  def normalization(self) -> Optional[str]:
+    return "edges" if self.normalize_edges else "window"
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.pool(x)
+
+
+@kernel_rule(_pool_rule)
+class SumPool(_Pool):
+  """Sum pooling over windows of locations (NT's `SumPool`).
+
+  Attributes:
+    window_shape: pooling window, one entry per spatial dimension.
+    strides: strides; `None` means 1.
+    padding: `'VALID'`, `'SAME'` or `'CIRCULAR'`.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.SumPool((2,)).apply({}, jnp.ones((1, 3, 1)))[0, :, 0]
+  Array([2., 2.], dtype=float32)
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.pool(x)
+
+
+def _global_rule(average: bool):
+  def rule(module: nn.Module, kernel: Kernel, **kwargs: Any) -> Kernel:
+    del kwargs
+    return global_pool_kernel(kernel, average=average,
+                              layer=type(module).__name__)
+  return rule
+
+
+def _spatial_axes(x: jax.Array) -> tuple[int, ...]:
+  return tuple(range(1, x.ndim - 1))
+
+
+@kernel_rule(_global_rule(average=True))
+class GlobalAvgPool(nn.Module):
+  """Averages over all spatial locations: `(N, *spatial, C) -> (N, C)`.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.GlobalAvgPool().apply({}, jnp.ones((2, 4, 4, 3))).shape
+  (2, 3)
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.mean(x, axis=_spatial_axes(x))
+
+
+@kernel_rule(_global_rule(average=False))
+class GlobalSumPool(nn.Module):
+  """Sums over all spatial locations: `(N, *spatial, C) -> (N, C)`.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.GlobalSumPool().apply({}, jnp.ones((2, 4, 4, 3)))[0]
+  Array([16., 16., 16.], dtype=float32)
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.sum(x, axis=_spatial_axes(x))
