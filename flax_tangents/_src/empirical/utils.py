@@ -41,6 +41,7 @@ __all__ = [
     "PyTree",
     "VmapAxes",
     "canonicalize_axes",
+    "canonicalize_tree_axes",
     "canonicalize_vmap_axes",
     "check_trace_and_diagonal",
     "contract",
@@ -448,6 +449,28 @@ def _normalize_leaf_axis(axis, leaf, what: str):
         f"it has {ndim} dimensions. Fix vmap_axes, or pass vmap_axes=None if "
         "f has no batch axis.")
   return int(axis) % ndim
+
+
+def canonicalize_tree_axes(axes: PyTree, tree: PyTree, what: str) -> PyTree:
+  """One non-negative axis (or None) per leaf of `tree`.
+
+  Args:
+    axes: None, an int, or a pytree prefix of `tree` with ints or None.
+    tree: arrays (or shape structs).
+    what: what `tree` is, for error messages.
+
+  Returns:
+    A pytree like `tree` of non-negative ints or None.
+
+  Raises:
+    ValueError: if `axes` does not match `tree` or an axis is out of range.
+
+  >>> canonicalize_tree_axes(-1, {'a': jnp.ones((2, 3))}, 'x')
+  {'a': 1}
+  """
+  return jax.tree.map(
+      lambda a, leaf: _normalize_leaf_axis(a, leaf, what),
+      _broadcast_axes(axes, tree, what), tree, is_leaf=lambda a: a is None)
 
 
 def canonicalize_vmap_axes(vmap_axes: Any, x: PyTree, fx: PyTree,

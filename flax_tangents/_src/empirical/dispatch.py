@@ -1,0 +1,270 @@
+"""From a user's call to an implementation's `ntk(...)`: checks and plumbing.
+
+`prepare` turns `(f, variables, x1, x2, kwargs)` as the user gave them into
+the arguments every implementation receives (see `utils`), checking inputs,
+outputs and axes with errors that name the cause and the fix.
+`implementation_fn` maps an `NtkImplementation` to its `ntk` function.
+`partition_kwargs` separates array keyword arguments (traced by `jax.jit`)
+from static ones (`train=False`, `mutable=[...]`).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+
+from flax_tangents._src.empirical import jacobian_contraction
+from flax_tangents._src.empirical import ntk_vector_products
+from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical.implementation import NtkImplementation
+
+__all__ = [
+    "Prepared",
+    "StaticKwargs",
+    "as_implementation",
+    "available_implementations",
+    "check_vmap_axes_type",
+    "implementation_fn",
+    "merge_kwargs",
+    "partition_kwargs",
+    "prepare",
+]
+
+
+# Implementations.
+
+
+def as_implementation(implementation: Any) -> NtkImplementation:
+  """Validates `implementation` (an `NtkImplementation` or its int value).
+
+  >>> as_implementation(2)
+  <NtkImplementation.NTK_VECTOR_PRODUCTS: 2>
+  """
+  try:
+    if isinstance(implementation, (bool, float)) or implementation is None:
+      raise ValueError
+    return NtkImplementation(implementation)
+  except (ValueError, TypeError):
+    choices = ", ".join(f"{m.name} ({m.value})" for m in NtkImplementation)
+    raise ValueError(
+        f"implementation={implementation!r} is not an NtkImplementation. "
+        f"Use ft.NtkImplementation.<NAME> or its int value: {choices}."
+    ) from None
+
+
+def _structured_ntk() -> Callable[..., Any]:
+  """STRUCTURED_DERIVATIVES' `ntk`, imported lazily (it is built apart)."""
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from flax_tangents._src.empirical import structured
+  except Exception as e:  # pylint: disable=broad-except
+    raise NotImplementedError(
+        "NtkImplementation.STRUCTURED_DERIVATIVES is not available in this "
+        f"installation (importing it failed: {e!r}). Use "
+        "JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS or AUTO.") from e
+  ntk = getattr(structured, "ntk", None)
+  if ntk is None:
+    raise NotImplementedError(
+        "NtkImplementation.STRUCTURED_DERIVATIVES is not implemented yet. Use "
+        "JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS or AUTO.")
+  return ntk
+
+
+def implementation_fn(implementation: NtkImplementation
+                      ) -> Callable[..., Any]:
+  """The `ntk(f, params, x1, x2, kwargs1, kwargs2, *, ...)` of an algorithm.
+
+  Raises:
+    NotImplementedError: for STRUCTURED_DERIVATIVES when it is unavailable.
+    ValueError: for AUTO, which is not a single algorithm.
+  """
+  if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
+    return jacobian_contraction.ntk
+  if implementation == NtkImplementation.NTK_VECTOR_PRODUCTS:
+    return ntk_vector_products.ntk
+  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
+    return _structured_ntk()
+  raise ValueError(f"{implementation!r} is not a single algorithm.")
+
+
+def available_implementations() -> tuple[NtkImplementation, ...]:
+  """The algorithms AUTO may choose from, in this installation."""
+  available = (NtkImplementation.JACOBIAN_CONTRACTION,
+               NtkImplementation.NTK_VECTOR_PRODUCTS)
+  try:
+    _structured_ntk()
+  except NotImplementedError:
+    return available
+  return available + (NtkImplementation.STRUCTURED_DERIVATIVES,)
+
+
+# Keyword arguments: arrays are traced, everything else is static.
+
+
+def _is_array(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+class StaticKwargs:
+  """The non-array leaves of the keyword arguments, hashable for `jax.jit`."""
+
+  def __init__(self, treedef, static_leaves: tuple[tuple[int, Any], ...]):
+    self.treedef = treedef
+    self.static_leaves = static_leaves
+
+  def _key(self):
+    return (self.treedef, self.static_leaves)
+
+  def __hash__(self):
+    try:
+      return hash(self._key())
+    except TypeError:  # An unhashable setting: fall back to its repr.
+      return hash((self.treedef, repr(self.static_leaves)))
+
+  def __eq__(self, other):
+    if not isinstance(other, StaticKwargs):
+      return NotImplemented
+    try:
+      return bool(self._key() == other._key())
+    except Exception:  # pylint: disable=broad-except
+      return self is other
+
+
+def partition_kwargs(kwargs: Mapping[str, Any]
+                     ) -> tuple[list[Any], StaticKwargs]:
+  """`(array_leaves, static)`: what `jax.jit` traces and what it keys on.
+
+  >>> arrays, static = partition_kwargs({'train': False, 'w': np.ones(2)})
+  >>> len(arrays), static.static_leaves
+  (1, ((0, False),))
+  """
+  leaves, treedef = jax.tree.flatten(dict(kwargs))
+  arrays = [leaf for leaf in leaves if _is_array(leaf)]
+  static = tuple((i, leaf) for i, leaf in enumerate(leaves)
+                 if not _is_array(leaf))
+  return arrays, StaticKwargs(treedef, static)
+
+
+def merge_kwargs(arrays: list[Any], static: StaticKwargs) -> dict[str, Any]:
+  """Inverse of `partition_kwargs`."""
+  static_at = dict(static.static_leaves)
+  array_iter = iter(arrays)
+  leaves = [
+      static_at[i] if i in static_at else next(array_iter)
+      for i in range(static.treedef.num_leaves)
+  ]
+  return jax.tree.unflatten(static.treedef, leaves)
+
+
+# Checks.
+
+
+def check_vmap_axes_type(vmap_axes: Any) -> None:
+  """Rejects `vmap_axes` of the wrong kind when the kernel fn is built."""
+  if vmap_axes is None or isinstance(vmap_axes, (int, np.integer)):
+    return
+  if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
+    if not (vmap_axes[2] is None or isinstance(vmap_axes[2], Mapping)):
+      raise ValueError(
+          f"vmap_axes={vmap_axes!r}: the third entry (kwargs_axes) must be a "
+          "dict from keyword-argument name to axis, e.g. (0, 0, {'mask': 0}).")
+    return
+  if isinstance(vmap_axes, (list, tuple, dict)):
+    # A pytree of axes for x and out alike (NT accepts that too).
+    return
+  raise ValueError(
+      f"vmap_axes={vmap_axes!r} is not valid: give None, an int (the batch "
+      "axis of inputs and outputs), or a triple (in_axes, out_axes, "
+      "kwargs_axes).")
+
+
+def _batch_axes(x: utils.PyTree, vmap_axes: Any) -> list[int]:
+  """The batch axis of each leaf of `x` (0 unless `vmap_axes` says so)."""
+  leaves = jax.tree.leaves(x)
+  if vmap_axes is None:
+    return [0] * len(leaves)
+  if isinstance(vmap_axes, tuple) and len(vmap_axes) == 3:
+    in_axes = vmap_axes[0]
+  else:
+    in_axes = vmap_axes
+  canonical = utils.canonicalize_tree_axes(in_axes, x, "an input x")
+  axes = jax.tree.leaves(canonical, is_leaf=lambda a: a is None)
+  return [0 if a is None else a for a in axes]
+
+
+def check_inputs(x1: utils.PyTree, x2: Optional[utils.PyTree],
+                 vmap_axes: Any) -> None:
+  """`x1` and `x2` must agree in structure and in shape except batch size."""
+  if x2 is None:
+    return
+  tree1, tree2 = jax.tree.structure(x1), jax.tree.structure(x2)
+  if tree1 != tree2:
+    raise ValueError(
+        f"x1 and x2 have different structures ({tree1} vs {tree2}): give "
+        "both as the same kind of pytree of arrays, or x2=None for x1.")
+  for axis, a, b in zip(_batch_axes(x1, vmap_axes), jax.tree.leaves(x1),
+                        jax.tree.leaves(x2)):
+    shape1, shape2 = tuple(np.shape(a)), tuple(np.shape(b))
+    if len(shape1) != len(shape2) or any(
+        s1 != s2 for i, (s1, s2) in enumerate(zip(shape1, shape2))
+        if i != axis):
+      raise ValueError(
+          f"x1 has shape {shape1} but x2 has shape {shape2}: inputs may "
+          f"differ only in their batch size (axis {axis}). Give x2 examples "
+          "shaped like those of x1.")
+
+
+class Prepared(NamedTuple):
+  f: Callable[..., Any]
+  params: utils.PyTree
+  kwargs1: dict[str, Any]
+  kwargs2: dict[str, Any]
+  vmap_axes: utils.VmapAxes
+  fx1: utils.PyTree
+  fx2: utils.PyTree
+
+
+def prepare(f: Callable[..., Any], variables: utils.PyTree,
+            x1: utils.PyTree, x2: Optional[utils.PyTree],
+            kwargs: Mapping[str, Any], trace_axes: utils.Axes,
+            diagonal_axes: utils.Axes, vmap_axes: Any) -> Prepared:
+  """Splits Flax variables and kwargs, checks shapes and normalizes axes.
+
+  Args:
+    f: the user's `f(variables, x, **kwargs)`.
+    variables: Flax variables (only `'params'` is differentiated) or any
+      parameter pytree.
+    x1: first inputs.
+    x2: second inputs or None.
+    kwargs: the user's keyword arguments for `f`.
+    trace_axes: output axes to average over.
+    diagonal_axes: output axes to keep the diagonal of.
+    vmap_axes: the user's `vmap_axes`.
+
+  Returns:
+    A `Prepared` tuple with what an implementation's `ntk` receives and the
+    output shapes `fx1`, `fx2`.
+
+  Raises:
+    ValueError: for mismatched inputs or outputs and axes that do not fit.
+  """
+  check_inputs(x1, x2, vmap_axes)
+  f_params, params = utils.split_variables(f, variables)
+  kwargs1, kwargs2 = utils.split_kwargs(kwargs, x1, x2)
+  fx1 = jax.eval_shape(lambda p, x: f_params(p, x, **kwargs1), params, x1)
+  if x2 is None:
+    fx2 = fx1
+  else:
+    fx2 = jax.eval_shape(lambda p, x: f_params(p, x, **kwargs2), params, x2)
+    tree1, tree2 = jax.tree.structure(fx1), jax.tree.structure(fx2)
+    if tree1 != tree2:
+      raise ValueError(f"f(params, x1) and f(params, x2) return different "
+                       f"structures: {tree1} vs {tree2}.")
+  jax.tree.map(
+      lambda a, b: utils.check_trace_and_diagonal(trace_axes, diagonal_axes,
+                                                  a.shape, b.shape), fx1, fx2)
+  canonical = utils.canonicalize_vmap_axes(vmap_axes, x1, fx1, kwargs1)
+  if x2 is not None and vmap_axes is not None:
+    utils.canonicalize_vmap_axes(vmap_axes, x2, fx2, kwargs2)
+  return Prepared(f_params, params, kwargs1, kwargs2, canonical, fx1, fx2)

@@ -1,0 +1,118 @@
+"""JACOBIAN_CONTRACTION: the NTK as a contraction of two explicit Jacobians.
+
+`J(x) = d f(params, x) / d params` is formed for each input batch (per
+example, under `jax.vmap`, when `vmap_axes` says the examples are
+independent) and `J(x1) J(x2)^T` is contracted parameter by parameter into
+the NT output layout. Cheap when parameters are few relative to the cost of a
+forward pass (convolutions reuse a small filter bank many times).
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any, Optional
+
+import jax
+
+from flax_tangents._src.empirical import utils
+
+__all__ = ["jacobian", "ntk"]
+
+
+def _jacobian_of(fn: Callable[[utils.PyTree], utils.PyTree],
+                 params: utils.PyTree) -> utils.PyTree:
+  """Jacobian of `fn` at `params`, in the cheaper autodiff mode.
+
+  Reverse mode costs one pass per output element, forward mode one per
+  parameter: pick whichever is fewer.
+  """
+  out = jax.eval_shape(fn, params)
+  n_out = sum(leaf.size for leaf in jax.tree.leaves(out))
+  n_params = sum(jax.numpy.size(leaf) for leaf in jax.tree.leaves(params))
+  if n_out <= n_params:
+    return jax.jacrev(fn)(params)
+  return jax.jacfwd(fn)(params)
+
+
+def jacobian(f: Callable[..., utils.PyTree], params: utils.PyTree,
+             x: utils.PyTree, kwargs: Mapping[str, Any],
+             vmap_axes: utils.VmapAxes) -> utils.PyTree:
+  """`d f(params, x, **kwargs) / d params`, vmapped over examples if allowed.
+
+  Args:
+    f: `f(params, x, **kwargs)`.
+    params: the parameters to differentiate.
+    x: inputs.
+    kwargs: keyword arguments of `f`.
+    vmap_axes: None or the canonical triple from
+      `utils.canonicalize_vmap_axes`.
+
+  Returns:
+    A pytree like `f`'s output whose leaves are pytrees like `params` of
+    arrays of shape `output_leaf.shape + param_leaf.shape`.
+
+  >>> j = jacobian(lambda p, x: p * x, 2., jax.numpy.ones(3), {}, None)
+  >>> j.shape
+  (3,)
+  """
+  if vmap_axes is None:
+    return _jacobian_of(lambda p: f(p, x, **kwargs), params)
+
+  mapped, fixed = utils.split_vmapped_kwargs(kwargs, vmap_axes)
+  per_example, (x_axes, kwargs_axes), out_axes = utils.per_example_fn(
+      f, vmap_axes, fixed)
+
+  def example_jacobian(x_i, mapped_i):
+    return _jacobian_of(lambda p: per_example(p, x_i, mapped_i), params)
+
+  # `out_axes` is a prefix of the Jacobian's tree: each output leaf's axis
+  # applies to all of its parameter leaves, which start with the output axes.
+  return jax.vmap(example_jacobian, in_axes=(x_axes, kwargs_axes),
+                  out_axes=out_axes)(x, mapped)
+
+
+def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
+        x1: utils.PyTree, x2: Optional[utils.PyTree],
+        kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
+        trace_axes: utils.Axes, diagonal_axes: utils.Axes,
+        vmap_axes: utils.VmapAxes) -> utils.PyTree:
+  """Empirical NTK by contracting explicit Jacobians.
+
+  Args:
+    f: `f(params, x, **kwargs)` returning a pytree of arrays.
+    params: the pytree differentiated.
+    x1: first inputs.
+    x2: second inputs, or None for `x1`.
+    kwargs1: keyword arguments of the `x1` evaluation.
+    kwargs2: keyword arguments of the `x2` evaluation.
+    trace_axes: output axes to average over (possibly negative).
+    diagonal_axes: output axes to keep the diagonal of (possibly negative).
+    vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`.
+
+  Returns:
+    A pytree like `f`'s output of kernels in NT layout.
+
+  >>> import jax.numpy as jnp
+  >>> k = ntk(lambda p, x: x @ p, jnp.ones((2, 3)), jnp.ones((4, 2)), None,
+  ...         {}, {}, trace_axes=(), diagonal_axes=(), vmap_axes=None)
+  >>> k.shape
+  (4, 4, 3, 3)
+  """
+  j1 = jacobian(f, params, x1, kwargs1, vmap_axes)
+  j2 = j1 if x2 is None else jacobian(f, params, x2, kwargs2, vmap_axes)
+  fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs1), params)
+  fx2 = fx1 if x2 is None else jax.eval_shape(
+      lambda p: f(p, x2, **kwargs2), params)
+
+  def leaf_kernel(out1, out2, jac1, jac2):
+    trace, diagonal = utils.check_trace_and_diagonal(
+        trace_axes, diagonal_axes, out1.shape, out2.shape)
+    terms = [
+        utils.contract(a, b, out1.ndim, trace, diagonal, average=False)
+        for a, b in zip(jax.tree.leaves(jac1), jax.tree.leaves(jac2))
+    ]
+    if not terms:  # No parameters: the NTK is zero.
+      shape = utils.kernel_shape(out1.shape, out2.shape, trace, diagonal)
+      return jax.numpy.zeros(shape, out1.dtype)
+    return sum(terms[1:], terms[0]) / utils.traced_size(out1.shape, trace)
+
+  # `fx1` leaves are prefixes of the Jacobian trees `j1`, `j2`.
+  return jax.tree.map(leaf_kernel, fx1, fx2, j1, j2)
