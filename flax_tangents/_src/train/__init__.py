@@ -1,0 +1,1 @@
+"""Implementation of `ft.train`; import from `flax_tangents.train`."""
