@@ -45,6 +45,13 @@ def _stock_layer_norm_rule(module: nn.LayerNorm, kernel: Kernel,
   output channel `c` in `scale_c` is the normalized activation `y_c` and in
   `bias_c` it is 1, which adds `E[y_c(x1) y_c(x2)]` (the new NNGP) and 1 to
   the NTK.
+
+  The scale's contribution `y_c(x1) y_c(x2)` is random per channel and
+  correlated with the outputs themselves, so a nonlinearity `phi` applied
+  next would need `E[phi'(u) phi'(v) u v]`, which the kernel cannot carry.
+  With `use_scale` the output is therefore marked non-Gaussian: an affine
+  layer (which averages the contribution over channels exactly) must come
+  next, and a nonlinearity there raises a clear error.
   """
   del kwargs
   layer = f"nn.LayerNorm(reduction_axes={module.reduction_axes})"
@@ -75,6 +82,8 @@ def _stock_layer_norm_rule(module: nn.LayerNorm, kernel: Kernel,
     if module.use_bias:
       ntk = ntk + 1.0
     out = out.replace(ntk=ntk)
+  if module.use_scale:
+    out = out.replace(is_gaussian=False)
   return out
 
 
