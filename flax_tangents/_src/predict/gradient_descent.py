@@ -131,20 +131,15 @@ def gradient_descent_mse(
     """Initial outputs, broadcast from scalars."""
     return jnp.broadcast_to(jnp.asarray(fx_0), layout.output_shape(kept_shape))
 
-  def predict_fn(
-      t: ArrayOrScalar = None,
-      fx_train_0: ArrayOrScalar = 0.,
-      fx_test_0: ArrayOrScalar = None,
-      k_test_train: Optional[jax.typing.ArrayLike] = None,
-  ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
-    """Train [and test] outputs at time[s] `t` (see `gradient_descent_mse`)."""
-    _check_inputs(fx_train_0, fx_test_0, k_test_train)
+  @jax.jit
+  def compute(t, fx_train_0, fx_test_0, k_test_train, factors):
+    # One compiled function per predictor (and input structure): `None`
+    # arguments select what is computed.
     want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
     f0 = initial(0. if fx_train_0 is None else fx_train_0,
                  layout.train_kept_shape)
     residual_0 = layout.to_matrix(f0 - y_train)  # (rows, c)
     if want_test:
-      k_test_train = jnp.asarray(k_test_train)
       test_shape = layout.test_kept_shape(k_test_train)
       k_td = linalg.to_matrix(k_test_train)
       fx_test_0 = initial(fx_test_0, test_shape)
@@ -157,12 +152,12 @@ def gradient_descent_mse(
       fx_train_t = jnp.broadcast_to(y_train, f0.shape).astype(out_dtype)
       fx_test_t = None
       if want_test:
-        solved = linalg.cho_solve(cholesky(), -residual_0, "k_train_train")
+        solved = linalg.cho_solve(factors, -residual_0)
         delta = layout.from_matrix(k_td.astype(dtype) @ solved, (), test_shape)
         fx_test_t = (fx_test_0 + delta).astype(out_dtype)
       return _pick(fx_train_t, fx_test_t, want_train, want_test)
 
-    evals, evecs = eigh()
+    evals, evecs = factors
     t = jnp.asarray(t, dtype)
     t_shape = t.shape
     times = t.reshape((-1,)) * learning_rate / normalization
@@ -185,6 +180,22 @@ def gradient_descent_mse(
                    layout.from_matrix(delta, t_shape, test_shape)
                   ).astype(out_dtype)
     return _pick(fx_train_t, fx_test_t, want_train, want_test)
+
+  def predict_fn(
+      t: ArrayOrScalar = None,
+      fx_train_0: ArrayOrScalar = 0.,
+      fx_test_0: ArrayOrScalar = None,
+      k_test_train: Optional[jax.typing.ArrayLike] = None,
+  ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Train [and test] outputs at time[s] `t` (see `gradient_descent_mse`)."""
+    _check_inputs(fx_train_0, fx_test_0, k_test_train)
+    if fx_test_0 is not None:
+      k_test_train = jnp.asarray(k_test_train)
+      layout.test_kept_shape(k_test_train)
+    factors = cholesky() if t is None else eigh()
+    out = compute(t, fx_train_0, fx_test_0, k_test_train, factors)
+    linalg.check_solution(out, "k_train_train")
+    return out
 
   return predict_fn
 
@@ -305,6 +316,34 @@ def gradient_descent(
     out = k_matrix @ layout.to_matrix(gradient).astype(k_matrix.dtype)
     return layout.from_matrix(out, (), kept_shape)
 
+  def velocity(state: ODEState, unused_t, k_td) -> ODEState:
+    k_dd = k_dd_matrix()
+    g = grad_loss(state.fx_train)
+    df_train = -apply_kernel(k_dd, g, layout.train_kept_shape)
+    df_test = None
+    if state.fx_test is not None:
+      test_shape = state.fx_test.shape
+      test_shape = tuple(test_shape[a] for a in layout.kept_axes)
+      df_test = -apply_kernel(k_td, g, test_shape)
+    if momentum is None:
+      return ODEState(df_train, df_test)
+    # (f, q)' = (q, -Theta grad L + friction * q)
+    dq_train = df_train + friction * state.qx_train
+    dq_test = (None if df_test is None else
+               df_test + friction * state.qx_test)
+    return ODEState(state.qx_train, state.qx_test, dq_train, dq_test)
+
+  @jax.jit
+  def solve(state_0: ODEState, times: jax.Array, k_td) -> ODEState:
+    times = times * time_unit
+    # The solver starts where the initial state lives and needs strictly
+    # increasing times: start at 0, or just before 0 when 0 is requested.
+    start = jnp.where(times[0] == 0, -1e-24, 0.).astype(times.dtype)
+    times = jnp.concatenate([start[None], times])
+    path = jax_ode.odeint(velocity, state_0, times, k_td, rtol=rtol,
+                          atol=atol)
+    return jax.tree_util.tree_map(lambda x: x[1:], path)
+
   def predict_fn(
       t: ArrayOrScalar = None,
       fx_train_or_state_0: Union[ArrayOrScalar, ODEState] = 0.,
@@ -357,29 +396,11 @@ def gradient_descent(
       state_0 = state_0.replace(qx_train=zeros_or(qx_train_0, fx_train_0),
                                 qx_test=zeros_or(qx_test_0, fx_test_0))
 
-    def velocity(state: ODEState, unused_t) -> ODEState:
-      g = grad_loss(state.fx_train)
-      df_train = -apply_kernel(k_dd, g, layout.train_kept_shape)
-      df_test = (None if state.fx_test is None else
-                 -apply_kernel(k_td, g, test_shape))
-      if momentum is None:
-        return ODEState(df_train, df_test)
-      # (f, q)' = (q, -Theta grad L + friction * q)
-      dq_train = df_train + friction * state.qx_train
-      dq_test = (None if df_test is None else
-                 df_test + friction * state.qx_test)
-      return ODEState(state.qx_train, state.qx_test, dq_train, dq_test)
-
     t = jnp.asarray(t, dtype)
     t_shape = t.shape
-    times = t.reshape((-1,)) * time_unit
-    # The solver starts where the initial state lives and needs strictly
-    # increasing times: start at 0, or just before 0 when 0 is requested.
-    start = jnp.where(times[0] == 0, -1e-24, 0.).astype(dtype)
-    times = jnp.concatenate([start[None], times])
-    path = jax_ode.odeint(velocity, state_0, times, rtol=rtol, atol=atol)
+    path = solve(state_0, t.reshape((-1,)), k_td)
     path = jax.tree_util.tree_map(
-        lambda x: x[1:].reshape(t_shape + x.shape[1:]), path)
+        lambda x: x.reshape(t_shape + x.shape[1:]), path)
 
     if given_state:
       return path

@@ -79,6 +79,9 @@ def _kernel_of(k: Any, g: str, name: str) -> jax.Array:
   return jnp.asarray(value)
 
 
+_solve_jit = jax.jit(linalg.cho_solve)
+
+
 def _symmetrize(cov: jax.Array) -> jax.Array:
   return (cov + jnp.swapaxes(cov, -1, -2)) / 2
 
@@ -147,59 +150,75 @@ def gp_inference(
 
   @functools.lru_cache(None)
   def k_inv_y(g: str) -> jax.Array:
-    return linalg.cho_solve(factor(g), layout.to_matrix(y_train),
-                            f"k_train_train ({g})")
+    solved = _solve_jit(factor(g), layout.to_matrix(y_train))
+    linalg.check_solution(solved, f"k_train_train ({g})")
+    return solved
+
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def compute(gets, has_cov, k_tds, k_tts, factors, k_inv_ys, nngp_dd):
+    out = {}
+    for g in gets:
+      solved = "ntk" if g == "ntkgp" else g  # the kernel we solve with
+      prior = "ntk" if g == "ntkgp" else "nngp"  # the covariance at init
+      test_shape = layout.test_kept_shape(k_tds[solved])
+      factor_g = factors[solved]
+      k_td = linalg.to_matrix(k_tds[solved]).astype(factor_g.dtype)
+      out_dtype = jnp.result_type(k_tds[solved], y_train)
+      mean = layout.from_matrix(k_td @ k_inv_ys[solved], (), test_shape)
+      mean = mean.astype(out_dtype)
+      if not has_cov:
+        out[g] = mean
+        continue
+      k_tt = linalg.to_matrix(k_tts[prior]).astype(factor_g.dtype)
+      if g in ("nngp", "ntkgp"):
+        cov = k_tt - k_td @ linalg.cho_solve(factor_g, k_td.T)
+      else:
+        nngp_td = linalg.to_matrix(k_tds["nngp"]).astype(k_td.dtype)
+        nngp_dd_m = linalg.to_matrix(nngp_dd).astype(k_td.dtype)
+        # A^T = T^{-1} T_dt maps train residuals to test outputs.
+        a_t = linalg.cho_solve(factor_g, k_td.T)
+        cross = nngp_td @ a_t
+        cov = k_tt + a_t.T @ nngp_dd_m @ a_t - cross - cross.T
+      cov = linalg.from_matrix(_symmetrize(cov), (), test_shape)
+      out[g] = Gaussian(mean, cov.astype(out_dtype))
+    return out
 
   def predict_fn(get: Get = None, k_test_train: Any = None,
                  k_test_test: Any = None):
     """Test-set posterior; see `gp_inference`."""
     single, gets = _canonicalize_get(get, ("nngp", "ntk", "ntkgp"))
-    out = {}
-    for g in gets:
-      solved = "ntk" if g == "ntkgp" else g  # the kernel we solve with
-      prior = "ntk" if g == "ntkgp" else "nngp"  # the covariance at init
-
-      if k_test_train is None:
-        k_dd = _kernel_of(k_train_train, solved, "k_train_train")
+    has_cov = k_test_test is not None
+    if k_test_train is None:  # the training set: N(y_train, 0)
+      out = {}
+      for g in gets:
+        k_dd = _kernel_of(k_train_train, "ntk" if g == "ntkgp" else g,
+                          "k_train_train")
         mean = y_train.astype(jnp.result_type(k_dd, y_train))
-        out[g] = (mean if k_test_test is None else
-                  Gaussian(mean, jnp.zeros_like(k_dd, mean.dtype)))
-        continue
+        out[g] = (Gaussian(mean, jnp.zeros_like(k_dd, mean.dtype)) if has_cov
+                  else mean)
+      return _package(out, single, gets)
 
-      k_td_full = _kernel_of(k_test_train, solved, "k_test_train")
-      test_shape = layout.test_kept_shape(k_td_full)
-      k_td = linalg.to_matrix(k_td_full)
-      factor_g = factor(solved)
-      k_td = k_td.astype(factor_g.dtype)
-      out_dtype = jnp.result_type(k_td_full, y_train)
-      mean = layout.from_matrix(k_td @ k_inv_y(solved), (), test_shape)
-      mean = mean.astype(out_dtype)
-      if k_test_test is None:
-        out[g] = mean
-        continue
-
-      k_tt = linalg.to_matrix(_kernel_of(k_test_test, prior, "k_test_test"))
-      k_tt = k_tt.astype(factor_g.dtype)
-      name = f"k_train_train ({solved})"
-      if g in ("nngp", "ntkgp"):
-        cov = k_tt - k_td @ linalg.cho_solve(factor_g, k_td.T, name)
-      else:
-        if _is_array(k_train_train) or _is_array(k_test_train):
-          raise ValueError(
-              "The NTK posterior covariance needs both the NNGP and the NTK "
-              "in k_train_train and k_test_train: pass ft.Kernel objects or "
-              "namedtuples with nngp and ntk fields, not arrays.")
-        nngp_dd = linalg.to_matrix(
-            _kernel_of(k_train_train, "nngp", "k_train_train"))
-        nngp_td = linalg.to_matrix(
-            _kernel_of(k_test_train, "nngp", "k_test_train"))
-        nngp_dd = nngp_dd.astype(k_td.dtype)
-        # A^T = T^{-1} T_dt maps train residuals to test outputs.
-        a_t = linalg.cho_solve(factor_g, k_td.T, name)
-        cross = nngp_td.astype(k_td.dtype) @ a_t
-        cov = k_tt + a_t.T @ nngp_dd @ a_t - cross - cross.T
-      cov = linalg.from_matrix(_symmetrize(cov), (), test_shape)
-      out[g] = Gaussian(mean, cov.astype(out_dtype))
+    ntk_cov = has_cov and "ntk" in gets
+    if ntk_cov and (_is_array(k_train_train) or _is_array(k_test_train)):
+      raise ValueError(
+          "The NTK posterior covariance needs both the NNGP and the NTK "
+          "in k_train_train and k_test_train: pass ft.Kernel objects or "
+          "namedtuples with nngp and ntk fields, not arrays.")
+    solved = sorted({"ntk" if g == "ntkgp" else g for g in gets})
+    k_tds = {n: _kernel_of(k_test_train, n, "k_test_train")
+             for n in set(solved) | ({"nngp"} if ntk_cov else set())}
+    for name, k_td in k_tds.items():
+      layout.test_kept_shape(k_td, f"k_test_train ({name})")
+    k_tts = {}
+    if has_cov:
+      priors = {"ntk" if g == "ntkgp" else "nngp" for g in gets}
+      k_tts = {n: _kernel_of(k_test_test, n, "k_test_test") for n in priors}
+    nngp_dd = (_kernel_of(k_train_train, "nngp", "k_train_train") if ntk_cov
+               else None)
+    out = compute(gets, has_cov, k_tds, k_tts,
+                  {n: factor(n) for n in solved},
+                  {n: k_inv_y(n) for n in solved}, nngp_dd)
+    linalg.check_solution(out, "the train kernel")
     return _package(out, single, gets)
 
   return predict_fn
@@ -344,6 +363,54 @@ def gradient_descent_mse_ensemble(
     return linalg.psd_eigh(train_kernel(g), f"kernel_fn(x_train, None, {g!r})",
                            diag_reg, diag_reg_absolute_scale)
 
+  @functools.partial(jax.jit, static_argnums=(0, 1))
+  def finite_time(g, compute_cov, t, eigen, k_td, nngp_tt, nngp_dd):
+    evals, evecs = eigen
+    dtype = evecs.dtype
+    t_arr = jnp.asarray(t, dtype)
+    t_shape = t_arr.shape
+    times = t_arr.reshape((-1,)) * learning_rate / normalization
+    coords = evecs.T @ y_matrix.astype(dtype)  # targets in the eigenbasis
+    if compute_cov:
+      nngp_dd = _symmetrize(linalg.to_matrix(nngp_dd).astype(dtype))
+
+    if k_td is None:  # the training set
+      kept_shape = layout.train_kept_shape
+      decay = jnp.exp(-times[:, None] * evals[None, :])  # (T, m)
+      mean = jnp.einsum("ik,tk,kc->tic", evecs, 1 - decay, coords)
+      if compute_cov:
+        if g == "nngp":
+          cov = jnp.einsum("ik,tk,jk->tij", evecs,
+                           evals[None, :] * decay**2, evecs)
+        else:
+          decay_op = jnp.einsum("ik,tk,jk->tij", evecs, decay, evecs)
+          cov = decay_op @ nngp_dd @ decay_op
+    else:  # the test set
+      k_td_g = linalg.to_matrix(k_td[g])
+      kept_shape = layout.test_kept_shape(k_td[g])
+      projected = k_td_g.astype(dtype) @ evecs  # (test rows, m)
+      gain = linalg.phi1(evals, times)  # (1 - exp(-l t)) / l
+      mean = jnp.einsum("lk,tk,kc->tlc", projected, gain, coords)
+      if compute_cov:
+        nngp_tt_m = linalg.to_matrix(nngp_tt).astype(dtype)[None]
+        if g == "nngp":
+          cov = nngp_tt_m - jnp.einsum("lk,tk,jk->tlj", projected,
+                                       linalg.phi1(evals, 2 * times),
+                                       projected)
+        else:
+          # A(t) = T_td T^{-1} (1 - exp(-T t)), test rows x train rows.
+          a = jnp.einsum("lk,tk,jk->tlj", projected, gain, evecs)
+          nngp_td = linalg.to_matrix(k_td["nngp"]).astype(dtype)
+          cross = a @ nngp_td.T
+          cov = (nngp_tt_m + a @ nngp_dd @ jnp.swapaxes(a, 1, 2) - cross -
+                 jnp.swapaxes(cross, 1, 2))
+
+    mean = layout.from_matrix(mean, t_shape, kept_shape)
+    if not compute_cov:
+      return mean
+    cov = linalg.from_matrix(_symmetrize(cov), t_shape, kept_shape)
+    return Gaussian(mean, cov)
+
   def predict_fn(t: Any = None, x_test: Optional[jax.typing.ArrayLike] = None,
                  get: Get = None, compute_cov: bool = False,
                  **kernel_fn_test_test_kwargs):
@@ -372,55 +439,12 @@ def gradient_descent_mse_ensemble(
       return infinite_time(get=gets[0] if single else gets,
                            k_test_train=k_td_tuple, k_test_test=k_tt_arg)
 
-    out = {}
-    for g in gets:
-      evals, evecs = eigh(g)
-      dtype = evecs.dtype
-      t_arr = jnp.asarray(t, dtype)
-      t_shape = t_arr.shape
-      times = t_arr.reshape((-1,)) * learning_rate / normalization
-      coords = evecs.T @ y_matrix.astype(dtype)  # targets in the eigenbasis
-      if compute_cov:
-        nngp_dd = linalg.to_matrix(train_kernels["nngp"]).astype(dtype)
-        nngp_dd = _symmetrize(nngp_dd)
-
-      if k_td is None:  # the training set
-        kept_shape = layout.train_kept_shape
-        decay = jnp.exp(-times[:, None] * evals[None, :])  # (T, m)
-        mean = jnp.einsum("ik,tk,kc->tic", evecs, 1 - decay, coords)
-        if compute_cov:
-          if g == "nngp":
-            cov = jnp.einsum("ik,tk,jk->tij", evecs,
-                             evals[None, :] * decay**2, evecs)
-          else:
-            decay_op = jnp.einsum("ik,tk,jk->tij", evecs, decay, evecs)
-            cov = decay_op @ nngp_dd @ decay_op
-      else:  # the test set
-        k_td_g = linalg.to_matrix(k_td[g])
-        kept_shape = layout.test_kept_shape(k_td[g])
-        projected = k_td_g.astype(dtype) @ evecs  # (test rows, m)
-        gain = linalg.phi1(evals, times)  # (1 - exp(-l t)) / l
-        mean = jnp.einsum("lk,tk,kc->tlc", projected, gain, coords)
-        if compute_cov:
-          nngp_tt_m = linalg.to_matrix(nngp_tt).astype(dtype)[None]
-          if g == "nngp":
-            cov = nngp_tt_m - jnp.einsum("lk,tk,jk->tlj", projected,
-                                         linalg.phi1(evals, 2 * times),
-                                         projected)
-          else:
-            # A(t) = T_td T^{-1} (1 - exp(-T t)), test rows x train rows.
-            a = jnp.einsum("lk,tk,jk->tlj", projected, gain, evecs)
-            nngp_td = linalg.to_matrix(k_td["nngp"]).astype(dtype)
-            cross = a @ nngp_td.T
-            cov = (nngp_tt_m + a @ nngp_dd @ jnp.swapaxes(a, 1, 2) - cross -
-                   jnp.swapaxes(cross, 1, 2))
-
-      mean = layout.from_matrix(mean, t_shape, kept_shape)
-      if compute_cov:
-        cov = linalg.from_matrix(_symmetrize(cov), t_shape, kept_shape)
-        out[g] = Gaussian(mean, cov)
-      else:
-        out[g] = mean
+    if k_td is not None:
+      for g in needed:
+        layout.test_kept_shape(k_td[g], f"kernel_fn(x_test, x_train, {g!r})")
+    out = {g: finite_time(g, compute_cov, t, eigh(g), k_td, nngp_tt,
+                          train_kernels.get("nngp") if compute_cov else None)
+           for g in gets}
     return _package(out, single, gets)
 
   return predict_fn

@@ -11,6 +11,7 @@ algebra on 2-D arrays.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional, Sequence, Union
 
@@ -220,15 +221,25 @@ def regularized_matrix(kernel: jax.Array, name: str, diag_reg: float,
                        diag_reg_absolute_scale: bool) -> jax.Array:
   """Symmetrized `kernel` as a matrix, plus the diagonal regularizer."""
   check_finite(kernel, name)
+  kernel = jnp.asarray(kernel)
+  if kernel.ndim % 2 or kernel.shape[::2] != kernel.shape[1::2]:
+    raise ValueError(f"{name} must be a square kernel, of shape zip(s, s); "
+                     f"got shape {tuple(kernel.shape)}.")
+  return _regularized_matrix(kernel, diag_reg, diag_reg_absolute_scale)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _regularized_matrix(kernel, diag_reg, diag_reg_absolute_scale):
   matrix = to_matrix(kernel)
-  if matrix.shape[0] != matrix.shape[1]:
-    raise ValueError(f"{name} must be square once flattened; got shape "
-                     f"{tuple(kernel.shape)}.")
   matrix = matrix.astype(compute_dtype(matrix))
   # Kernels computed in finite precision are symmetric only up to rounding.
   matrix = (matrix + matrix.T) / 2
   shift = _diag_shift(matrix, diag_reg, diag_reg_absolute_scale)
   return matrix + shift * jnp.eye(matrix.shape[0], dtype=matrix.dtype)
+
+
+_eigh = jax.jit(jnp.linalg.eigh)
+_cholesky = jax.jit(jnp.linalg.cholesky)
 
 
 def psd_eigh(kernel: jax.Array, name: str, diag_reg: float,
@@ -253,7 +264,7 @@ def psd_eigh(kernel: jax.Array, name: str, diag_reg: float,
   with jax.ensure_compile_time_eval():
     matrix = regularized_matrix(kernel, name, diag_reg,
                                 diag_reg_absolute_scale)
-    evals, evecs = jnp.linalg.eigh(matrix)
+    evals, evecs = _eigh(matrix)
   values = concrete_or_none(evals)
   if values is not None:
     if not np.all(np.isfinite(values)):
@@ -264,7 +275,8 @@ def psd_eigh(kernel: jax.Array, name: str, diag_reg: float,
       raise NotPSDError(_not_psd_message(
           name, "is not positive semi-definite", values,
           np.asarray(matrix), diag_reg, diag_reg_absolute_scale))
-  return jnp.maximum(evals, 0.), evecs
+  with jax.ensure_compile_time_eval():
+    return jnp.maximum(evals, 0.), evecs
 
 
 def psd_cholesky(kernel: jax.Array, name: str, diag_reg: float,
@@ -287,7 +299,7 @@ def psd_cholesky(kernel: jax.Array, name: str, diag_reg: float,
   with jax.ensure_compile_time_eval():
     matrix = regularized_matrix(kernel, name, diag_reg,
                                 diag_reg_absolute_scale)
-    factor = jnp.linalg.cholesky(matrix)
+    factor = _cholesky(matrix)
   value = concrete_or_none(factor)
   if value is not None and not np.all(np.isfinite(value)):
     dense = np.asarray(matrix)
@@ -299,16 +311,18 @@ def psd_cholesky(kernel: jax.Array, name: str, diag_reg: float,
   return factor
 
 
-def cho_solve(factor: jax.Array, rhs: jax.Array, name: str) -> jax.Array:
-  """Solves `(L L^T) x = rhs`; raises if a concrete result holds NaN."""
-  rhs = rhs.astype(factor.dtype)
-  x = jax.scipy.linalg.cho_solve((factor, True), rhs)
-  value = concrete_or_none(x)
-  if value is not None and not np.all(np.isfinite(value)):
+def cho_solve(factor: jax.Array, rhs: jax.Array) -> jax.Array:
+  """Solves `(L L^T) x = rhs` for a lower Cholesky factor `L`."""
+  return jax.scipy.linalg.cho_solve((factor, True), rhs.astype(factor.dtype))
+
+
+def check_solution(x: Any, name: str) -> None:
+  """Raises if a concrete solve result holds NaN or infinity."""
+  leaves = [concrete_or_none(v) for v in jax.tree_util.tree_leaves(x)]
+  if any(v is not None and not np.all(np.isfinite(v)) for v in leaves):
     raise NotPSDError(f"Solving with {name} yielded NaN or infinity; the "
-                      "right-hand side or the kernel holds non-finite values, "
-                      "or the kernel is too ill-conditioned (raise diag_reg).")
-  return x
+                      "inputs hold non-finite values, or the kernel is too "
+                      "ill-conditioned (raise diag_reg).")
 
 
 def phi1(evals: jax.Array, times: jax.Array) -> jax.Array:
