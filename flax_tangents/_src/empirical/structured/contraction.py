@@ -1,0 +1,162 @@
+"""Contracts one parameter's structured Jacobians into its NTK term.
+
+For a parameter `w` with stop variable `y`, the term is
+
+    sum_w  (C1 . S1)[f1, w] (C2 . S2)[f2, w],   C = d f / d y,  S = d y / d w,
+
+and `S` is a tensor network (see `structure`). Everything becomes one
+`jnp.einsum`: the parameter's labels get one letter shared by both inputs,
+every other label one letter per input, and the einsum's path optimizer
+picks the cheap order (for a dense layer: `x1 x2^T` and `C1 C2^T` first).
+Pairs of `IndexFactor`s on a parameter axis become a Gram of index
+equalities, so lookups never build a one-hot over the vocabulary.
+"""
+
+from collections.abc import Sequence
+import math
+from typing import Any, Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import opt_einsum
+
+from flax_tangents._src.empirical.structured import planner
+from flax_tangents._src.empirical.structured import structure
+
+__all__ = ["LetterPool", "term"]
+
+
+class LetterPool:
+  """Hands out distinct einsum letters."""
+
+  def __init__(self):
+    self._count = 0
+
+  def new(self) -> str:
+    letter = opt_einsum.get_symbol(self._count)
+    self._count += 1
+    return letter
+
+
+def _fusable_targets(plan: planner.LeafPlan) -> set[int]:
+  """Parameter labels seen only by one `IndexFactor` (per input)."""
+  counts: dict[int, int] = {}
+  for label in plan.stop_labels:
+    counts[label] = counts.get(label, 0) + 1
+  for factor in plan.factors:
+    for label in factor.labels:
+      counts[label] = counts.get(label, 0) + 1
+    if isinstance(factor, structure.IndexFactor):
+      counts[factor.target] = counts.get(factor.target, 0) + 1
+  root = set(plan.root_labels)
+  return {
+      f.target
+      for f in plan.factors
+      if isinstance(f, structure.IndexFactor) and f.target in root and
+      counts[f.target] == 1
+  }
+
+
+def _one_hot(idx, valid, size: int, batched: bool, dtype) -> jax.Array:
+  del batched
+  hot = idx[..., None] == jnp.arange(size)
+  if valid is not None:
+    hot = hot & valid[..., None]
+  return hot.astype(dtype)
+
+
+def _gram(idx1, valid1, idx2, valid2, dtype) -> jax.Array:
+  """`[idx1[a] == idx2[b]] * valid1[a] * valid2[b]` over axes `(a, b)`."""
+  n1, n2 = idx1.ndim, idx2.ndim
+  a = idx1.reshape(idx1.shape + (1,) * n2)
+  b = idx2.reshape((1,) * n1 + idx2.shape)
+  gram = a == b
+  if valid1 is not None:
+    gram = gram & valid1.reshape(valid1.shape + (1,) * n2)
+  if valid2 is not None:
+    gram = gram & valid2.reshape((1,) * n1 + valid2.shape)
+  return gram.astype(dtype)
+
+
+def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
+         factors1: Sequence[Any], factors2: Sequence[Any],
+         c_letters1: str, c_letters2: str, batch1: str, batch2: str,
+         out_letters: str, letters: LetterPool) -> jax.Array:
+  """One parameter's NTK term, laid out by `out_letters`.
+
+  Args:
+    plan: the parameter's plan (the same for both inputs).
+    c1: `d f(x1) / d stop`: leading output axes, then `plan.stop_labels`.
+    c2: the same for `x2`.
+    factors1: run-time values of `plan.factors` for `x1` (arrays, or
+      `(idx, valid)` for index factors), with a leading batch axis when
+      `batch1` is not empty.
+    factors2: the same for `x2`.
+    c_letters1: letters of `c1`'s output axes.
+    c_letters2: letters of `c2`'s output axes.
+    batch1: letter of the per-example batch axis of `factors1`, or "".
+    batch2: the same for `factors2`.
+    out_letters: letters of the result.
+    letters: the pool to draw fresh letters from.
+
+  Returns:
+    The term, with axes `out_letters`.
+  """
+  dtype = jnp.result_type(c1.dtype, c2.dtype)
+  root = set(plan.root_labels)
+  shared = {label: letters.new() for label in plan.root_labels}
+  side_letters = ({}, {})
+
+  def letter(label: int, side: int) -> str:
+    if label in shared:
+      return shared[label]
+    table = side_letters[side]
+    if label not in table:
+      table[label] = letters.new()
+    return table[label]
+
+  def subscript(labels, side):
+    return "".join(letter(l, side) for l in labels)
+
+  operands, specs = [c1, c2], [
+      c_letters1 + subscript(plan.stop_labels, 0),
+      c_letters2 + subscript(plan.stop_labels, 1)
+  ]
+  fusable = _fusable_targets(plan)
+  batches = (batch1, batch2)
+  for i, factor in enumerate(plan.factors):
+    values = (factors1[i], factors2[i])
+    if isinstance(factor, structure.IndexFactor) and factor.target in fusable:
+      (idx1, valid1), (idx2, valid2) = values
+      operands.append(_gram(idx1, valid1, idx2, valid2, dtype))
+      specs.append(batch1 + subscript(factor.labels, 0) + batch2 +
+                   subscript(factor.labels, 1))
+      continue
+    for side in (0, 1):
+      if isinstance(factor, structure.IndexFactor):
+        idx, valid = values[side]
+        operands.append(
+            _one_hot(idx, valid, plan.sizes[factor.target], bool(batches[side]),
+                     dtype))
+        specs.append(batches[side] +
+                     subscript(factor.labels + (factor.target,), side))
+      else:
+        value = jnp.asarray(values[side])
+        operands.append(value.astype(dtype))
+        specs.append(batches[side] + subscript(factor.labels, side))
+
+  # Labels summed out along the chain that no operand mentions contribute
+  # their size (once if shared by both inputs, once per input otherwise).
+  scale = 1
+  used = set("".join(specs))
+  for label in plan.dropped:
+    for side in ((0,) if label in root else (0, 1)):
+      if letter(label, side) not in used:
+        scale *= plan.sizes[label]
+
+  spec = ",".join(specs) + "->" + out_letters
+  result = jnp.einsum(spec, *operands, optimize="optimal" if len(operands) <= 6
+                      else "greedy", precision=lax.Precision.HIGHEST,
+                      preferred_element_type=dtype)
+  return result * scale if scale != 1 else result

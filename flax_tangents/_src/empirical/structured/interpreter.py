@@ -1,0 +1,258 @@
+"""STRUCTURED_DERIVATIVES: the empirical NTK from structured Jacobians.
+
+For each input batch (`x1`, `x2`), `f` is traced once into a flat program
+(`ir`), every parameter leaf gets a plan (`planner`): a chain of structure
+rules ending at a stop variable `y`. One reverse pass (`jax.jacrev` with
+respect to additive perturbations of all stop variables at once) gives every
+`C = d f / d y`; the factors of each chain are read off the same forward
+pass. Each parameter's term `(C1 S1)(C2 S2)^T` is then one einsum
+(`contraction`), summed over parameters, in NT's output layout.
+
+With `vmap_axes`, all of this runs per example under `jax.vmap` (the
+Jacobians of independent examples are block-diagonal, so only the diagonal
+blocks are formed), which is what makes wide networks cheap.
+"""
+
+from collections.abc import Callable, Mapping
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical.structured import contraction
+from flax_tangents._src.empirical.structured import ir
+from flax_tangents._src.empirical.structured import planner
+
+__all__ = ["ntk"]
+
+
+def _is_array(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or (
+      hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+
+
+def _without_axis(leaf: Any, axis: Optional[int]) -> jax.ShapeDtypeStruct:
+  shape = tuple(np.shape(leaf))
+  if axis is not None:
+    shape = shape[:axis] + shape[axis + 1:]
+  return jax.ShapeDtypeStruct(shape, leaf.dtype)
+
+
+class _Side:
+  """One input batch (`x1` or `x2`): its program, plans and run-time arrays.
+
+  Attributes:
+    program: the flat program of `f` (per example when vmapped).
+    plans: one plan per parameter leaf (None: unused).
+    out_shapes: full shapes of `f`'s output leaves.
+  """
+
+  def __init__(self, f: Callable[..., Any], params: Any, x: Any,
+               kwargs: Mapping[str, Any], vmap_axes: utils.VmapAxes):
+    self._param_leaves = jax.tree.leaves(params)
+    param_tree = jax.tree.structure(params)
+    kw_leaves, kw_tree = jax.tree.flatten(dict(kwargs))
+    array_positions = [i for i, l in enumerate(kw_leaves) if _is_array(l)]
+    self._kw_arrays = [kw_leaves[i] for i in array_positions]
+    self._x = x
+    self.vmap_axes = vmap_axes
+
+    none_leaf = lambda a: a is None  # noqa: E731
+    if vmap_axes is None:
+      x_axes, kw_axes, out_axes, per_leaf = None, None, None, None
+    else:
+      x_axes, out_axes, kwargs_axes = vmap_axes
+      # One axis (or None) per kwargs leaf, in `kw_leaves` order.
+      per_leaf = []
+      for name in sorted(kwargs):
+        if name in kwargs_axes:
+          per_leaf += jax.tree.leaves(kwargs_axes[name], is_leaf=none_leaf)
+        else:
+          per_leaf += [None] * len(jax.tree.leaves(kwargs[name]))
+      kw_axes = [per_leaf[i] for i in array_positions]
+    self._x_axes, self._kw_axes, self.out_axes = x_axes, kw_axes, out_axes
+
+    def rebuild_kwargs(kw_arrays):
+      leaves = list(kw_leaves)
+      for i, value in zip(array_positions, kw_arrays):
+        leaves[i] = value
+      return jax.tree.unflatten(kw_tree, leaves)
+
+    def traced(param_leaves, x_value, kw_arrays):
+      p = jax.tree.unflatten(param_tree, param_leaves)
+      kw = rebuild_kwargs(kw_arrays)
+      if vmap_axes is None:
+        return f(p, x_value, **kw)
+      x_value = jax.tree.map(
+          lambda a, leaf: leaf if a is None else jnp.expand_dims(leaf, a),
+          x_axes, x_value, is_leaf=none_leaf)
+      kw_flat = jax.tree.leaves(kw)
+      kw_flat = [leaf if a is None else jnp.expand_dims(leaf, a)
+                 for leaf, a in zip(kw_flat, per_leaf)]
+      kw = jax.tree.unflatten(kw_tree, kw_flat)
+      out = f(p, x_value, **kw)
+      return jax.tree.map(lambda leaf, a: jnp.squeeze(leaf, a), out, out_axes)
+
+    if vmap_axes is None:
+      x_example, kw_example = x, self._kw_arrays
+    else:
+      x_leaves, x_tree = jax.tree.flatten(x)
+      x_example = jax.tree.unflatten(x_tree, [
+          _without_axis(l, a) for l, a in zip(
+              x_leaves, jax.tree.leaves(x_axes, is_leaf=none_leaf))
+      ])
+      kw_example = [_without_axis(l, a)
+                    for l, a in zip(self._kw_arrays, kw_axes)]
+    param_example = [jax.ShapeDtypeStruct(np.shape(l), l.dtype)
+                     for l in self._param_leaves]
+    x_example = jax.tree.map(
+        lambda l: l if isinstance(l, jax.ShapeDtypeStruct) else
+        jax.ShapeDtypeStruct(np.shape(l), l.dtype), x_example)
+    kw_example = [l if isinstance(l, jax.ShapeDtypeStruct) else
+                  jax.ShapeDtypeStruct(np.shape(l), l.dtype)
+                  for l in kw_example]
+    self.program, self.out_tree = ir.flatten(traced, param_example,
+                                             x_example, kw_example)
+    self.plans = planner.plan_program(self.program, len(self._param_leaves))
+    self.out_shapes = [
+        o.shape for o in jax.tree.leaves(
+            jax.eval_shape(lambda p: f(p, x, **kwargs), params))
+    ]
+
+  def arrays(self, plans: list[Optional[planner.LeafPlan]]):
+    """`(C, factors)`: `C[out][stop_var]` and per-plan factor values."""
+    program = self.program
+    active = [p for p in plans if p is not None]
+    stop_vars = sorted({p.stop_var for p in active})
+    param_leaves = self._param_leaves
+
+    def one_batch(x_value, kw_arrays):
+      args = (list(param_leaves) + jax.tree.leaves(x_value) +
+              list(kw_arrays))
+
+      def forward(deltas):
+        env = ir.evaluate(program, args, dict(zip(stop_vars, deltas)))
+        read = functools.partial(ir.read_atom, env)
+        outs = [read(a) for a in program.outputs]
+        factor_values = [[f.compute(read) for f in p.factors] for p in active]
+        return outs, factor_values
+
+      zeros = [
+          jnp.zeros(program.shapes[v], program.dtypes[v]) for v in stop_vars
+      ]
+      jac, factor_values = jax.jacrev(forward, has_aux=True)(zeros)
+      return jac, factor_values
+
+    if self.vmap_axes is None:
+      jac, factor_values = one_batch(self._x, self._kw_arrays)
+    else:
+      jac, factor_values = jax.vmap(
+          one_batch, in_axes=(self._x_axes, self._kw_axes))(self._x,
+                                                            self._kw_arrays)
+    c = [dict(zip(stop_vars, per_out)) for per_out in jac]
+    values, it = [], iter(factor_values)
+    for p in plans:
+      values.append(None if p is None else next(it))
+    return c, values
+
+
+def _reconcile(side1: _Side, side2: _Side):
+  """Pairs the plans of both inputs; mismatched ones fall back to Jacobians."""
+  plans1, plans2 = list(side1.plans), list(side2.plans)
+  for i, (p1, p2) in enumerate(zip(plans1, plans2)):
+    if p1 is None and p2 is None:
+      continue
+    if p1 is None or p2 is None or p1.signature() != p2.signature():
+      leaf1 = side1.program.inputs[i]
+      leaf2 = side2.program.inputs[i]
+      plans1[i] = planner.root_plan(side1.program, leaf1)
+      plans2[i] = planner.root_plan(side2.program, leaf2)
+  return plans1, plans2
+
+
+def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
+        kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
+        trace_axes: utils.Axes, diagonal_axes: utils.Axes,
+        vmap_axes: utils.VmapAxes) -> Any:
+  """Empirical NTK by structured derivatives.
+
+  Args:
+    f: `f(params, x, **kwargs)` returning a pytree of arrays.
+    params: the pytree differentiated.
+    x1: first inputs.
+    x2: second inputs, or None for `x1`.
+    kwargs1: keyword arguments of the `x1` evaluation.
+    kwargs2: keyword arguments of the `x2` evaluation.
+    trace_axes: output axes to average over (possibly negative).
+    diagonal_axes: output axes to keep the diagonal of (possibly negative).
+    vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`
+      from `utils.canonicalize_vmap_axes`; with it, Jacobians are formed per
+      example.
+
+  Returns:
+    A pytree like `f`'s output of kernels in NT layout: for an output leaf
+    of shape `(N, O)` and `trace_axes=()`, shape `(N1, N2, O, O)`.
+
+  Raises:
+    ValueError: if the outputs for `x1` and `x2` cannot be paired along
+      `trace_axes` or `diagonal_axes`.
+
+  >>> import jax.numpy as jnp
+  >>> w = jnp.arange(6.).reshape(2, 3)
+  >>> k = ntk(lambda p, x: x @ p, w, jnp.ones((4, 2)), None, {}, {},
+  ...         trace_axes=(), diagonal_axes=(), vmap_axes=None)
+  >>> k.shape
+  (4, 4, 3, 3)
+  >>> float(k[0, 0, 1, 1])  # sum of squared inputs, 1 + 1
+  2.0
+  """
+  side1 = _Side(f, params, x1, kwargs1, vmap_axes)
+  side2 = side1 if x2 is None else _Side(f, params, x2, kwargs2, vmap_axes)
+  plans1, plans2 = _reconcile(side1, side2)
+  c1, factors1 = side1.arrays(plans1)
+  c2, factors2 = (c1, factors1) if x2 is None else side2.arrays(plans2)
+
+  kernels = []
+  out_axes = (jax.tree.leaves(vmap_axes[1]) if vmap_axes is not None else
+              [None] * len(side1.out_shapes))
+  for j, (shape1, shape2) in enumerate(zip(side1.out_shapes,
+                                           side2.out_shapes)):
+    trace, diagonal = utils.check_trace_and_diagonal(
+        trace_axes, diagonal_axes, shape1, shape2)
+    letters = contraction.LetterPool()
+    axis_letters, out_letters = [], ""
+    for axis in range(len(shape1)):
+      a = letters.new()
+      b = a if (axis in trace or axis in diagonal) else letters.new()
+      axis_letters.append((a, b))
+      if axis in diagonal:
+        out_letters += a
+      elif axis not in trace:
+        out_letters += a + b
+    batch_axis = out_axes[j]
+    order = list(range(len(shape1)))
+    if batch_axis is not None:
+      order = [batch_axis] + [a for a in order if a != batch_axis]
+    c_letters = ["".join(axis_letters[a][side] for a in order)
+                 for side in (0, 1)]
+    batch = (("", "") if batch_axis is None else axis_letters[batch_axis])
+    terms = []
+    for i, (p1, p2) in enumerate(zip(plans1, plans2)):
+      if p1 is None:
+        continue
+      terms.append(
+          contraction.term(p1, c1[j][p1.stop_var], c2[j][p2.stop_var],
+                           factors1[i], factors2[i], c_letters[0],
+                           c_letters[1], batch[0], batch[1], out_letters,
+                           letters))
+    if terms:
+      kernel = functools.reduce(jnp.add, terms)
+    else:
+      kernel = jnp.zeros(
+          utils.kernel_shape(shape1, shape2, trace, diagonal),
+          jnp.result_type(*[jnp.float32]))
+    kernels.append(kernel / utils.traced_size(shape1, trace))
+  return jax.tree.unflatten(side1.out_tree, kernels)
