@@ -14,6 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from flax_tangents import predict
+from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.train import linear
 from flax_tangents._src.train import results
 
@@ -317,17 +318,24 @@ def fit(
                          f"{ntk_trace_axes}.")
       ntk = lambda x1, x2: linear.empirical_ntk(
           f, params_0, x1, x2, trace_outputs=bool(trace))
-      ntk = jax.jit(ntk, static_argnums=())
+      ntk = jax.jit(ntk)
       k_dd = ntk(x_train, None)
       k_td = ntk(x_test, x_train) if has_test else None
       ntk_empirical = _predicted_curves(k_dd, k_td, trace_axes=trace or (),
                                         **predict_kwargs)
+    analytic = None
     if kernel_fn == _AUTO:
-      kernel_fn = _analytic_kernel_fn(apply_fn)
-    if kernel_fn is not None:
-      k_dd = kernel_fn(x_train, None, "ntk")
-      k_td = kernel_fn(x_test, x_train, "ntk") if has_test else None
-      ntk_analytic = _predicted_curves(k_dd, k_td, trace_axes=(-1,),
+      auto_fn = _analytic_kernel_fn(apply_fn)
+      if auto_fn is not None:
+        try:
+          analytic = _analytic_ntk(auto_fn, x_train,
+                                   x_test if has_test else None)
+        except KernelRuleError:
+          pass  # Some layer has no infinite-width rule: no analytic limit.
+    elif kernel_fn is not None:
+      analytic = _analytic_ntk(kernel_fn, x_train, x_test if has_test else None)
+    if analytic is not None:
+      ntk_analytic = _predicted_curves(*analytic, trace_axes=(-1,),
                                        **predict_kwargs)
 
   network, lin = curves["network"], curves.get("linearized")
@@ -342,6 +350,20 @@ def fit(
       linearized_variables=(rebuild(state["linearized"]["params"])
                             if linearized else None),
       completed=done == steps)
+
+
+def _analytic_ntk(kernel_fn, x_train, x_test):
+  """Train-train and test-train NTKs, compiled when `kernel_fn` allows."""
+
+  def kernels(x_tr, x_te):
+    k_dd = kernel_fn(x_tr, None, "ntk")
+    return k_dd, (None if x_te is None else kernel_fn(x_te, x_tr, "ntk"))
+
+  try:
+    return jax.jit(kernels)(x_train, x_test)
+  except (jax.errors.ConcretizationTypeError, TypeError):
+    # A kernel function that needs concrete inputs runs eagerly.
+    return kernels(x_train, x_test)
 
 
 def _predicted_curves(k_dd, k_td, *, trace_axes, loss, loss_fn, y_train, y_test,

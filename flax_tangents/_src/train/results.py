@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -44,6 +45,18 @@ def accuracy(fx: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sign(fx) == jnp.sign(y))
 
 
+@functools.lru_cache(None)
+def _metrics_fn(loss_fn: LossFn):
+  """Compiled `(losses, accuracies)` of outputs stacked along records."""
+
+  def metrics(fx, y):
+    loss = jax.vmap(lambda f: loss_fn(f, y))(fx)
+    acc = jax.vmap(lambda f: accuracy(f, y))(fx)
+    return loss, acc
+
+  return jax.jit(metrics)
+
+
 @dataclasses.dataclass(frozen=True)
 class Curves:
   """One model's metrics at the recorded steps (leading axis: record index).
@@ -67,16 +80,16 @@ class Curves:
   def from_outputs(cls, loss_fn: LossFn, fx_train: Any, y_train: Any,
                    fx_test: Any = None, y_test: Any = None) -> "Curves":
     """Metrics of outputs stacked along a leading record axis."""
-    fx_train = jnp.asarray(fx_train)
-    per_record = lambda fn, fx, y: np.asarray(jax.vmap(lambda f: fn(f, y))(fx))
+    metrics = _metrics_fn(loss_fn)
     kwargs = {}
     if fx_test is not None and y_test is not None:
-      fx_test = jnp.asarray(fx_test)
-      kwargs = dict(test_loss=per_record(loss_fn, fx_test, y_test),
-                    test_accuracy=per_record(accuracy, fx_test, y_test),
+      test_loss, test_accuracy = metrics(jnp.asarray(fx_test), y_test)
+      kwargs = dict(test_loss=np.asarray(test_loss),
+                    test_accuracy=np.asarray(test_accuracy),
                     fx_test=np.asarray(fx_test))
-    return cls(train_loss=per_record(loss_fn, fx_train, y_train),
-               train_accuracy=per_record(accuracy, fx_train, y_train),
+    train_loss, train_accuracy = metrics(jnp.asarray(fx_train), y_train)
+    return cls(train_loss=np.asarray(train_loss),
+               train_accuracy=np.asarray(train_accuracy),
                fx_train=np.asarray(fx_train), **kwargs)
 
 
