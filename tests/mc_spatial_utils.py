@@ -30,8 +30,11 @@ def _pair_spec(n_spatial: int, extra: str = "") -> str:
 def sample_kernels(model: nn.Module, x1: np.ndarray,
                    x2: Optional[np.ndarray], key: jax.Array, n_samples: int,
                    batch_size: int = 8, dropout: bool = False,
+                   with_ntk: bool = True,
                    **apply_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
   """Per-network NNGP and NTK estimates, `(n_samples, N1, N2, ...)` each.
+
+  `with_ntk=False` skips the (costly) Jacobians and returns NTK zeros.
 
   `x2=None` evaluates the network once on `x1` (one dropout mask for both
   sides, as the analytic `x1_is_x2`); otherwise `x1` and `x2` go through one
@@ -48,11 +51,14 @@ def sample_kernels(model: nn.Module, x1: np.ndarray,
     out = f(params)
     n_spatial, n_out = out.ndim - 2, out.shape[-1]
     nngp = jnp.einsum(_pair_spec(n_spatial), out, out) / n_out
-    jac = jax.jacobian(f)(params)
-    ntk = sum(
-        jnp.einsum(_pair_spec(n_spatial, "p"),
-                   j.reshape(out.shape + (-1,)), j.reshape(out.shape + (-1,)))
-        for j in jax.tree.leaves(jac)) / n_out
+    if not with_ntk:
+      ntk = jnp.zeros_like(nngp)
+    else:
+      jac = jax.jacobian(f)(params)
+      ntk = sum(
+          jnp.einsum(_pair_spec(n_spatial, "p"), j.reshape(out.shape + (-1,)),
+                     j.reshape(out.shape + (-1,)))
+          for j in jax.tree.leaves(jac)) / n_out
     if x2 is None:
       return nngp, ntk
     return nngp[:n1, n1:], ntk[:n1, n1:]

@@ -160,5 +160,5 @@ class GlobalSelfAttention(nn.Module):
     y = out_scale * (heads @ out_w)
     if self.b_std is not None:
       bias = self.param("bias", normal, (self.n_chan_out,), self.param_dtype)
-      y = y + self.b_std * bias
+      y = y + self.b_std * bias.reshape(1, 1, -1)
     return y.reshape((n,) + spatial + (self.n_chan_out,))

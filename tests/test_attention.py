@@ -1,0 +1,154 @@
+"""GlobalSelfAttention: closed forms, Monte Carlo, dtypes, errors."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flax_tangents as ft
+from flax_tangents import nn as ftn
+from mc_utils import assert_mc_close
+from mc_spatial_utils import sample_kernels
+
+X1 = np.random.RandomState(0).randn(3, 4, 6)
+X2 = np.random.RandomState(1).randn(2, 4, 6)
+
+
+def _input_covariances(x1, x2):
+  """Per-input location covariances and the cross covariance (raw inputs)."""
+  d = x1.shape[-1]
+  c1 = np.einsum("asc,atc->ast", x1, x1) / d
+  c2 = np.einsum("asc,atc->ast", x2, x2) / d
+  c12 = np.einsum("asc,btc->abst", x1, x2) / d
+  return c1, c2, c12
+
+
+def test_forward_shapes_and_params():
+  x = jnp.asarray(np.random.RandomState(2).randn(2, 3, 4, 5))  # 2-D tokens
+  layer = ftn.GlobalSelfAttention(7, 3, 2, n_heads=4, b_std=0.1,
+                                  linear_scaling=False)
+  variables = layer.init(jax.random.key(0), x)
+  shapes = jax.tree.map(jnp.shape, variables["params"])
+  assert shapes == {"key": (4, 5, 3), "query": (4, 5, 3),
+                    "value": (4, 5, 2), "out": (8, 7), "bias": (7,)}
+  assert layer.apply(variables, x).shape == (2, 3, 4, 7)
+
+
+@pytest.mark.parametrize("mechanism", ["IDENTITY", "RELU", "ABS", "SOFTMAX"])
+def test_linear_scaling_closed_form(mechanism):
+  # On raw inputs: G_x = A(QK C_x) and nngp' = OV^2 G1 C12 G2^T + b^2;
+  # the NTK is twice the weighted NNGP (values and outputs) + b^2.
+  qk, ov, b = 0.7 * 1.3, 1.1 * 0.9, 0.2
+  layer = ftn.GlobalSelfAttention(
+      5, 4, 4, 2, W_query_std=0.7, W_key_std=1.3, W_value_std=1.1,
+      W_out_std=0.9, b_std=b, attention_mechanism=mechanism)
+  c1, c2, c12 = _input_covariances(X1, X2)
+  fn = {"IDENTITY": lambda g: g, "RELU": lambda g: np.maximum(g, 0),
+        "ABS": np.abs,
+        "SOFTMAX": lambda g: np.exp(g) / np.exp(g).sum(-1, keepdims=True)}
+  g1, g2 = fn[mechanism](qk * c1), fn[mechanism](qk * c2)
+  weighted = np.einsum("asp,abpq,btq->abst", g1, c12, g2)
+  k = ft.kernel_fn(layer)(X1, X2, ("nngp", "ntk"))
+  np.testing.assert_allclose(k.nngp, ov**2 * weighted + b**2, rtol=1e-12)
+  np.testing.assert_allclose(k.ntk, 2 * ov**2 * weighted + b**2, rtol=1e-12)
+
+
+def test_softmax_of_constant_tokens_is_the_mean():
+  # Identical tokens: uniform attention, so the layer is a dense map of the
+  # (shared) token, nngp' = OV^2 nngp.
+  x1 = np.repeat(X1[:, :1], 4, axis=1)
+  x2 = np.repeat(X2[:, :1], 4, axis=1)
+  layer = ftn.GlobalSelfAttention(5, 4, 4, 2, W_out_std=1.5)
+  k = ft.kernel_fn(layer)(x1, x2, "nngp")
+  np.testing.assert_allclose(k, 2.25 * _input_covariances(x1, x2)[2],
+                             rtol=1e-12)
+
+
+def test_sqrt_scaling_identity_closed_form():
+  # A(G) = G Gaussian: nngp' = (QK OV)^2 <C12, C12> C12, summed over pairs.
+  layer = ftn.GlobalSelfAttention(5, 4, 4, 2, linear_scaling=False,
+                                  attention_mechanism="IDENTITY",
+                                  W_key_std=1.2)
+  c12 = _input_covariances(X1, X2)[2]
+  k = ft.kernel_fn(layer)(X1, X2, ("nngp", "ntk"))
+  dot = np.einsum("abst,abst->ab", c12, c12)[:, :, None, None]
+  np.testing.assert_allclose(k.nngp, 1.44 * dot * c12, rtol=1e-12)
+  # Raw inputs have zero NTK: four weight matrices give 4 dot * c12.
+  np.testing.assert_allclose(k.ntk, 4 * 1.44 * dot * c12, rtol=1e-12)
+
+
+def test_full_spatial_covariances_are_requested():
+  # Flatten alone would store only spatial diagonals; attention below it
+  # needs full location-location covariances, found by the requirement pass.
+  model = nn.Sequential([ftn.Dense(8), ftn.GlobalSelfAttention(8, 4, 4, 2),
+                         ftn.Relu(), ftn.Flatten(), ftn.Dense(2)])
+  k = ft.kernel_fn(model)(X1, X2, "nngp")
+  assert k.shape == (3, 2)
+
+
+MODELS = {
+    # Raw inputs: the input covariances are exact and only the key width
+    # n_key biases the per-network kernels: the softmax weights concentrate
+    # at rate n_key^-1/2, a smooth function of them is biased by O(1/n_key).
+    # (RELU/ABS are kinked at 0, where the bias is O(n_key^-1/2); they are
+    # checked by closed forms only.)
+    "softmax_on_inputs": lambda n_out: ftn.GlobalSelfAttention(
+        n_out, 128, 8, 8, b_std=0.2, W_value_std=1.3, W_key_std=1.5),
+    # Square-root scaling: the weights are Gaussian; the moments used here
+    # are exact at any width, so the estimates are (nearly) unbiased.
+    "identity_sqrt_on_inputs": lambda n_out: ftn.GlobalSelfAttention(
+        n_out, 128, 8, 8, linear_scaling=False,
+        attention_mechanism="IDENTITY", W_query_std=0.8),
+    # A Dense layer below: the NTK flowing into attention is non-zero, and
+    # its width adds an O(1/width) bias of the input covariances.
+    "softmax_after_dense": lambda n_out: nn.Sequential([
+        ftn.Dense(128, b_std=0.1), ftn.GlobalSelfAttention(n_out, 128, 8, 8)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_monte_carlo(name):
+  # NNGP: 64 networks with 256 output channels (forward passes only); NTK:
+  # 48 networks with one output channel (Jacobians are the cost). Tolerance:
+  # 5 standard errors measured from the samples, plus 4/128 of the kernel's
+  # scale for the O(1/n_key) and O(1/width) biases (n_key = width = 128).
+  nngp, _ = sample_kernels(MODELS[name](256), X1, X2, jax.random.key(6), 64,
+                           batch_size=64, with_ntk=False)
+  _, ntk = sample_kernels(MODELS[name](1), X1, X2, jax.random.key(7), 48,
+                          batch_size=8)
+  k = ft.kernel_fn(MODELS[name](1))(X1, X2, ("nngp", "ntk"))
+  assert_mc_close(nngp, k.nngp, bias=4 / 128)
+  assert_mc_close(ntk, k.ntk, bias=4 / 128)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_dtypes(dtype):
+  model = nn.Sequential([ftn.Dense(8), ftn.GlobalSelfAttention(8, 4, 4, 2),
+                         ftn.Relu(), ftn.Flatten(), ftn.Dense(2)])
+  k = ft.kernel_fn(model)(jnp.asarray(X1, dtype), jnp.asarray(X2, dtype),
+                          "ntk")
+  assert k.dtype == dtype
+  k64 = ft.kernel_fn(model)(X1, X2, "ntk")
+  np.testing.assert_allclose(k, k64, rtol=1e-5 if dtype == jnp.float32
+                             else 1e-14)
+  y = model.apply(model.init(jax.random.key(0), jnp.asarray(X1, dtype)),
+                  jnp.asarray(X1, dtype))
+  assert y.dtype == dtype
+
+
+def test_errors():
+  x = X1
+  with pytest.raises(NotImplementedError, match="closed form"):
+    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2,
+                                         linear_scaling=False))(x)
+  with pytest.raises(NotImplementedError, match="positional embeddings"):
+    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM"))(x)
+  with pytest.raises(ValueError, match="attention_mechanism"):
+    ft.kernel_fn(ftn.GlobalSelfAttention(
+        4, 4, 4, 2, attention_mechanism="TANH"))(x)
+  with pytest.raises(ValueError, match="spatial"):
+    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2))(x[:, 0])
+  layer = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="CONCAT")
+  with pytest.raises(NotImplementedError, match="positional embeddings"):
+    layer.init(jax.random.key(0), x)
