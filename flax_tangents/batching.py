@@ -58,9 +58,10 @@ def batch(kernel_fn: KernelFnT,
     batch_size: rows and columns of a tile (per device).
     mesh: the devices to use, all of them (tiles are spread over the
       flattened mesh). Default: every device (of every process).
-    store_on_device: keep the result as a `jax.Array` sharded by rows over
-      the mesh (`True`), or gather tiles to host numpy arrays as they finish
-      (`False`: the kernel can then exceed device memory).
+    store_on_device: keep the result as a `jax.Array` on the mesh (`True`;
+      sharded by rows, or columns, when the device count divides their
+      number, else replicated), or gather tiles to host numpy arrays as they
+      finish (`False`: the kernel can then exceed device memory).
     checkpoint_dir: if given, finished tiles are written there with orbax,
       and a rerun with the same arguments computes only the missing tiles.
       A directory written for other inputs, tiling, `get`, kernel function

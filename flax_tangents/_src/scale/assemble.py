@@ -8,8 +8,9 @@ pair outputs).
 - `HostAssembler` writes each tile into preallocated numpy arrays as it
   arrives (memory: the kernel once).
 - `DeviceAssembler` keeps rounds on the devices and stitches them in one
-  compiled gather at the end into arrays sharded by rows over the mesh
-  (transient memory: about three times the kernel, spread over the mesh).
+  compiled gather at the end into arrays sharded over the mesh by rows (or
+  columns) when the device count divides their number, else replicated
+  (transient memory: about three times the kernel).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from flax_tangents._src.scale.tile_outputs import COL, OutputTemplate, PAIR, ROW
 from flax_tangents._src.scale.tile_plan import TilePlan
 
 __all__ = ["DeviceAssembler", "HostAssembler", "leaf_name"]
+
+# Compiled stitching programs, reused by calls with the same tiling.
+_STITCHERS: dict[tuple, Any] = {}
+_MAX_STITCHERS = 64
 
 
 def leaf_name(index: int) -> str:
@@ -130,17 +135,24 @@ class DeviceAssembler:
         source, transposed = plan.grid()
         index = np.vectorize(position_of.__getitem__, otypes=[np.int64])(
             source)
-        n_rows = plan.n1
+        sizes = (plan.n1, plan.n2)
       else:
         index = np.asarray([position_of[int(t)]
                             for t in _block_sources(plan, leaf.role)])
         transposed = None
-        n_rows = plan.n1 if leaf.role == ROW else plan.n2
-      stitch = _stitcher(leaf.role, leaf.perm, index, transposed, b,
-                         plan.n1, plan.n2)
-      output[leaf.key] = jax.jit(
-          stitch, out_shardings=devices.result_sharding(self.mesh, n_rows))(
-              parts)
+        sizes = (plan.n1 if leaf.role == ROW else plan.n2,)
+      sharding = devices.result_sharding(self.mesh, sizes)
+      cache_key = (leaf.role, leaf.perm, index.shape, index.tobytes(),
+                   None if transposed is None else transposed.tobytes(), b,
+                   plan.n1, plan.n2, sharding)
+      stitch = _STITCHERS.get(cache_key)
+      if stitch is None:
+        stitch = jax.jit(_stitcher(leaf.role, leaf.perm, index, transposed, b,
+                                   plan.n1, plan.n2), out_shardings=sharding)
+        if len(_STITCHERS) > _MAX_STITCHERS:
+          _STITCHERS.clear()
+        _STITCHERS[cache_key] = stitch
+      output[leaf.key] = stitch(parts)
     return output
 
 

@@ -119,6 +119,7 @@ class BatchedKernelFn:
     self.checkpoint_dir = checkpoint_dir
     self.progress = progress
     self._programs: dict[tuple, Callable[..., Any]] = {}
+    self._templates: dict[tuple, tile_outputs.OutputTemplate] = {}
     functools.update_wrapper(self, kernel_fn)
 
   # ------------------------------------------------------------------ call
@@ -221,6 +222,21 @@ class BatchedKernelFn:
     specs = (tile_spec(x1), tile_spec(x1 if x2 is None else x2),
              tile_spec({n: v[0] for n, v in call.tiled.items()}),
              tile_spec({n: v[1] for n, v in call.tiled.items()}))
+    key = call.program_key(kind)
+    if key is not None:
+      # Tracing the wrapped function costs time: reuse the template for
+      # calls with the same structure, shapes and static arguments.
+      key += (b, jax.tree.structure(specs), tuple(jax.tree.leaves(specs)),
+              tuple((np.shape(d), _dtype(d)) for d in call.dynamic))
+      if key in self._templates:
+        return self._templates[key]
+    template = self._new_template(call, kind, specs, b)
+    if key is not None:
+      self._templates[key] = template
+    return template
+
+  def _new_template(self, call: _Call, kind: str, specs: tuple,
+                    b: int) -> tile_outputs.OutputTemplate:
     one_tile = self._one_tile(call, kind)
     abstract = jax.eval_shape(one_tile, *specs, call.dynamic)
     template = tile_outputs.OutputTemplate(abstract, b, call.get,

@@ -9,7 +9,6 @@ process calls in the same order.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import jax
@@ -92,11 +91,12 @@ def gather_to_host(tree: Any) -> Any:
   return jax.device_get(tree)
 
 
-def result_sharding(mesh: Mesh, size: int) -> Optional[NamedSharding]:
-  """Sharding of a result's leading axis of `size` over as many devices as
-  divide it (JAX requires even shards); the rest of the mesh replicates."""
-  devices = np.asarray(mesh.devices).reshape(-1)
-  n_shards = math.gcd(size, devices.size)
-  grid = devices.reshape(n_shards, devices.size // n_shards)
-  result_mesh = Mesh(grid, ("rows", "replicas"))
-  return NamedSharding(result_mesh, PartitionSpec("rows"))
+def result_sharding(mesh: Mesh, sizes: tuple[int, ...]) -> NamedSharding:
+  """Sharding of a result over the whole `mesh`: by its first axis among
+  `sizes` that the device count divides (JAX requires even shards), else
+  replicated. Staying on the caller's mesh lets results combine freely."""
+  spec = tile_axis_spec(mesh)[0]
+  for axis, size in enumerate(sizes):
+    if size % mesh.size == 0:
+      return NamedSharding(mesh, PartitionSpec(*([None] * axis), spec))
+  return NamedSharding(mesh, PartitionSpec())
