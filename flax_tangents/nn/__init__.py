@@ -27,13 +27,14 @@ from flax_tangents.nn.conv import ConvLocal
 from flax_tangents.nn.conv import ConvTranspose
 from flax_tangents.nn.elementwise import Elementwise
 from flax_tangents.nn.elementwise import ElementwiseBase
+from flax_tangents.nn.graph import Aggregate
 from flax_tangents.nn.linear import Dense
+from flax_tangents.nn.normalization import LayerNorm
 from flax_tangents.nn.numerical import ElementwiseNumerical
 from flax_tangents.nn.polynomial import Hermite
 from flax_tangents.nn.polynomial import Monomial
 from flax_tangents.nn.polynomial import Polynomial
 from flax_tangents.nn.polynomial import RectifiedMonomial
-from flax_tangents.nn.normalization import LayerNorm
 from flax_tangents.nn.pooling import AvgPool
 from flax_tangents.nn.pooling import GlobalAvgPool
 from flax_tangents.nn.pooling import GlobalSumPool
@@ -48,6 +49,7 @@ from flax_tangents.nn.shape import Identity
 __all__ = (
     "ABRelu",
     "Abs",
+    "Aggregate",
     "AvgPool",
     "Conv",
     "ConvLocal",
