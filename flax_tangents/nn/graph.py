@@ -151,7 +151,7 @@ class Aggregate(nn.Module):
   >>> x = jnp.arange(6.0).reshape(1, 3, 2)        # one graph, 3 vertices
   >>> ring = jnp.roll(jnp.eye(3), 1, axis=1)[None]  # arcs i -> i + 1
   >>> ftn.Aggregate().apply({}, x, pattern=ring)[0, :, 0]
-  Array([4., 0., 2.], dtype=float32)
+  Array([4., 0., 2.], dtype=float...)
   """
 
   aggregate_axis: Axes = None
