@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import affine
+from flax_tangents._src.analytic import spatial_maps
+from flax_tangents._src.analytic.spatial_maps import circular_fold_matrix
 
 __all__ = [
     "PADDINGS",
@@ -41,7 +43,6 @@ __all__ = [
     "fold_axes",
     "pad_config",
     "pool_covariance",
-    "spatial_diagonal_kernel_arrays",
     "window_counts",
 ]
 
@@ -130,6 +131,12 @@ def _window_sum(x: jax.Array, axes: Sequence[int], window: int, stride: int,
   return out
 
 
+def _sizes(cov: jax.Array, n_batch: int, n_spatial: int,
+           diagonal_spatial: bool) -> list[int]:
+  step = 1 if diagonal_spatial else 2
+  return [cov.shape[n_batch + step * i] for i in range(n_spatial)]
+
+
 def _axes(n_batch: int, i: int, diagonal_spatial: bool) -> tuple[int, ...]:
   return ((n_batch + i,) if diagonal_spatial else
           (n_batch + 2 * i, n_batch + 2 * i + 1))
@@ -153,10 +160,19 @@ def conv_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
     The average of `cov` over the receptive field of each output location
     pair (same filter offset in both).
   """
+  sizes = _sizes(cov, n_batch, len(filter_shape), diagonal_spatial)
+  if spatial_maps.use_matrices(sizes, diagonal_spatial):
+    maps = [spatial_maps.conv_maps(
+        spatial_maps.offset_matrices(size, k, s, tuple(pad), circular),
+        diagonal_spatial)
+            for size, k, s, pad in zip(sizes, filter_shape, strides, pads)]
+    return spatial_maps.apply_maps(cov, n_batch, maps, diagonal_spatial)
   for i, (k, s, pad) in enumerate(zip(filter_shape, strides, pads)):
     cov = _window_sum(cov, _axes(n_batch, i, diagonal_spatial), k, s, pad,
                       circular)
-  return cov / math.prod(filter_shape)
+  # Materialize: XLA would otherwise fuse stacked layers' slices into one loop
+  # that recomputes each layer's output once per filter offset above it.
+  return jax.lax.optimization_barrier(cov / math.prod(filter_shape))
 
 
 def window_counts(size: int, window: int, stride: int,
@@ -190,6 +206,19 @@ def pool_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
   Returns:
     The pooled covariance.
   """
+  sizes = _sizes(cov, n_batch, len(window_shape), diagonal_spatial)
+  if spatial_maps.use_matrices(sizes, diagonal_spatial):
+    maps = []
+    for size, k, s, pad in zip(sizes, window_shape, strides, pads):
+      window_matrix = spatial_maps.offset_matrices(
+          size, k, s, tuple(pad), circular).sum(axis=0)
+      if normalize == "edges" and not circular:
+        window_matrix = window_matrix / window_counts(size, k, s,
+                                                      pad)[:, None]
+      elif normalize is not None:
+        window_matrix = window_matrix / k
+      maps.append(spatial_maps.pool_maps(window_matrix, diagonal_spatial))
+    return spatial_maps.apply_maps(cov, n_batch, maps, diagonal_spatial)
   for i, (k, s, pad) in enumerate(zip(window_shape, strides, pads)):
     axes = _axes(n_batch, i, diagonal_spatial)
     size = cov.shape[axes[0]]
@@ -210,27 +239,6 @@ def pool_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
       shape[axis] = len(counts)
     cov = cov / jnp.asarray(denominator.reshape(shape), cov.dtype)
   return cov
-
-
-def circular_fold_matrix(valid_size: int, size: int) -> np.ndarray:
-  """Folds a `'VALID'` transposed-convolution output onto a circle.
-
-  Neural Tangents' `'CIRCULAR'` transposed convolution sums the `'VALID'`
-  output (length `valid_size`) over positions congruent modulo `size`, after
-  centring: output `t` collects positions `p` with
-  `p = t + (valid_size - size) // 2 (mod size)`.
-
-  Returns:
-    A 0/1 matrix of shape `(size, valid_size)`.
-  """
-  if valid_size < size:
-    raise NotImplementedError(
-        "CIRCULAR transposed convolution with filters smaller than strides "
-        "is not supported.")
-  offset = (valid_size - size) // 2
-  t = np.arange(size)[:, None]
-  p = np.arange(valid_size)[None, :]
-  return ((p - t - offset) % size == 0).astype(np.float64)
 
 
 def fold_axes(x: jax.Array, axes: Sequence[int],
@@ -259,6 +267,13 @@ def conv_transpose_covariance(cov: jax.Array, n_batch: int, *,
   """
   padding = check_padding(padding, "ConvTranspose")
   lax_padding = "VALID" if padding == "CIRCULAR" else padding
+  sizes = _sizes(cov, n_batch, len(filter_shape), diagonal_spatial)
+  if spatial_maps.use_matrices(sizes, diagonal_spatial):
+    maps = [spatial_maps.conv_maps(spatial_maps.transpose_offset_matrices(
+        size, k, s, lax_padding,
+        size * s if padding == "CIRCULAR" else None), diagonal_spatial)
+            for size, k, s in zip(sizes, filter_shape, strides)]
+    return spatial_maps.apply_maps(cov, n_batch, maps, diagonal_spatial)
   for i, (k, s) in enumerate(zip(filter_shape, strides)):
     axes = _axes(n_batch, i, diagonal_spatial)
     n = len(axes)
@@ -278,16 +293,6 @@ def conv_transpose_covariance(cov: jax.Array, n_batch: int, *,
       fold = circular_fold_matrix(x.shape[-1], size * s)
       x = fold_axes(x, tuple(range(x.ndim - n, x.ndim)), fold)
     cov = jnp.moveaxis(x, tuple(range(-n, 0)), axes)
-  return cov
-
-
-def spatial_diagonal_kernel_arrays(cov: jax.Array, n_batch: int,
-                                   n_spatial: int) -> jax.Array:
-  """`(..batch.., S1, S1', ...)` -> `(..batch.., S1, ...)` (pair diagonals)."""
-  for i in range(n_spatial):
-    cov = jnp.moveaxis(
-        jnp.diagonal(cov, axis1=n_batch + i, axis2=n_batch + i + 1), -1,
-        n_batch + i)
   return cov
 
 
