@@ -152,3 +152,22 @@ def test_errors():
   layer = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="CONCAT")
   with pytest.raises(NotImplementedError, match="positional embeddings"):
     layer.init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("layer", [
+    ftn.GlobalSelfAttention(8, 4, 4, 2, b_std=0.1),
+    ftn.LayerNorm(axis=(1, 2)),
+    ftn.Dropout(0.3, deterministic=False)], ids=["attention", "layernorm",
+                                                  "dropout"])
+def test_full_batch_covariances_agree(layer):
+  # A kernel passed in with full batch covariances (cov1 of shape
+  # (N, N, S, S')) gives the same nngp/ntk and the same cov1 diagonal.
+  model = nn.Sequential([ftn.Dense(8, b_std=0.2), layer])
+  out = {}
+  for diagonal_batch in (True, False):
+    k = ft.Kernel.from_inputs(X1, X2, diagonal_batch=diagonal_batch)
+    out[diagonal_batch] = ft.kernel_fn(model)(k)
+  np.testing.assert_allclose(out[False].nngp, out[True].nngp, rtol=1e-12)
+  np.testing.assert_allclose(out[False].ntk, out[True].ntk, rtol=1e-12)
+  cov1 = np.moveaxis(np.diagonal(out[False].cov1, axis1=0, axis2=1), -1, 0)
+  np.testing.assert_allclose(cov1, out[True].cov1, rtol=1e-12)
