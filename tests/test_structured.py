@@ -1,0 +1,150 @@
+"""STRUCTURED_DERIVATIVES agrees with direct Jacobian contractions on the zoo.
+
+References: a direct `jax.jacobian` of the whole model contracted with
+`tensordot` (laid out with `utils.trace_and_diagonal`), and the
+JACOBIAN_CONTRACTION implementation.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flax_tangents._src.empirical import jacobian_contraction
+from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical.structured import ntk as structured_ntk
+import empirical_zoo as zoo
+
+
+@functools.lru_cache(maxsize=None)
+def _case(name, dtype_name="float64"):
+  case = zoo.make_case(name, jnp.dtype(dtype_name))
+  f, params = utils.split_variables(case.f, case.variables)
+  kwargs1, kwargs2 = utils.split_kwargs(case.kwargs, case.x1, case.x2)
+  return f, params, case.x1, case.x2, kwargs1, kwargs2
+
+
+def _full_reference(f, params, x1, x2, kwargs1, kwargs2):
+  """`(*out1_shape, *out2_shape)` kernels from two explicit Jacobians."""
+  j1 = jax.jacobian(lambda p: f(p, x1, **kwargs1))(params)
+  j2 = jax.jacobian(lambda p: f(p, x2, **kwargs2))(params)
+  out = jax.eval_shape(lambda p: f(p, x1, **kwargs1), params)
+
+  def leaf(o, a, b):
+    terms = [
+        jnp.tensordot(u, v, axes=(tuple(range(o.ndim, u.ndim)),) * 2)
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    ]
+    return functools.reduce(jnp.add, terms)
+
+  return jax.tree.map(leaf, out, j1, j2)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name, same_inputs=False):
+  f, params, x1, x2, kwargs1, kwargs2 = _case(name)
+  if same_inputs:
+    x2, kwargs2 = x1, kwargs1
+  return jax.jit(lambda p, a, b: _full_reference(f, p, a, b, kwargs1, kwargs2)
+                 )(params, x1, x2)
+
+
+def _structured(name, trace_axes, diagonal_axes, vmap, same_inputs=False,
+                dtype_name="float64"):
+  f, params, x1, x2, kwargs1, kwargs2 = _case(name, dtype_name)
+  if same_inputs:
+    x2, kwargs2 = None, kwargs1
+  fx = jax.eval_shape(lambda p: f(p, x1, **kwargs1), params)
+  vmap_axes = utils.canonicalize_vmap_axes(vmap, x1, fx, kwargs1)
+
+  @jax.jit
+  def kernel(p, a, b):
+    return structured_ntk(f, p, a, b, kwargs1, kwargs2, trace_axes=trace_axes,
+                          diagonal_axes=diagonal_axes, vmap_axes=vmap_axes)
+
+  return kernel(params, x1, x2)
+
+
+def _assert_close(actual, expected, rtol=1e-9, atol=1e-9):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol,
+                               atol=atol)
+
+
+def _layout(full, trace_axes, diagonal_axes):
+  def leaf(k):
+    ndim = k.ndim // 2
+    trace = utils.canonicalize_axes(trace_axes, ndim)
+    diagonal = utils.canonicalize_axes(diagonal_axes, ndim)
+    return utils.trace_and_diagonal(k, trace, diagonal)
+
+  return jax.tree.map(leaf, full)
+
+
+@pytest.mark.parametrize("name", zoo.CASES)
+def test_zoo_matches_direct_jacobian(name):
+  vmap = 0 if name in zoo.VMAP_SAFE else None
+  actual = _structured(name, (), (), vmap)
+  _assert_close(actual, _layout(_reference(name), (), ()))
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_batchnorm"])
+@pytest.mark.parametrize("vmap", [None, 0])
+@pytest.mark.parametrize("trace_axes,diagonal_axes", [
+    ((-1,), ()),
+    ((), (-1,)),
+    ((1,), (0,)),
+    ((-1, 1), (2,)),
+])
+def test_trace_diagonal_and_vmap_axes(name, vmap, trace_axes, diagonal_axes):
+  same = 0 in utils.canonicalize_axes(diagonal_axes, 4)
+  f, params, x1, *_ = _case(name)
+  ndim = jax.eval_shape(lambda p: f(p, x1), params).ndim
+  if max(utils.canonicalize_axes(trace_axes + diagonal_axes, 4)) >= ndim:
+    pytest.skip("axes beyond this model's output rank")
+  actual = _structured(name, trace_axes, diagonal_axes, vmap,
+                       same_inputs=same)
+  expected = _layout(_reference(name, same), trace_axes, diagonal_axes)
+  _assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_matches_jacobian_contraction(name):
+  f, params, x1, x2, kwargs1, kwargs2 = _case(name)
+  fx = jax.eval_shape(lambda p: f(p, x1), params)
+  vmap_axes = utils.canonicalize_vmap_axes(0, x1, fx, kwargs1)
+  expected = jacobian_contraction.ntk(
+      f, params, x1, x2, kwargs1, kwargs2, trace_axes=(-1,), diagonal_axes=(),
+      vmap_axes=vmap_axes)
+  _assert_close(_structured(name, (-1,), (), 0), expected)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_float32(name):
+  actual = _structured(name, (), (), 0, dtype_name="float32")
+  for leaf in jax.tree.leaves(actual):
+    assert leaf.dtype == jnp.float32
+  _assert_close(actual, _layout(_reference(name), (), ()), rtol=2e-4,
+                atol=2e-5)
+
+
+def test_x2_none_is_x1():
+  actual = _structured("resnet", (-1,), (), 0, same_inputs=True)
+  _assert_close(actual, _layout(_reference("resnet", True), (-1,), ()))
+
+
+def test_unused_parameter_and_no_parameters():
+  params = {"used": jnp.ones((3, 2)), "unused": jnp.ones((5,))}
+  x = jnp.arange(12.).reshape(4, 3)
+  f = lambda p, x: x @ p["used"]  # noqa: E731
+  kernel = structured_ntk(f, params, x, None, {}, {}, trace_axes=(),
+                          diagonal_axes=(), vmap_axes=None)
+  expected = _full_reference(f, params, x, x, {}, {})
+  _assert_close(kernel, _layout(expected, (), ()))
+  zero = structured_ntk(lambda p, x: x * 2., {}, x, None, {}, {},
+                        trace_axes=(-1,), diagonal_axes=(), vmap_axes=None)
+  assert zero.shape == (4, 4) and not np.any(np.asarray(zero))
