@@ -66,14 +66,17 @@ def empirical_ntk(f: ParamsFn, params: PyTree, x1: jax.Array,
   n_out = jax.eval_shape(lambda p: f(p, x1), params).shape[-1]
 
   def flat_jacobian(x, out_index=None):
-    def fn(p):
-      fx = f(p, x)
-      return fx if out_index is None else fx[:, out_index]
-    leaves = jax.tree_util.tree_leaves(jax.jacrev(fn)(params))
-    lead = x.shape[0] if out_index is not None else (x.shape[0], n_out)
-    lead = (lead,) if isinstance(lead, int) else lead
-    return jnp.concatenate([leaf.reshape(lead + (-1,)) for leaf in leaves],
-                           axis=-1)
+    # Per-example gradients, vmapped: memory O(N * n_params), with no
+    # (N x N x width) intermediates as a batched reverse pass would have.
+    def one(xi):
+      def fn(p):
+        fx = f(p, xi[None])[0]
+        return fx if out_index is None else fx[out_index]
+      tree = jax.jacrev(fn)(params)
+      lead = () if out_index is not None else (n_out,)
+      return jnp.concatenate([leaf.reshape(lead + (-1,)) for leaf in
+                              jax.tree_util.tree_leaves(tree)], axis=-1)
+    return jax.vmap(one)(x)
 
   if trace_outputs:
     total = 0.
