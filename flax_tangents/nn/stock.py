@@ -14,6 +14,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
@@ -90,3 +91,61 @@ def _stock_layer_norm_rule(module: nn.LayerNorm, kernel: Kernel,
 register_kernel_rule(nn.LayerNorm, _stock_layer_norm_rule)
 # `flax_tangents.nn.Dropout` subclasses `nn.Dropout`: one rule serves both.
 register_kernel_rule(nn.Dropout, dropout_rule)
+
+
+def _stock_conv_geometry(module: nn.Conv, spatial_shape: tuple[int, ...]):
+  """`(kernel_size, strides, pads, circular)` of a stock `nn.Conv`.
+
+  Raises:
+    NotImplementedError: for options without an infinite-width rule here.
+  """
+  n = len(spatial_shape)
+  where = f"stock nn.Conv (module '{'/'.join(map(str, module.path))}')"
+  for option in ("input_dilation", "kernel_dilation", "feature_group_count"):
+    value = getattr(module, option)
+    values = (value,) if isinstance(value, int) or value is None else value
+    if any(v not in (1, None) for v in values):
+      raise NotImplementedError(
+          f"{where} has {option}={value!r}; only 1 is supported in the "
+          "infinite-width limit. Use dilation/grouping 1, or `ftn.Conv`.")
+  if getattr(module, "mask", None) is not None:
+    raise NotImplementedError(f"{where} has a kernel mask; not supported.")
+  kernel_size = conv_math.as_tuple(module.kernel_size, n, "kernel_size")
+  strides = conv_math.as_tuple(module.strides, n, "strides")
+  padding = module.padding
+  if isinstance(padding, str):
+    padding = padding.upper()
+    if padding in ("VALID", "SAME"):
+      return (kernel_size, strides) + conv_math.pad_config(
+          padding, spatial_shape, kernel_size, strides)
+    if padding == "CIRCULAR":
+      # Flax wraps by ((k - 1) // 2, k // 2) whatever the strides.
+      return kernel_size, strides, tuple(
+          ((k - 1) // 2, k // 2) for k in kernel_size), True
+    if padding == "CAUSAL" and n == 1:
+      return kernel_size, strides, ((kernel_size[0] - 1, 0),), False
+    raise NotImplementedError(
+        f"{where} has padding={module.padding!r}; supported: 'SAME', "
+        "'VALID', 'CIRCULAR', 'CAUSAL' (1-D) and explicit pads.")
+  pads = nn.linear.canonicalize_padding(padding, n)
+  return kernel_size, strides, tuple(tuple(p) for p in pads), False
+
+
+def _stock_conv_rule(module: nn.Conv, kernel: Kernel,
+                     **kwargs: Any) -> Kernel:
+  del kwargs
+  if len(kernel.shape1) < 3:
+    raise ValueError(
+        f"stock nn.Conv got inputs of shape {kernel.shape1}; the kernel "
+        "rule needs (N, *spatial, C).")
+  kernel_size, strides, pads, circular = _stock_conv_geometry(
+      module, kernel.shape1[1:-1])
+  return conv_math.conv_kernel(
+      kernel, filter_shape=kernel_size, strides=strides, pads=pads,
+      circular=circular, features=module.features, W_std=1.0,
+      b_std=0.0 if module.use_bias else None, parameterization="standard",
+      layer="nn.Conv")
+
+
+# Stock `nn.Conv` (shared weights only; `nn.ConvLocal` is another class).
+register_kernel_rule(nn.Conv, _stock_conv_rule)

@@ -31,6 +31,7 @@ import numpy as np
 
 __all__ = [
     "MAX_FULL_SIZE",
+    "MAX_COMBINED_SIZE",
     "MAX_DIAGONAL_SIZE",
     "apply_maps",
     "circular_fold_matrix",
@@ -45,6 +46,9 @@ __all__ = [
 # map is `size**2 x size**2`, applied at `2 size**2` flops per entry.
 MAX_FULL_SIZE = 16
 MAX_DIAGONAL_SIZE = 64
+# Largest number of locations for which the diagonal layout uses one map for
+# all dimensions together.
+MAX_COMBINED_SIZE = 128
 
 
 def use_matrices(sizes: Sequence[int], diagonal_spatial: bool) -> bool:
@@ -163,6 +167,18 @@ def apply_maps(cov: jax.Array, n_batch: int, maps: Sequence[np.ndarray],
   Returns:
     The mapped covariance, in the same layout.
   """
+  out_shape = []
+  for m in maps:
+    if diagonal_spatial:
+      out_shape.append(m.shape[0])
+    else:
+      side = int(round(np.sqrt(m.shape[0])))
+      out_shape += [side, side]
+  if (diagonal_spatial and len(maps) > 1 and
+      np.prod([m.shape[1] for m in maps]) <= MAX_COMBINED_SIZE):
+    # One product with the Kronecker map of all dimensions: a longer inner
+    # dimension makes a more efficient matrix product (2x on CPU for 8x8).
+    maps = [functools.reduce(np.kron, maps)]
   batch_shape = cov.shape[:n_batch]
   x = cov.reshape(batch_shape + tuple(m.shape[1] for m in maps))
   for m in maps:
@@ -171,11 +187,4 @@ def apply_maps(cov: jax.Array, n_batch: int, maps: Sequence[np.ndarray],
     x = jax.lax.dot_general(
         x, jnp.asarray(m, x.dtype), (((n_batch,), (1,)), ((), ())),
         precision=jax.lax.Precision.HIGHEST)
-  out_shape = []
-  for m in maps:
-    if diagonal_spatial:
-      out_shape.append(m.shape[0])
-    else:
-      side = int(round(np.sqrt(m.shape[0])))
-      out_shape += [side, side]
   return x.reshape(batch_shape + tuple(out_shape))
