@@ -60,7 +60,8 @@ def _describe(obj: Any, depth: int) -> list[str]:
       value = cell.cell_contents
     except ValueError:  # An empty cell.
       continue
-    if callable(value) and not isinstance(value, type):
+    if (inspect.isfunction(value) or inspect.ismethod(value)
+        or isinstance(value, functools.partial)):
       parts += _describe(value, depth + 1)
     elif jax.tree.leaves(value) and all(
         isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(value)):
@@ -74,8 +75,8 @@ def function_identity(fn: Any) -> str:
   """A digest naming a kernel function across processes and runs.
 
   It combines the function's module and qualified name with what its
-  closure holds (for `ft.kernel_fn(model)`, the model's configuration) and,
-  recursively, the functions it wraps. Values whose repr holds a memory
+  closure holds (for `ft.kernel_fn(model)`, the model's configuration, from
+  the Flax module's repr) and, recursively, the functions it wraps. Values whose repr holds a memory
   address contribute only their type.
   """
   return hashlib.sha256("|".join(_describe(fn, 0)).encode()).hexdigest()[:32]

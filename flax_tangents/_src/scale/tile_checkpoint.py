@@ -62,9 +62,14 @@ class TileCheckpoint:
 
   def _check_or_write_fingerprint(self, fingerprint: dict[str, str]) -> None:
     path = os.path.join(self.directory, _FINGERPRINT_FILE)
+    # Every process reads before any writes, so all take the same branch.
+    devices.sync("flax_tangents_fingerprint_read")
+    stored = None
     if os.path.exists(path):
       with open(path) as f:
         stored = json.load(f)
+    devices.sync("flax_tangents_fingerprint_checked")
+    if stored is not None:
       differing = fingerprint_lib.mismatches(stored, fingerprint)
       if differing:
         raise CheckpointMismatchError(
