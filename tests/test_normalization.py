@@ -90,8 +90,8 @@ MODELS = {
 def test_monte_carlo(name):
   # The empirical variance over `w` channels fluctuates by O(w^-1/2), which
   # biases the per-network kernels by O(1/w): allow 5 standard errors of 48
-  # networks plus 4/w of the kernel's scale (w = 1024).
-  width = 1024
+  # networks plus 4/w of the kernel's scale (w = 512).
+  width = 512
   model = MODELS[name](width)
   nngp, ntk = sample_kernels(model, X1, X2, jax.random.key(4), 48,
                              batch_size=16)
