@@ -61,7 +61,8 @@ def _gather(ctx):
         starts, valid = starts_and_valid(read)
         idx = starts[..., k]
         if has_offset:
-          idx = idx[..., None] + jnp.arange(slice_sizes[j])
+          offsets = jnp.arange(slice_sizes[j])
+          idx = idx[..., None] + offsets.reshape((1,) * idx.ndim + (-1,))
           valid = None if valid is None else jnp.broadcast_to(
               valid[..., None], idx.shape)
         return idx, valid
