@@ -45,8 +45,8 @@ class ElementwiseNumerical(ElementwiseBase):
   Array([[3.]], dtype=float...)
   """
 
-  fn: Optional[ScalarFn] = None
-  deg: int = 25
+  fn: ScalarFn
+  deg: int
   df: Optional[ScalarFn] = None
 
   def __post_init__(self):
@@ -57,13 +57,9 @@ class ElementwiseNumerical(ElementwiseBase):
     super().__post_init__()
 
   def activation(self, x: jax.Array) -> jax.Array:
-    if self.fn is None:
-      raise ValueError("ElementwiseNumerical(fn=None) has no activation.")
     return self.fn(x)
 
   def kernel_fns(self):
-    if self.fn is None:
-      raise ValueError("ElementwiseNumerical needs `fn`.")
     derivative = self.df
     if derivative is None:
       derivative = jnp.vectorize(jax.grad(self.fn))

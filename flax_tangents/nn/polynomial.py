@@ -44,7 +44,7 @@ class Polynomial(ElementwiseBase):
   Array([19.], dtype=float...)
   """
 
-  coef: Sequence[float] = ()
+  coef: Sequence[float]
 
   def activation(self, x: jax.Array) -> jax.Array:
     result = jnp.zeros_like(x)
@@ -71,7 +71,7 @@ class Monomial(ElementwiseBase):
   Array([8.], dtype=float...)
   """
 
-  degree: int = 1
+  degree: int
 
   def __post_init__(self):
     _check_degree("Monomial", self.degree)
@@ -99,7 +99,7 @@ class RectifiedMonomial(ElementwiseBase):
   Array([0., 9.], dtype=float...)
   """
 
-  degree: int = 1
+  degree: int
 
   def __post_init__(self):
     _check_degree("RectifiedMonomial", self.degree)
@@ -135,7 +135,7 @@ class Hermite(ElementwiseBase):
   Array([0., 8.], dtype=float...)
   """
 
-  degree: int = 1
+  degree: int
 
   def __post_init__(self):
     _check_degree("Hermite", self.degree)
