@@ -42,6 +42,15 @@ def _stable_repr(value: Any) -> str:
   return type(value).__qualname__ if " at 0x" in text else text
 
 
+def _is_array_tree(value: Any) -> bool:
+  try:
+    leaves = jax.tree.leaves(value)
+  except Exception:  # pylint: disable=broad-except
+    return False  # E.g. a dict whose keys cannot be sorted: not arrays.
+  return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray))
+                              for x in leaves)
+
+
 def _describe(obj: Any, depth: int) -> list[str]:
   if depth > _MAX_DEPTH:
     return []
@@ -63,8 +72,7 @@ def _describe(obj: Any, depth: int) -> list[str]:
     if (inspect.isfunction(value) or inspect.ismethod(value)
         or isinstance(value, functools.partial)):
       parts += _describe(value, depth + 1)
-    elif jax.tree.leaves(value) and all(
-        isinstance(x, (jax.Array, np.ndarray)) for x in jax.tree.leaves(value)):
+    elif _is_array_tree(value):
       parts.append(digest(value))
     else:
       parts.append(_stable_repr(value))
