@@ -54,7 +54,8 @@ class Progress:
 
   def close(self) -> None:
     if self._draw:
-      self._report(force=True)
+      if self.done != self.total:  # A finished bar is already drawn.
+        self._report(force=True)
       sys.stderr.write("\n")
       sys.stderr.flush()
 
