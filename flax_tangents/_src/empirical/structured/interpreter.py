@@ -117,10 +117,10 @@ class _Side:
     self.program, self.out_tree = ir.flatten(traced, param_example,
                                              x_example, kw_example)
     self.plans = planner.plan_program(self.program, len(self._param_leaves))
-    self.out_shapes = [
-        o.shape for o in jax.tree.leaves(
-            jax.eval_shape(lambda p: f(p, x, **kwargs), params))
-    ]
+    outs = jax.tree.leaves(jax.eval_shape(lambda p: f(p, x, **kwargs),
+                                          params))
+    self.out_shapes = [o.shape for o in outs]
+    self.out_dtypes = [o.dtype for o in outs]
 
   def arrays(self, plans: list[Optional[planner.LeafPlan]]):
     """`(C, factors)`: `C[out][stop_var]` and per-plan factor values."""
@@ -128,6 +128,8 @@ class _Side:
     active = [p for p in plans if p is not None]
     stop_vars = sorted({p.stop_var for p in active})
     param_leaves = self._param_leaves
+    if not stop_vars:  # No parameter reaches the outputs: the NTK is zero.
+      return [{} for _ in program.outputs], [None] * len(plans)
 
     def one_batch(x_value, kw_arrays):
       args = (list(param_leaves) + jax.tree.leaves(x_value) +
@@ -253,6 +255,6 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
     else:
       kernel = jnp.zeros(
           utils.kernel_shape(shape1, shape2, trace, diagonal),
-          jnp.result_type(*[jnp.float32]))
+          side1.out_dtypes[j])
     kernels.append(kernel / utils.traced_size(shape1, trace))
   return jax.tree.unflatten(side1.out_tree, kernels)
