@@ -12,10 +12,18 @@ import os
 from typing import Any, Sequence
 
 import flax.linen as nn
+import numpy as np
 
 from flax_tangents import nn as ftn
 
-CASES_PATH = os.path.join(os.path.dirname(__file__), "golden", "cases.json")
+GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "golden")
+CASES_PATH = os.path.join(GOLDEN_DIR, "cases.json")
+
+
+def load_golden(name: str) -> dict[str, np.ndarray]:
+  """The arrays of `tests/golden/<name>.npz` (computed by NT 0.6.5)."""
+  with np.load(os.path.join(GOLDEN_DIR, f"{name}.npz")) as data:
+    return {k: data[k] for k in data.files}
 
 
 def load_cases() -> list[dict[str, Any]]:

@@ -509,7 +509,7 @@ def test_fcn_monomials_agrees_with_quadrature():
   # nonlinearity integrated by Gauss-Hermite quadrature can. Polynomials are
   # integrated exactly; the kink of x_+^3 limits quadrature (relative error
   # 1.3e-5 at 100 nodes, 1.5e-6 at 300: converging to the closed form).
-  from conftest import load_golden  # pylint: disable=import-outside-toplevel
+  from golden_models import load_golden  # pylint: disable=import-outside-toplevel
   golden = load_golden("fcn_monomials")
 
   def network(monomial, rectified, polynomial):

@@ -2,7 +2,7 @@
 
 import collections
 
-from conftest import load_golden
+from golden_models import load_golden
 import jax
 import jax.numpy as jnp
 import numpy as np

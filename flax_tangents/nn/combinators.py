@@ -28,7 +28,7 @@ class FanInSum(nn.Module):
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
   >>> ftn.FanInSum().apply({}, [jnp.ones(2), jnp.ones(2)])
-  Array([2., 2.], dtype=float32)
+  Array([2., 2.], dtype=float...)
   """
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
@@ -67,7 +67,7 @@ class FanInProd(nn.Module):
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
   >>> ftn.FanInProd().apply({}, [2 * jnp.ones(2), 3 * jnp.ones(2)])
-  Array([6., 6.], dtype=float32)
+  Array([6., 6.], dtype=float...)
   """
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:

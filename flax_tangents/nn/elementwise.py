@@ -62,9 +62,9 @@ class Elementwise(ElementwiseBase):
   >>> identity = ftn.Elementwise(lambda x: x, lambda c, v1, v2: c)
   >>> model = nn.Sequential([ftn.Dense(4), identity])
   >>> x = jnp.array([[1., 0.], [0., 1.]])
-  >>> ft.kernel_fn(model)(x, get='ntk')
-  Array([[1., 0.],
-         [0., 1.]], dtype=float...)
+  >>> ft.kernel_fn(model)(x, get='ntk')  # x x^T / 2, as for Dense alone
+  Array([[0.5, 0. ],
+         [0. , 0.5]], dtype=float...)
   """
 
   fn: Optional[Callable[[jax.Array], jax.Array]] = None

@@ -66,7 +66,7 @@ class _Pool(nn.Module):
           zip(x.shape[1:-1], window, strides, pads)):
         axis_counts = conv_math.window_counts(size, k, s, pad)
         counts = np.multiply.outer(counts, axis_counts)
-      return y / jnp.asarray(counts[..., None], y.dtype)
+      return y / jnp.asarray(counts[None, ..., None], y.dtype)
     return y / math.prod(window)
 
 
@@ -133,7 +133,7 @@ class SumPool(_Pool):
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
   >>> ftn.SumPool((2,)).apply({}, jnp.ones((1, 3, 1)))[0, :, 0]
-  Array([2., 2.], dtype=float32)
+  Array([2., 2.], dtype=float...)
   """
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -173,7 +173,7 @@ class GlobalSumPool(nn.Module):
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
   >>> ftn.GlobalSumPool().apply({}, jnp.ones((2, 4, 4, 3)))[0]
-  Array([16., 16., 16.], dtype=float32)
+  Array([16., 16., 16.], dtype=float...)
   """
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -43,7 +43,7 @@ class Identity(nn.Module):
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
   >>> ftn.Identity().apply({}, jnp.ones(2))
-  Array([1., 1.], dtype=float32)
+  Array([1., 1.], dtype=float...)
   """
 
   def __call__(self, x: Any) -> Any:
