@@ -70,6 +70,12 @@ class _ConvBase(nn.Module):
                          self.param_dtype)
 
 
+def _lift(bias: jax.Array, y: jax.Array) -> jax.Array:
+  """`bias` with leading unit axes, to add to `y` without rank promotion."""
+  return bias.astype(y.dtype).reshape((1,) * (y.ndim - bias.ndim) +
+                                      bias.shape)
+
+
 def _pad_input(x: jax.Array, pads: conv_math.Pads,
                circular: bool) -> tuple[jax.Array, Any]:
   """Wraps `x` for CIRCULAR padding; otherwise returns lax-style pads."""
@@ -124,7 +130,7 @@ class Conv(_ConvBase):
     y = jax.lax.conv_general_dilated(
         x, weights.astype(x.dtype), strides, padding,
         dimension_numbers=_dimension_numbers(len(kernel_size)))
-    return y if bias is None else y + bias.astype(y.dtype)
+    return y if bias is None else y + _lift(bias, y)
 
 
 def _transpose_output_shape(spatial: Sequence[int],
@@ -206,7 +212,7 @@ class ConvTranspose(_ConvBase):
       for axis, (size, s) in enumerate(zip(x.shape[1:-1], strides), start=1):
         fold = conv_math.circular_fold_matrix(y.shape[axis], size * s)
         y = conv_math.fold_axes(y, (axis,), fold)
-    return y if bias is None else y + bias.astype(y.dtype)
+    return y if bias is None else y + _lift(bias, y)
 
 
 def _conv_local_rule(module: "ConvLocal", kernel: Kernel,
@@ -281,4 +287,4 @@ class ConvLocal(_ConvBase):
     bias = self.param("bias", nn.initializers.normal(
         1.0 if ntk else self.b_std), out_spatial + (self.features,),
                       self.param_dtype)
-    return y + (bias * self.b_std if ntk else bias).astype(y.dtype)
+    return y + _lift(bias * self.b_std if ntk else bias, y)
