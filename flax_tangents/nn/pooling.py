@@ -55,7 +55,7 @@ class _Pool(nn.Module):
       lax_pads = [(0, 0)] * x.ndim
     dims = (1,) + window + (1,)
     steps = (1,) + strides + (1,)
-    y = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, dims,
+    y = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, dims,
                               steps, lax_pads)
     normalize = self.normalization()
     if normalize is None:
