@@ -68,7 +68,9 @@ def concrete_args(args: Sequence[Any]) -> tuple[Any, ...]:
 def _time(fn: Callable[..., Any], args: Sequence[Any],
           best_so_far: float) -> float:
   """Seconds for one compiled run of `fn(*args)` (best of a few)."""
-  jax.block_until_ready(fn(*args))  # Compiles and warms up.
+  out = jax.block_until_ready(fn(*args))  # Compiles and warms up.
+  if any(_is_tracer(leaf) for leaf in jax.tree.leaves(out)):
+    raise RuntimeError("AUTO could not run the candidate outside a trace.")
   best = np.inf
   spent = 0.0
   for _ in range(_MAX_TIMED_RUNS):
@@ -101,16 +103,19 @@ def fastest(candidates: Mapping[Any, Callable[..., Any]],
   >>> fastest({'a': jax.jit(jnp.sin), 'b': jax.jit(jnp.sin)}, (1.,))
   '...'
   """
-  args = concrete_args(args)
   best_key, best_time, first_error = None, np.inf, None
-  for key, fn in candidates.items():
-    try:
-      elapsed = _time(fn, args, best_time)
-    except Exception as e:  # pylint: disable=broad-except
-      first_error = first_error or e
-      continue
-    if elapsed < best_time:
-      best_key, best_time = key, elapsed
+  # Under an outer `jax.jit` every operation would be staged into the outer
+  # computation instead of running: evaluate now, on concrete values.
+  with jax.ensure_compile_time_eval():
+    args = concrete_args(args)
+    for key, fn in candidates.items():
+      try:
+        elapsed = _time(fn, args, best_time)
+      except Exception as e:  # pylint: disable=broad-except
+        first_error = first_error or e
+        continue
+      if elapsed < best_time:
+        best_key, best_time = key, elapsed
   if best_key is None:
     raise first_error
   return best_key
