@@ -82,7 +82,9 @@ def _gram(idx1, valid1, idx2, valid2, dtype) -> jax.Array:
 def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
          factors1: Sequence[Any], factors2: Sequence[Any],
          c_letters1: str, c_letters2: str, batch1: str, batch2: str,
-         out_letters: str, letters: LetterPool) -> jax.Array:
+         out_letters: str, letters: LetterPool,
+         stop_aliases: tuple[Optional[tuple[int, str]], ...] = (None, None)
+         ) -> jax.Array:
   """One parameter's NTK term, laid out by `out_letters`.
 
   Args:
@@ -99,6 +101,9 @@ def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
     batch2: the same for `factors2`.
     out_letters: letters of the result.
     letters: the pool to draw fresh letters from.
+    stop_aliases: per input, None, or `(axis, letter)` when `c` holds only
+      the examples' diagonal blocks: `c` then lacks the output's batch axis
+      (`letter`), and the stop variable's `axis` takes that letter.
 
   Returns:
     The term, with axes `out_letters`.
@@ -107,6 +112,11 @@ def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
   root = set(plan.root_labels)
   shared = {label: letters.new() for label in plan.root_labels}
   side_letters = ({}, {})
+
+  for side, alias in enumerate(stop_aliases):
+    if alias is not None:
+      axis, batch_letter = alias
+      side_letters[side][plan.stop_labels[axis]] = batch_letter
 
   def letter(label: int, side: int) -> str:
     if label in shared:

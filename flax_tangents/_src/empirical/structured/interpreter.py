@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical.structured import batching
 from flax_tangents._src.empirical.structured import contraction
 from flax_tangents._src.empirical.structured import ir
 from flax_tangents._src.empirical.structured import planner
@@ -117,6 +118,19 @@ class _Side:
     self.program, self.out_tree = ir.flatten(traced, param_example,
                                              x_example, kw_example)
     self.plans = planner.plan_program(self.program, len(self._param_leaves))
+    # Without vmap_axes: which variables are batched along which axis, when
+    # the leaves of `x` are batched along 0 (see `batching`).
+    self._data_states = None
+    if vmap_axes is None:
+      x_shapes = [tuple(np.shape(l)) for l in jax.tree.leaves(x)]
+      sources = batching.input_states(self.program, len(self._param_leaves),
+                                      len(x_shapes), x_shapes)
+      if sources is not None:
+        self._data_states = batching.variable_states(self.program, sources)
+    # Set by `arrays`: stop variable -> its batch axis, and each output's
+    # batch axis, where `C` holds only the examples' diagonal blocks.
+    self.diag_stops: dict[int, int] = {}
+    self.diag_outs: Optional[list[int]] = None
     outs = jax.tree.leaves(jax.eval_shape(lambda p: f(p, x, **kwargs),
                                           params))
     self.out_shapes = [o.shape for o in outs]
@@ -130,6 +144,11 @@ class _Side:
     param_leaves = self._param_leaves
     if not stop_vars:  # No parameter reaches the outputs: the NTK is zero.
       return [{} for _ in program.outputs], [None] * len(plans)
+
+    if self.vmap_axes is None:
+      self._plan_diagonal(active, stop_vars)
+      if self.diag_outs is not None:
+        return self._diagonal_arrays(plans, active, stop_vars)
 
     def one_batch(x_value, kw_arrays):
       args = (list(param_leaves) + jax.tree.leaves(x_value) +
@@ -155,6 +174,75 @@ class _Side:
           one_batch, in_axes=(self._x_axes, self._kw_axes))(self._x,
                                                             self._kw_arrays)
     c = [dict(zip(stop_vars, per_out)) for per_out in jac]
+    values, it = [], iter(factor_values)
+    for p in plans:
+      values.append(None if p is None else next(it))
+    return c, values
+
+
+  def _plan_diagonal(self, active, stop_vars) -> None:
+    """Sets `diag_stops` and `diag_outs` where examples are independent."""
+    self.diag_stops, self.diag_outs = {}, None
+    states = self._data_states
+    if states is None:
+      return
+    program = self.program
+    candidates = {}
+    for v in stop_vars:
+      axis = states.get(v)
+      if not isinstance(axis, int) or isinstance(axis, bool):
+        continue
+      if any(p.stop_var == v and p.stop_labels[axis] in p.root_labels
+             for p in active):
+        continue  # A per-example parameter: its rows are not examples.
+      candidates[v] = axis
+    if not candidates:
+      return
+    # Proof: with the perturbations of the candidates as the only batched
+    # sources, every output is batched (or independent of them).
+    outs = batching.propagate(program, [None] * len(program.inputs),
+                              candidates)
+    out_axes = []
+    for atom, state in zip(program.outputs, outs):
+      if state is None and not isinstance(atom, ir.Literal):
+        state = states.get(atom)
+      if not isinstance(state, int) or isinstance(state, bool):
+        return
+      out_axes.append(state)
+    self.diag_stops, self.diag_outs = candidates, out_axes
+
+  def _diagonal_arrays(self, plans, active, stop_vars):
+    """`arrays` when `diag_outs` is set: one reverse pass per coordinate."""
+    program = self.program
+    args = (list(self._param_leaves) + jax.tree.leaves(self._x) +
+            list(self._kw_arrays))
+    diag = [v for v in stop_vars if v in self.diag_stops]
+    full = [v for v in stop_vars if v not in self.diag_stops]
+    zeros = lambda vs: [jnp.zeros(program.shapes[v], program.dtypes[v])  # noqa: E731
+                        for v in vs]
+
+    def forward(diag_deltas, full_deltas):
+      env = ir.evaluate(program, args, {
+          **dict(zip(diag, diag_deltas)), **dict(zip(full, full_deltas))
+      })
+      read = functools.partial(ir.read_atom, env)
+      outs = [read(a) for a in program.outputs]
+      factor_values = [[f.compute(read) for f in p.factors] for p in active]
+      return outs, factor_values
+
+    def summed(diag_deltas):
+      # Seeding every example at once: blocks are diagonal, so the sum over
+      # examples of `d out[n] / d y` is `d out[n] / d y[n]` on `y[n]`.
+      outs, factor_values = forward(diag_deltas, zeros(full))
+      outs = [jnp.sum(o, axis=b) for o, b in zip(outs, self.diag_outs)]
+      return outs, factor_values
+
+    jac_diag, factor_values = jax.jacrev(summed, has_aux=True)(zeros(diag))
+    c = [dict(zip(diag, per_out)) for per_out in jac_diag]
+    if full:
+      jac_full = jax.jacrev(lambda d: forward(zeros(diag), d)[0])(zeros(full))
+      for c_out, per_out in zip(c, jac_full):
+        c_out.update(zip(full, per_out))
     values, it = [], iter(factor_values)
     for p in plans:
       values.append(None if p is None else next(it))
@@ -241,15 +329,28 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
     c_letters = ["".join(axis_letters[a][side] for a in order)
                  for side in (0, 1)]
     batch = (("", "") if batch_axis is None else axis_letters[batch_axis])
+    # Sides holding only diagonal blocks: `C` lacks the output's batch axis,
+    # and the stop variable's batch axis takes its letter.
+    diag_letters = [None, None]
+    for side, s in enumerate((side1, side2)):
+      if s.diag_outs is not None:
+        b = s.diag_outs[j]
+        diag_letters[side] = axis_letters[b][side]
     terms = []
     for i, (p1, p2) in enumerate(zip(plans1, plans2)):
       if p1 is None:
         continue
+      cl, aliases = list(c_letters), [None, None]
+      for side, (s, p) in enumerate(((side1, p1), (side2, p2))):
+        if diag_letters[side] is not None and p.stop_var in s.diag_stops:
+          b = s.diag_outs[j]
+          cl[side] = "".join(axis_letters[a][side] for a in order if a != b)
+          aliases[side] = (s.diag_stops[p.stop_var], diag_letters[side])
       terms.append(
           contraction.term(p1, c1[j][p1.stop_var], c2[j][p2.stop_var],
-                           factors1[i], factors2[i], c_letters[0],
-                           c_letters[1], batch[0], batch[1], out_letters,
-                           letters))
+                           factors1[i], factors2[i], cl[0], cl[1], batch[0],
+                           batch[1], out_letters, letters,
+                           stop_aliases=tuple(aliases)))
     if terms:
       kernel = functools.reduce(jnp.add, terms)
     else:

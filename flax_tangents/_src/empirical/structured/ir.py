@@ -20,7 +20,10 @@ import jax
 from jax.extend import core as jex_core
 import numpy as np
 
-__all__ = ["Equation", "FlatProgram", "Literal", "flatten", "evaluate"]
+__all__ = [
+    "Equation", "FlatProgram", "Literal", "evaluate", "flatten",
+    "from_closed_jaxpr"
+]
 
 # Call primitives whose bodies are inlined: they carry no custom derivative,
 # so evaluating their bodies equation by equation is exact.
@@ -174,12 +177,16 @@ def flatten(fn: Callable[..., Any], *args: Any
     output.
   """
   closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+  return from_closed_jaxpr(closed), jax.tree.structure(out_shape)
+
+
+def from_closed_jaxpr(closed: jex_core.ClosedJaxpr) -> FlatProgram:
+  """The flat program of a closed jaxpr, its nested calls inlined."""
   builder = _Builder()
   inputs = [builder.new_var(v.aval) for v in closed.jaxpr.invars]
   outputs = builder.inline(closed.jaxpr, closed.consts, inputs)
-  program = FlatProgram(builder.equations, inputs, outputs, builder.consts,
-                        builder.shapes, builder.dtypes)
-  return program, jax.tree.structure(out_shape)
+  return FlatProgram(builder.equations, inputs, outputs, builder.consts,
+                     builder.shapes, builder.dtypes)
 
 
 def evaluate(program: FlatProgram, args: Sequence[Any],
