@@ -145,10 +145,8 @@ def test_zoo_matches_jacobian_reference(name, dtype):
 
 # Axes settings on multi-axis outputs.
 
-AXES = [((-1,), ()), ((), (0,)), ((-1,), (0,)), ((0,), ()), ((1, -1), ()),
-        ((), (1, 2)), ((2,), (0, 1))]
-AXES_CASES = [("cnn_batchnorm", axes) for axes in AXES] + [
-    ("transformer", ((-1,), (1,)))]
+AXES = [((-1,), ()), ((), (0,)), ((0,), ()), ((1, -1), ()), ((2,), (0, 1))]
+AXES_CASES = [("cnn_batchnorm", axes) for axes in AXES]
 
 
 @pytest.mark.parametrize("name,axes", AXES_CASES)
