@@ -43,6 +43,8 @@ from flax_tangents.nn.relu import ABRelu
 from flax_tangents.nn.relu import Abs
 from flax_tangents.nn.relu import LeakyRelu
 from flax_tangents.nn.relu import Relu
+from flax_tangents.nn.resize import ImageResize
+from flax_tangents.nn.resize import Index
 from flax_tangents.nn.shape import Flatten
 from flax_tangents.nn.shape import Identity
 
@@ -75,6 +77,8 @@ __all__ = (
     "GlobalSumPool",
     "Hermite",
     "Identity",
+    "ImageResize",
+    "Index",
     "LayerNorm",
     "LeakyRelu",
     "Monomial",

@@ -1,0 +1,96 @@
+"""Layers that resample or select spatial locations: ImageResize and Index."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, Union
+
+import flax.linen as nn
+import jax
+
+from flax_tangents._src.analytic import resize as resize_math
+from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents.kernel import Kernel
+
+__all__ = ["ImageResize", "Index"]
+
+
+def _resize_rule(module: "ImageResize", kernel: Kernel,
+                 **kwargs: Any) -> Kernel:
+  del kwargs
+  return resize_math.resize_kernel(kernel, module.shape, method=module.method,
+                                   antialias=module.antialias,
+                                   layer=type(module).__name__)
+
+
+@kernel_rule(_resize_rule)
+class ImageResize(nn.Module):
+  """Resizes spatial axes with `jax.image.resize` (NT's `ImageResize`).
+
+  `shape` has one entry per axis of the input `(N, *spatial, C)`; `-1` keeps
+  an axis as it is. The batch and channel entries must be `-1` (or the
+  current size): the infinite-width kernel cannot resize channels.
+
+  Resizing is linear along each spatial axis, so the kernel rule applies the
+  interpolation matrix `M` of `jax.image.resize` as `M (x) M` to each pair
+  of spatial axes of the covariances. Every method of `jax.image.resize`
+  works (Neural Tangents supports only `'linear'` and `'nearest'`). Methods
+  that mix locations (all but `'nearest'`, unless a size is kept) need full
+  spatial covariances, which `ft.kernel_fn` then computes in every layer.
+
+  Attributes:
+    shape: target shape, one entry per input axis, `-1` to keep an axis.
+    method: a `jax.image.ResizeMethod` or its name (`'nearest'`, `'linear'`,
+      `'cubic'`, `'lanczos3'`, `'lanczos5'`, ...).
+    antialias: use an antialiasing filter when downsampling.
+    precision: precision of `jax.image.resize` in the finite pass.
+
+  >>> import jax.numpy as jnp
+  >>> from flax_tangents import nn as ftn
+  >>> layer = ftn.ImageResize((-1, 4, 6, -1), 'linear')
+  >>> layer.apply({}, jnp.ones((2, 2, 3, 5))).shape
+  (2, 4, 6, 5)
+  """
+
+  shape: Sequence[int]
+  method: Union[str, jax.image.ResizeMethod]
+  antialias: bool = True
+  precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = resize_math.resolve_resize_shape(self.shape, x.shape,
+                                             type(self).__name__)
+    return jax.image.resize(x, shape, method=self.method,
+                            antialias=self.antialias,
+                            precision=self.precision)
+
+
+def _index_rule(module: "Index", kernel: Kernel, **kwargs: Any) -> Kernel:
+  del kwargs
+  return resize_math.index_kernel(kernel, module.idx, type(module).__name__)
+
+
+@kernel_rule(_index_rule)
+class Index(nn.Module):
+  """Indexes spatial axes, `x[idx]` (NT's `Index`).
+
+  `idx` is a basic NumPy index of ints, slices and at most one `...`, most
+  easily written with `numpy.s_` (NT's `stax.Slice`). The batch and channel
+  axes must be kept whole (`:`); an integer removes its spatial axis. Only
+  locations are selected, so the rule works on kernels with full or
+  diagonal spatial covariances alike.
+
+  Attributes:
+    idx: the index, e.g. `np.s_[:, 1:3, ::2]` or `np.s_[:, 0, ...]`.
+
+  >>> import jax.numpy as jnp
+  >>> import numpy as np
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.Index(np.s_[:, 0, 1:3]).apply({}, jnp.ones((2, 4, 4, 3))).shape
+  (2, 2, 3)
+  """
+
+  idx: Any
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x[resize_math.normalize_index(self.idx, x.shape,
+                                         type(self).__name__)]
