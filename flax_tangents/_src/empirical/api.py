@@ -27,7 +27,7 @@ state (the two-line recipe):
 from collections.abc import Callable
 import collections
 import functools
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 
@@ -102,7 +102,16 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: utils.Axes, diagonal_axes: utils.Axes,
 
   # AUTO's cached choices, for benchmarks and tests to inspect.
   ntk_fn.auto_selector = selector
-  return ntk_fn
+  return _with_layout(ntk_fn, trace_axes, diagonal_axes)
+
+
+def _with_layout(fn: Callable[..., Any], trace_axes: utils.Axes,
+                 diagonal_axes: utils.Axes) -> Callable[..., Any]:
+  # The output layout, readable by `ft.batch` (it transposes mirror tiles of
+  # symmetric kernels instead of computing them).
+  fn.trace_axes = _tuple_axes(trace_axes)
+  fn.diagonal_axes = _tuple_axes(diagonal_axes)
+  return fn
 
 
 def empirical_ntk_fn(
@@ -209,7 +218,7 @@ def empirical_nngp_fn(f: ApplyFn, trace_axes: utils.Axes = (-1,),
     kwargs_arrays, static = dispatch.partition_kwargs(kwargs)
     return compiled(params, x1, x2, kwargs_arrays, static)
 
-  return nngp_fn
+  return _with_layout(nngp_fn, trace_axes, diagonal_axes)
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,7 +284,7 @@ def empirical_kernel_fn(
     return jax.tree.map(lambda *ks: kernel_tuple(*ks),
                         *[kernels[g] for g in fields])
 
-  return kernel_fn
+  return _with_layout(kernel_fn, trace_axes, diagonal_axes)
 
 
 def empirical_ntk_vp_fn(f: ApplyFn, x1: utils.PyTree,
