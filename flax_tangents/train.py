@@ -24,7 +24,6 @@ checkpointed with orbax; a stopped run resumes where it left off.
 """
 
 from flax_tangents._src.train.fit import fit
-from flax_tangents._src.train.linear import empirical_ntk
 from flax_tangents._src.train.results import Curves
 from flax_tangents._src.train.results import TrainResult
 from flax_tangents._src.train.results import accuracy
@@ -36,7 +35,6 @@ __all__ = (
     "TrainResult",
     "accuracy",
     "cross_entropy_loss",
-    "empirical_ntk",
     "fit",
     "mse_loss",
 )

@@ -145,26 +145,6 @@ def test_checkpoint_resume_gives_same_params(data, tmp_path):
                                 resumed.distance_train)
 
 
-def test_empirical_ntk_matches_jacobian_contraction(data):
-  x, _, x_test, _ = data
-  model = mlp(8)
-  params = model.init(jax.random.PRNGKey(5), x)["params"]
-  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
-  f = lambda p, x_: model.apply({"params": p}, x_)
-  full = ft.train.empirical_ntk(f, params, x_test, x)
-  jac_test = jax.jacobian(f)(params, x_test)
-  jac_train = jax.jacobian(f)(params, x)
-  expected = sum(
-      jnp.einsum("iap,jbp->ijab", a.reshape(4, 2, -1), b.reshape(8, 2, -1))
-      for a, b in zip(jax.tree_util.tree_leaves(jac_test),
-                      jax.tree_util.tree_leaves(jac_train)))
-  assert full.shape == (4, 8, 2, 2)
-  np.testing.assert_allclose(full, expected, rtol=1e-10)
-  traced = ft.train.empirical_ntk(f, params, x_test, x, trace_outputs=True)
-  np.testing.assert_allclose(traced, jnp.einsum("ijaa->ij", expected) / 2,
-                             rtol=1e-10)
-
-
 def test_progress_goes_to_stderr(data, capsys):
   x, y, _, _ = data
   model = mlp(4)

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 
 from flax_tangents import predict
 from flax_tangents._src.analytic.errors import KernelRuleError
-from flax_tangents._src.train import linear
+from flax_tangents._src.empirical.api import empirical_ntk_fn
+from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.train import results
 
 PyTree = Any
@@ -209,7 +210,7 @@ def fit(
 
   params_0, rebuild = _split_variables(variables)
   f = lambda p, x: apply_fn(rebuild(p), x, **apply_kwargs)
-  f_lin = linear.linearize(f, params_0) if linearized else None
+  f_lin = linearize(f, params_0) if linearized else None
   models = {"network": f}
   if linearized:
     models["linearized"] = f_lin
@@ -316,11 +317,11 @@ def fit(
       if trace not in ((), (-1,), (1,)):
         raise ValueError("ntk_trace_axes must be () or (-1,); got "
                          f"{ntk_trace_axes}.")
-      ntk = lambda x1, x2: linear.empirical_ntk(
-          f, params_0, x1, x2, trace_outputs=bool(trace))
-      ntk = jax.jit(ntk)
-      k_dd = ntk(x_train, None)
-      k_td = ntk(x_test, x_train) if has_test else None
+      # Examples are independent at initialization (inference mode), so
+      # Jacobians are taken example by example.
+      ntk_fn = empirical_ntk_fn(f, trace_axes=trace, vmap_axes=0)
+      k_dd = ntk_fn(x_train, None, params_0)
+      k_td = ntk_fn(x_test, x_train, params_0) if has_test else None
       ntk_empirical = _predicted_curves(k_dd, k_td, trace_axes=trace or (),
                                         **predict_kwargs)
     analytic = None
