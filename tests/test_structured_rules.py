@@ -204,3 +204,40 @@ def test_embedding_never_forms_a_vocabulary_sized_jacobian():
   if analysis is not None:  # The table alone is 800 kB; temps stay tiny.
     assert analysis.temp_size_in_bytes < vocab * width * 8 / 4
   assert plans[0].stop_var != side.program.inputs[0]
+
+
+def _diagonal_out_axes(f, params, x):
+  """The outputs' batch axes when examples are proven independent, or None."""
+  side = interpreter._Side(f, params, x, {}, None)
+  active = [p for p in side.plans if p is not None]
+  side._plan_diagonal(active, sorted({p.stop_var for p in active}))
+  return side.diag_outs
+
+
+@pytest.mark.parametrize("name", [
+    "dot_rhs", "dot_batch_dims", "conv_filter", "conv_input", "add_bias",
+    "relu_on_data", "gather_embedding", "gather_columns", "select_n",
+    "broadcast_in_dim", "dynamic_slice"
+])
+def test_independent_examples_are_proven(name):
+  if name == "relu_on_data":  # custom_jvp: checked through its JVP.
+    f, params, x = (lambda p, x: jax.nn.relu(x @ p) @ jnp.ones((3, 2)),
+                    _normal(1, (4, 3)), _normal(2, (N, 4)))
+  else:
+    f, params, x, _ = CASES[name]
+  assert _diagonal_out_axes(f, params, x) == [0]
+
+
+def _centred(h):
+  return h - h.mean(0, keepdims=True)
+
+
+@pytest.mark.parametrize("f", [
+    lambda p, x: _centred(x @ p),  # Batch statistics.
+    lambda p, x: jnp.flip(x @ p, 0),  # Examples permuted.
+    lambda p, x: x.T @ (x @ p),  # Contracted over the batch.
+    lambda p, x: jnp.cumsum(x @ p, 0),
+    lambda p, x: _scaled_tanh(x @ p),  # custom_vjp: not analysed.
+])
+def test_mixed_examples_are_not_diagonal(f):
+  assert _diagonal_out_axes(f, _normal(1, (4, 3)), _normal(2, (N, 4))) is None

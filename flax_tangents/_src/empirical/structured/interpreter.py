@@ -11,6 +11,14 @@ pass. Each parameter's term `(C1 S1)(C2 S2)^T` is then one einsum
 With `vmap_axes`, all of this runs per example under `jax.vmap` (the
 Jacobians of independent examples are block-diagonal, so only the diagonal
 blocks are formed), which is what makes wide networks cheap.
+
+Without `vmap_axes`, the same saving is made whenever it can be proven from
+the program (`batching`): if every output slice `out[n]` depends on each stop
+variable only through its slice `n`, one reverse pass per output coordinate,
+seeded at all examples at once, yields all diagonal blocks, and the cost is
+linear in the batch instead of quadratic. Programs that mix examples
+(BatchNorm in training, batch statistics, a primitive the analysis does not
+know) keep the general whole-batch path, which is always correct.
 """
 
 from collections.abc import Callable, Mapping
@@ -280,7 +288,11 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
     diagonal_axes: output axes to keep the diagonal of (possibly negative).
     vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`
       from `utils.canonicalize_vmap_axes`; with it, Jacobians are formed per
-      example.
+      example (`f` is evaluated on one example at a time). With None, `f`
+      runs on the whole batch; where the program provably keeps examples
+      independent (batch axis 0 of `x` to some axis of every output), only
+      the per-example Jacobian blocks are formed, otherwise the cost grows
+      with the square of the batch size.
 
   Returns:
     A pytree like `f`'s output of kernels in NT layout: for an output leaf
