@@ -11,6 +11,7 @@ from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.covariance import spatial_diagonal
+from exact_utils import exact_ntk
 from mc_utils import assert_mc_close, sample_kernels
 
 SPATIAL = {1: (5,), 2: (4, 4), 3: (4, 4, 4)}
@@ -27,45 +28,86 @@ def _window(n_spatial, k):
   return (k,) * n_spatial
 
 
+def _kernel_fn(model):
+  """`ft.kernel_fn(model)`, jitted: one compilation instead of many eager
+  ones (the eager path is exercised by the other test files)."""
+  return jax.jit(ft.kernel_fn(model), static_argnames="get")
+
+
+# Exact: one convolution on the inputs is linear in its parameters, so its
+# tangent kernel is the same for every draw and equals the analytic NTK to
+# float64 precision (also the NNGP, for the NTK parameterization). This
+# checks every layer, padding, stride and dimension against the finite
+# `apply`, without sampling.
+GEOMETRY = [
+    # (layer class, n_spatial, padding, strides, parameterization)
+    (ftn.Conv, 1, "VALID", 1, "ntk"),
+    (ftn.Conv, 1, "SAME", 2, "standard"),
+    (ftn.Conv, 1, "CIRCULAR", 2, "ntk"),
+    (ftn.Conv, 2, "SAME", 2, "ntk"),
+    (ftn.Conv, 2, "CIRCULAR", 1, "standard"),
+    (ftn.Conv, 2, "VALID", 2, "ntk"),
+    (ftn.Conv, 3, "SAME", 1, "ntk"),
+    (ftn.Conv, 3, "CIRCULAR", 2, "ntk"),
+    (ftn.ConvTranspose, 1, "SAME", 2, "ntk"),
+    (ftn.ConvTranspose, 1, "CIRCULAR", 1, "standard"),
+    (ftn.ConvTranspose, 2, "VALID", 1, "ntk"),
+    (ftn.ConvTranspose, 2, "CIRCULAR", 2, "ntk"),
+    (ftn.ConvTranspose, 3, "SAME", 2, "ntk"),
+    (ftn.ConvLocal, 1, "SAME", 1, "ntk"),
+    (ftn.ConvLocal, 2, "VALID", 1, "standard"),
+    (ftn.ConvLocal, 2, "CIRCULAR", 2, "ntk"),
+    (ftn.ConvLocal, 3, "VALID", 1, "ntk"),
+]
+
+
+@pytest.mark.parametrize("cls,n_spatial,padding,stride,param", GEOMETRY)
+def test_single_layer_is_exact(cls, n_spatial, padding, stride, param):
+  x1, x2 = _inputs(n_spatial)
+  if n_spatial == 3:  # keep the 3-D Jacobians small
+    x1, x2 = x1[:, :3, :3, :3], x2[:, :3, :3, :3]
+  model = cls(3, _window(n_spatial, 3 if cls is not ftn.ConvLocal else 2),
+              strides=_window(n_spatial, stride), padding=padding, W_std=1.3,
+              b_std=0.2, parameterization=param)
+  k = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
+  np.testing.assert_allclose(k.ntk, exact_ntk(model, x1, x2), rtol=1e-10,
+                             atol=1e-12)
+  if param == "ntk":
+    np.testing.assert_allclose(k.nngp, k.ntk, rtol=1e-12)
+
+
 # Monte Carlo. Each network has one nonlinearity; the layers above it are
 # linear in independent weights, so single-network NNGP and NTK estimates
 # are unbiased at any width and the only error is sampling noise. We accept
 # 5 standard errors of the mean per entry, the standard error measured from
-# the samples (a false alarm per entry has probability ~6e-7). With 32
-# networks of width 128 the standard error is a few percent of the kernel,
-# well below the changes a wrong padding, stride or scale would make (edge
-# locations lose 1/3 of their inputs, a stride halves the output, ...).
-MC_CASES = [
-    # (layer class, n_spatial, padding, strides, parameterization, top)
-    (ftn.Conv, 1, "SAME", 1, "ntk", "gap"),
-    (ftn.Conv, 1, "VALID", 1, "ntk", "flatten"),
-    (ftn.Conv, 2, "SAME", 2, "standard", "gap"),
-    (ftn.Conv, 2, "CIRCULAR", 1, "ntk", "gap"),
-    (ftn.Conv, 3, "SAME", 1, "standard", "flatten"),
-    (ftn.Conv, 1, "CIRCULAR", 2, "standard", "flatten"),
-    (ftn.ConvTranspose, 1, "SAME", 2, "ntk", "gap"),
-    (ftn.ConvTranspose, 2, "VALID", 1, "standard", "flatten"),
-    (ftn.ConvTranspose, 1, "CIRCULAR", 1, "ntk", "gap"),
-    (ftn.ConvLocal, 1, "SAME", 1, "ntk", "gap"),
-    (ftn.ConvLocal, 2, "VALID", 1, "standard", "flatten"),
-]
+# the samples (a false alarm per entry has probability ~6e-7). The geometry
+# of each layer is checked exactly above; these check the composition with
+# a nonlinearity and both parameterizations, with every layer family.
+MC_CASES = {
+    "2d": ((4, 4), lambda: [
+        ftn.Conv(64, (3, 3), padding="SAME", W_std=1.3, b_std=0.2),
+        ftn.Relu(),
+        ftn.ConvTranspose(8, (2, 2), strides=(2, 2), padding="SAME",
+                          b_std=0.1, parameterization="standard"),
+        ftn.ConvLocal(8, (2, 2), W_std=1.1, b_std=0.1),
+        ftn.GlobalAvgPool(), ftn.Dense(4, W_std=1.1)]),
+    "1d_flatten": ((5,), lambda: [
+        ftn.Conv(64, (3,), strides=(2,), padding="CIRCULAR", W_std=1.3,
+                 b_std=0.2, parameterization="standard"),
+        ftn.Relu(),
+        ftn.Conv(8, (2,), padding="VALID", b_std=0.1,
+                 parameterization="standard"),
+        ftn.Flatten(), ftn.Dense(4, W_std=1.1, parameterization="standard")]),
+}
 
 
-@pytest.mark.parametrize("cls,n_spatial,padding,stride,param,top", MC_CASES)
-def test_monte_carlo(cls, n_spatial, padding, stride, param, top):
-  x1, x2 = _inputs(n_spatial)
-  if n_spatial == 3:  # keep the 3-D Jacobians small
-    x1, x2 = x1[:, :3, :3, :3], x2[:, :3, :3, :3]
-  conv = lambda features, b_std: cls(
-      features, _window(n_spatial, 3 if cls is not ftn.ConvLocal else 2),
-      strides=_window(n_spatial, stride), padding=padding, W_std=1.3,
-      b_std=b_std, parameterization=param)
-  model = nn.Sequential([
-      conv(128, 0.2), ftn.Relu(), conv(8, 0.1),
-      ftn.GlobalAvgPool() if top == "gap" else ftn.Flatten(),
-      ftn.Dense(4, W_std=1.1, parameterization=param)])
+@pytest.mark.parametrize("case", sorted(MC_CASES))
+def test_monte_carlo(case):
+  shape, layers = MC_CASES[case]
+  x1, x2 = _inputs(len(shape))
+  model = nn.Sequential(layers())
   nngp, ntk = sample_kernels(model, x1, x2, jax.random.key(1), 32)
-  expected = ft.kernel_fn(model)(x1, x2, ("nngp", "ntk"))
+  expected = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
   assert_mc_close(nngp, expected.nngp)
   assert_mc_close(ntk, expected.ntk)
 
@@ -84,8 +126,8 @@ def test_conv_on_1x1_image_is_dense(param):
   # SAME padding on a 1x1 image: 8 of 9 filter taps see zeros, so the
   # weight variance per real input is W_std^2 / 9; the standard NTK's
   # fan-in counts all 9 taps, hence the extra factor below.
-  k_conv = ft.kernel_fn(conv)(x, get=("nngp", "ntk"))
-  k_dense = ft.kernel_fn(dense)(x.reshape(3, 5), get=("nngp", "ntk"))
+  k_conv = _kernel_fn(conv)(x, get=("nngp", "ntk"))
+  k_dense = _kernel_fn(dense)(x.reshape(3, 5), get=("nngp", "ntk"))
   np.testing.assert_allclose(k_conv.nngp, k_dense.nngp, rtol=1e-12)
   if param == "ntk":
     np.testing.assert_allclose(k_conv.ntk, k_dense.ntk, rtol=1e-12)
@@ -95,12 +137,12 @@ def test_conv_on_1x1_image_is_dense(param):
 def test_kernel_size_one_is_dense_per_location(n_spatial):
   x1, x2 = _inputs(n_spatial, channels=3)
   conv = ftn.Conv(4, _window(n_spatial, 1), W_std=1.2, b_std=0.3)
-  k = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
+  k = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
   # Location by location, a 1x1 convolution is a dense layer.
   dense = nn.Sequential([ftn.Dense(4, W_std=1.2, b_std=0.3), ftn.Relu(),
                          ftn.Dense(4, W_std=1.2, b_std=0.3)])
   flat = lambda x: x.reshape(-1, x.shape[-1])
-  kd = ft.kernel_fn(dense)(flat(x1), flat(x2))
+  kd = _kernel_fn(dense)(flat(x1), flat(x2))
   n_loc = int(np.prod(SPATIAL[n_spatial]))
   nngp = spatial_diagonal(k.nngp, 2, n_spatial, k.diagonal_spatial)
   # Pair (input a, location l) with (input b, the same location l).
@@ -120,10 +162,10 @@ def test_diagonal_mode_is_diagonal_of_full(cls, n_spatial, padding):
                 padding=padding, b_std=0.1), ftn.Relu(),
             cls(4, _window(n_spatial, 2), padding=padding)]
   model = nn.Sequential(layers)
-  full = ft.kernel_fn(model)(x1, x2)  # spatial output: full covariances
+  full = _kernel_fn(model)(x1, x2)  # spatial output: full covariances
   assert not full.diagonal_spatial
   # The same model from a kernel that keeps only spatial diagonals.
-  diag = ft.kernel_fn(model)(
+  diag = _kernel_fn(model)(
       ft.Kernel.from_inputs(x1, x2, diagonal_spatial=True))
   assert diag.diagonal_spatial
   for field in ("nngp", "ntk", "cov1", "cov2"):
@@ -134,8 +176,8 @@ def test_diagonal_mode_is_diagonal_of_full(cls, n_spatial, padding):
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
-@pytest.mark.parametrize("padding", ["VALID", "SAME", "CIRCULAR"])
-@pytest.mark.parametrize("stride,window", [(1, 3), (2, 3), (3, 2)])
+@pytest.mark.parametrize("padding,stride,window", [
+    ("VALID", 3, 2), ("SAME", 2, 3), ("CIRCULAR", 1, 3), ("CIRCULAR", 3, 2)])
 def test_matrix_maps_match_slices(diagonal, padding, stride, window):
   """The fast dense-matrix path equals the direct slicing path."""
   rng = np.random.default_rng(0)
@@ -156,11 +198,11 @@ def test_matrix_maps_match_slices(diagonal, padding, stride, window):
     fns.append(lambda: conv_math.conv_transpose_covariance(
         cov, 2, filter_shape=(window,) * 2, padding=padding, **geometry))
   for fn in fns:
-    fast = fn()
+    fast = jax.jit(lambda: fn())()  # a new function: no shared trace
     saved = spatial_maps.MAX_FULL_SIZE, spatial_maps.MAX_DIAGONAL_SIZE
     spatial_maps.MAX_FULL_SIZE = spatial_maps.MAX_DIAGONAL_SIZE = 0
     try:
-      slow = fn()
+      slow = jax.jit(lambda: fn())()
     finally:
       spatial_maps.MAX_FULL_SIZE, spatial_maps.MAX_DIAGONAL_SIZE = saved
     np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
@@ -212,10 +254,10 @@ def test_dtypes(dtype):
                          ftn.Relu(), ftn.AvgPool((2, 2)),
                          ftn.ConvTranspose(4, (2, 2), strides=(2, 2)),
                          ftn.GlobalAvgPool(), ftn.Dense(1)])
-  k = jax.jit(ft.kernel_fn(model), static_argnames="get")(
+  k = _kernel_fn(model)(
       x1.astype(dtype), x2.astype(dtype), ("nngp", "ntk"))
   assert k.nngp.dtype == dtype and k.ntk.dtype == dtype
-  k64 = ft.kernel_fn(model)(x1, x2, ("nngp", "ntk"))
+  k64 = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
   rtol = 1e-5 if dtype == jnp.float32 else 1e-12
   np.testing.assert_allclose(k.nngp, k64.nngp, rtol=rtol)
   np.testing.assert_allclose(k.ntk, k64.ntk, rtol=rtol)
@@ -223,13 +265,13 @@ def test_dtypes(dtype):
 
 # Stock nn.Conv.
 
-@pytest.mark.parametrize("padding", ["SAME", "VALID", "CIRCULAR", 1])
-@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("padding,strides", [
+    ("SAME", 2), ("VALID", 1), ("CIRCULAR", 2), (1, 1)])
 def test_stock_conv_matches_standard_conv(padding, strides):
   x1, x2 = _inputs(2, channels=3)
   stock = nn.Sequential([nn.Conv(4, (3, 3), strides=strides, padding=padding),
                          ftn.Relu(), ftn.GlobalAvgPool(), nn.Dense(1)])
-  k = ft.kernel_fn(stock)(x1, x2, ("nngp", "ntk"))
+  k = _kernel_fn(stock)(x1, x2, ("nngp", "ntk"))
   # Flax wraps CIRCULAR inputs by ((k-1)//2, k//2) whatever the strides.
   pads, circular = (((1, 1), (1, 1)), padding == "CIRCULAR") if padding in (
       "CIRCULAR", 1) else conv_math.pad_config(padding, (4, 4), (3, 3),
@@ -241,7 +283,7 @@ def test_stock_conv_matches_standard_conv(padding, strides):
       parameterization="standard", layer="test")
   rest = nn.Sequential([ftn.Relu(), ftn.GlobalAvgPool(),
                         ftn.Dense(1, b_std=0.0, parameterization="standard")])
-  expected = ft.kernel_fn(rest)(ours, get=("nngp", "ntk"))
+  expected = _kernel_fn(rest)(ours, get=("nngp", "ntk"))
   np.testing.assert_allclose(k.nngp, expected.nngp, rtol=1e-12)
   np.testing.assert_allclose(k.ntk, expected.ntk, rtol=1e-12)
   # And the finite stock layer runs with the same geometry.
