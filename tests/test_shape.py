@@ -15,6 +15,13 @@ from mc_utils import assert_mc_close, sample_kernels
 FIELDS = ("nngp", "cov1", "cov2")
 
 
+def _kernel_fn(model):
+  """`ft.kernel_fn(model)`, jitted: one compilation instead of many eager
+  ones (each call builds a new function, so nothing is shared between
+  calls that change module-level settings)."""
+  return jax.jit(ft.kernel_fn(model), static_argnames="get")
+
+
 def _inputs(spatial, n1=2, n2=3, channels=2, seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
   return (jax.random.normal(k1, (n1,) + spatial + (channels,)),
@@ -62,7 +69,7 @@ def test_resize_of_inputs(spatial, shape, method, antialias):
   layer = ftn.ImageResize(shape, method, antialias=antialias)
 
   def run():
-    return ft.kernel_fn(layer)(x1, x2)
+    return _kernel_fn(layer)(x1, x2)
 
   for got in _full_and_diagonal_paths(run):
     want = ft.Kernel.from_inputs(layer.apply({}, x1), layer.apply({}, x2))
@@ -73,7 +80,7 @@ def test_nearest_resize_keeps_spatial_diagonals():
   x1, x2 = _inputs((3, 4))
   layer = ftn.ImageResize((-1, 5, 2, -1), "nearest")
   diag = ft.Kernel.from_inputs(x1, x2, diagonal_spatial=True)
-  for got in _full_and_diagonal_paths(lambda: ft.kernel_fn(layer)(diag)):
+  for got in _full_and_diagonal_paths(lambda: _kernel_fn(layer)(diag)):
     want = ft.Kernel.from_inputs(layer.apply({}, x1), layer.apply({}, x2),
                                  diagonal_spatial=True)
     _assert_kernels_close(got, want)
@@ -85,10 +92,10 @@ def test_resize_after_conv_is_resize_of_covariances():
   # Neural Tangents does) is the same as M (x) M on each pair.
   x1, x2 = _inputs((4, 3))
   conv = ftn.Conv(4, (2, 2), padding="SAME", W_std=1.3, b_std=0.2)
-  before = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
+  before = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
   for method in ("linear", "nearest"):
     layer = ftn.ImageResize((-1, 3, 6, -1), method)
-    got = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer]))(x1,
+    got = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer]))(x1,
                                                                        x2)
     assert got.shape1 == (2, 3, 6, 4) and got.shape2 == (3, 3, 6, 4)
     for field in ("nngp", "ntk", "cov1", "cov2"):
@@ -106,22 +113,22 @@ def test_resize_then_flatten_needs_full_covariances():
   resize = ftn.ImageResize((-1, 5, 4, -1), "linear")
   # Below a Flatten only spatial diagonals are needed, unless a layer mixes
   # locations: the linear resize does, so its input carries full ones.
-  top = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, resize,
+  top = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, resize,
                                     ftn.Flatten(), ftn.Dense(1)]))(x1, x2)
-  full = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, resize]))(x1,
+  full = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, resize]))(x1,
                                                                        x2)
   mean_diag = spatial_diagonal(full.nngp, 2, 2, False).mean(axis=(2, 3))
   np.testing.assert_allclose(top.nngp, mean_diag, rtol=1e-12)
   # A kernel that only has spatial diagonals cannot go through it.
   diag = ft.Kernel.from_inputs(x1, x2, diagonal_spatial=True)
   with pytest.raises(ValueError, match="full spatial covariances"):
-    ft.kernel_fn(resize)(diag)
+    _kernel_fn(resize)(diag)
 
 
 def test_resize_to_same_shape_is_identity():
   x1, x2 = _inputs((3, 4))
   k = ft.Kernel.from_inputs(x1, x2, diagonal_spatial=True)
-  got = ft.kernel_fn(ftn.ImageResize((-1, 3, 4, -1), "cubic"))(k)
+  got = _kernel_fn(ftn.ImageResize((-1, 3, 4, -1), "cubic"))(k)
   _assert_kernels_close(got, k)
 
 
@@ -144,7 +151,7 @@ def test_index_of_inputs(spatial, idx, diagonal):
   x1, x2 = _inputs(spatial)
   layer = ftn.Index(idx)
   k = ft.Kernel.from_inputs(x1, x2, diagonal_spatial=diagonal)
-  got = ft.kernel_fn(layer)(k)
+  got = _kernel_fn(layer)(k)
   y1, y2 = layer.apply({}, x1), layer.apply({}, x2)
   assert y1.shape == x1[idx].shape
   want = ft.Kernel.from_inputs(y1, y2, diagonal_spatial=diagonal)
@@ -154,16 +161,16 @@ def test_index_of_inputs(spatial, idx, diagonal):
 def test_index_after_conv():
   x1, x2 = _inputs((4, 5))
   conv = ftn.Conv(4, (2, 3), padding="CIRCULAR", b_std=0.1)
-  before = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
+  before = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
   layer = ftn.Index(np.s_[:, 1:3, 2])
-  got = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer]))(x1, x2)
+  got = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer]))(x1, x2)
   assert got.shape1 == (2, 2, 4)
   for field in ("nngp", "ntk", "cov1", "cov2"):
     cov = getattr(before, field)
     want = cov[(slice(None),) * (cov.ndim - 4) + (slice(1, 3),) * 2 + (2, 2)]
     np.testing.assert_allclose(getattr(got, field), want, rtol=1e-12)
   # Index mixes no locations: a Flatten on top keeps the diagonal layout.
-  flat = ft.kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer,
+  flat = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer,
                                      ftn.Flatten(), ftn.Dense(1)]))(x1, x2)
   mean_diag = spatial_diagonal(got.nngp, 2, 1, False).mean(axis=2)
   np.testing.assert_allclose(flat.nngp, mean_diag, rtol=1e-12)
@@ -186,7 +193,7 @@ def test_index_keeps_diagonal_layout_in_kernel_fn():
                          ftn.Index(np.s_[:, ::2, 1:]),
                          ftn.ImageResize((-1, 4, -1, -1), "nearest"), Probe(),
                          ftn.Flatten(), ftn.Dense(1)])
-  ft.kernel_fn(model)(*_inputs((4, 4)))
+  _kernel_fn(model)(*_inputs((4, 4)))
   assert seen[-1]
 
 
@@ -209,7 +216,7 @@ def test_monte_carlo():
       ftn.Index(np.s_[:, 1:, ::-1]), ftn.Conv(8, (2, 2), b_std=0.1),
       ftn.GlobalAvgPool(), ftn.Dense(4)])
   nngp, ntk = sample_kernels(model, x1, x2, _MC_KEY, 32)
-  expected = ft.kernel_fn(model)(x1, x2, ("nngp", "ntk"))
+  expected = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
   assert_mc_close(nngp, expected.nngp)
   assert_mc_close(ntk, expected.ntk)
 
@@ -221,10 +228,10 @@ def test_dtypes(dtype):
                          ftn.Relu(), ftn.ImageResize((-1, 6, 3, -1), "linear"),
                          ftn.Index(np.s_[:, 1:, 0]), ftn.GlobalAvgPool(),
                          ftn.Dense(1)])
-  k = jax.jit(ft.kernel_fn(model), static_argnames="get")(
+  k = _kernel_fn(model)(
       x1.astype(dtype), x2.astype(dtype), ("nngp", "ntk"))
   assert k.nngp.dtype == dtype and k.ntk.dtype == dtype
-  k64 = jax.jit(ft.kernel_fn(model), static_argnames="get")(
+  k64 = _kernel_fn(model)(
       x1, x2, ("nngp", "ntk"))
   rtol = 1e-5 if dtype == jnp.float32 else 1e-12
   np.testing.assert_allclose(k.nngp, k64.nngp, rtol=rtol)
@@ -245,7 +252,7 @@ def test_dtypes(dtype):
 def test_resize_errors(shape, match):
   x1, x2 = _inputs((3, 4))
   with pytest.raises(ValueError, match=match):
-    ft.kernel_fn(ftn.ImageResize(shape, "linear"))(x1, x2)
+    _kernel_fn(ftn.ImageResize(shape, "linear"))(x1, x2)
 
 
 @pytest.mark.parametrize("idx,match", [
@@ -263,4 +270,4 @@ def test_resize_errors(shape, match):
 def test_index_errors(idx, match):
   x1, x2 = _inputs((3, 4))
   with pytest.raises(ValueError, match=match):
-    ft.kernel_fn(ftn.Index(idx))(x1, x2)
+    _kernel_fn(ftn.Index(idx))(x1, x2)
