@@ -34,7 +34,8 @@ import jax.numpy as jnp
 
 from flax_tangents._src.empirical import jacobian_contraction
 from flax_tangents._src.empirical import structured
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import arguments
+from flax_tangents._src.empirical import example_axes
 
 try:
   from flax_tangents import nn as ftn
@@ -89,9 +90,9 @@ def workloads():
 
 
 def _kernel_fn(impl, model, vmap_axes_arg, x1, variables):
-  f, _ = utils.split_variables(model.apply, variables)
+  f, _ = arguments.split_variables(model.apply, variables)
   fx = jax.eval_shape(f, variables["params"], x1)
-  vmap_axes = utils.canonicalize_vmap_axes(vmap_axes_arg, x1, fx, {})
+  vmap_axes = example_axes.canonicalize_vmap_axes(vmap_axes_arg, x1, fx, {})
 
   def kernel(params, a, b):
     return impl(f, params, a, b, {}, {}, trace_axes=(), diagonal_axes=(),
@@ -102,7 +103,7 @@ def _kernel_fn(impl, model, vmap_axes_arg, x1, variables):
 
 def _reference_fn(model, variables):
   """NT-style Jacobian contraction: per-example `jacrev`, then `J1 J2^T`."""
-  f, _ = utils.split_variables(model.apply, variables)
+  f, _ = arguments.split_variables(model.apply, variables)
 
   def single(p, x):
     return f(p, x[None])[0]

@@ -271,7 +271,7 @@ def test_closed_form_matches_ode_integration(golden):
 
   # An explicit fixed-step integration of the train + test dynamics.
   def velocity(f):
-    f_train, f_test = f[:12], f[12:]
+    f_train = f[:12]
     residual = (f_train - y) / y.size
     return -lr * jnp.concatenate([k_dd @ residual, k_td @ residual])
   rk4 = _rk4(velocity, jnp.concatenate([f0, f0_test]), t, 200)

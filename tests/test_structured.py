@@ -1,7 +1,7 @@
 """STRUCTURED_DERIVATIVES agrees with direct Jacobian contractions on the zoo.
 
 References: a direct `jax.jacobian` of the whole model contracted with
-`tensordot` (laid out with `utils.trace_and_diagonal`), and the
+`tensordot` (laid out with `layout.trace_and_diagonal`), and the
 JACOBIAN_CONTRACTION implementation.
 """
 
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from flax_tangents._src.empirical import jacobian_contraction
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import arguments
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.structured import ntk as structured_ntk
 import empirical_zoo as zoo
 
@@ -21,8 +23,8 @@ import empirical_zoo as zoo
 @functools.lru_cache(maxsize=None)
 def _case(name, dtype_name="float64"):
   case = zoo.make_case(name, jnp.dtype(dtype_name))
-  f, params = utils.split_variables(case.f, case.variables)
-  kwargs1, kwargs2 = utils.split_kwargs(case.kwargs, case.x1, case.x2)
+  f, params = arguments.split_variables(case.f, case.variables)
+  kwargs1, kwargs2 = arguments.split_kwargs(case.kwargs, case.x1, case.x2)
   return f, params, case.x1, case.x2, kwargs1, kwargs2
 
 
@@ -57,7 +59,7 @@ def _structured(name, trace_axes, diagonal_axes, vmap, same_inputs=False,
   if same_inputs:
     x2, kwargs2 = None, kwargs1
   fx = jax.eval_shape(lambda p: f(p, x1, **kwargs1), params)
-  vmap_axes = utils.canonicalize_vmap_axes(vmap, x1, fx, kwargs1)
+  vmap_axes = example_axes.canonicalize_vmap_axes(vmap, x1, fx, kwargs1)
 
   @jax.jit
   def kernel(p, a, b):
@@ -78,9 +80,9 @@ def _assert_close(actual, expected, rtol=1e-9, atol=1e-9):
 def _layout(full, trace_axes, diagonal_axes):
   def leaf(k):
     ndim = k.ndim // 2
-    trace = utils.canonicalize_axes(trace_axes, ndim)
-    diagonal = utils.canonicalize_axes(diagonal_axes, ndim)
-    return utils.trace_and_diagonal(k, trace, diagonal)
+    trace = layout.canonicalize_axes(trace_axes, ndim)
+    diagonal = layout.canonicalize_axes(diagonal_axes, ndim)
+    return layout.trace_and_diagonal(k, trace, diagonal)
 
   return jax.tree.map(leaf, full)
 
@@ -105,7 +107,7 @@ def test_zoo_matches_direct_jacobian(name):
     ("cnn_batchnorm", None, (-1, 1), (2,)),
 ])
 def test_trace_diagonal_and_vmap_axes(name, vmap, trace_axes, diagonal_axes):
-  same = 0 in utils.canonicalize_axes(diagonal_axes, 4)
+  same = 0 in layout.canonicalize_axes(diagonal_axes, 4)
   actual = _structured(name, trace_axes, diagonal_axes, vmap,
                        same_inputs=same)
   expected = _layout(_reference(name, same), trace_axes, diagonal_axes)
@@ -115,7 +117,7 @@ def test_trace_diagonal_and_vmap_axes(name, vmap, trace_axes, diagonal_axes):
 def test_matches_jacobian_contraction():
   f, params, x1, x2, kwargs1, kwargs2 = _case("mlp")
   fx = jax.eval_shape(lambda p: f(p, x1), params)
-  vmap_axes = utils.canonicalize_vmap_axes(0, x1, fx, kwargs1)
+  vmap_axes = example_axes.canonicalize_vmap_axes(0, x1, fx, kwargs1)
   expected = jax.jit(lambda p, a, b: jacobian_contraction.ntk(
       f, p, a, b, kwargs1, kwargs2, trace_axes=(-1,), diagonal_axes=(),
       vmap_axes=vmap_axes))(params, x1, x2)

@@ -8,7 +8,6 @@ must actually have used it (the parameter's chain does not stop at the
 parameter itself).
 """
 
-import functools
 
 import jax
 from jax import lax
@@ -16,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.structured import interpreter
 from flax_tangents._src.empirical.structured import planner
 
@@ -143,7 +143,7 @@ CASES = {
 
 def _ntk(f, params, x1, x2, vmap):
   fx = jax.eval_shape(lambda p: f(p, x1), params)
-  vmap_axes = utils.canonicalize_vmap_axes(vmap, x1, fx, {})
+  vmap_axes = example_axes.canonicalize_vmap_axes(vmap, x1, fx, {})
   return jax.jit(lambda p, a, b: interpreter.ntk(
       f, p, a, b, {}, {}, trace_axes=(), diagonal_axes=(),
       vmap_axes=vmap_axes))(params, x1, x2)
@@ -154,7 +154,7 @@ def _direct(f, params, x1, x2):
   j2 = jax.jacobian(f)(params, x2)
   out_ndim = j1.ndim - params.ndim
   full = jnp.tensordot(j1, j2, axes=(tuple(range(out_ndim, j1.ndim)),) * 2)
-  return utils.trace_and_diagonal(full, (), ())
+  return layout.trace_and_diagonal(full, (), ())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

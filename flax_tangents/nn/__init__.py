@@ -21,10 +21,10 @@ from flax_tangents.nn.attention import GlobalSelfAttention
 from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd
 from flax_tangents.nn.combinators import FanInSum
-from flax_tangents.nn.dropout import Dropout
 from flax_tangents.nn.conv import Conv
 from flax_tangents.nn.conv import ConvLocal
 from flax_tangents.nn.conv import ConvTranspose
+from flax_tangents.nn.dropout import Dropout
 from flax_tangents.nn.elementwise import Elementwise
 from flax_tangents.nn.elementwise import ElementwiseBase
 from flax_tangents.nn.graph import Aggregate

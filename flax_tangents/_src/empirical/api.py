@@ -24,7 +24,6 @@ state (the two-line recipe):
 (4, 4)
 """
 
-from collections.abc import Callable
 import collections
 import functools
 from typing import Any, Callable, Optional, Union
@@ -33,7 +32,7 @@ import jax
 
 from flax_tangents._src.empirical import auto
 from flax_tangents._src.empirical import dispatch
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.implementation import NtkImplementation
 
 __all__ = [
@@ -43,11 +42,11 @@ __all__ = [
     "empirical_ntk_vp_fn",
 ]
 
-ApplyFn = Callable[..., utils.PyTree]
-KernelFn = Callable[..., utils.PyTree]
+ApplyFn = Callable[..., layout.PyTree]
+KernelFn = Callable[..., layout.PyTree]
 
 
-def _tuple_axes(axes: utils.Axes) -> tuple[int, ...]:
+def _tuple_axes(axes: layout.Axes) -> tuple[int, ...]:
   return (axes,) if isinstance(axes, int) else tuple(axes)
 
 
@@ -58,7 +57,7 @@ def _require_params(params: Any, fn_name: str) -> None:
         "params, **kwargs), e.g. with params=model.init(key, x1).")
 
 
-def _make_ntk_fn(f: ApplyFn, trace_axes: utils.Axes, diagonal_axes: utils.Axes,
+def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes, diagonal_axes: layout.Axes,
                  vmap_axes: Any, implementation: Any) -> KernelFn:
   """`ntk_fn(x1, x2, params, **kwargs)`, jit-compiled, for one algorithm."""
   implementation = dispatch.as_implementation(implementation)
@@ -83,8 +82,8 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: utils.Axes, diagonal_axes: utils.Axes,
   compiled = jax.jit(compute, static_argnums=(4, 5))
   selector = auto.AutoSelector()
 
-  def ntk_fn(x1: utils.PyTree, x2: Optional[utils.PyTree] = None,
-             params: utils.PyTree = None, **kwargs) -> utils.PyTree:
+  def ntk_fn(x1: layout.PyTree, x2: Optional[layout.PyTree] = None,
+             params: layout.PyTree = None, **kwargs) -> layout.PyTree:
     _require_params(params, "ntk_fn")
     kwargs_arrays, static = dispatch.partition_kwargs(kwargs)
     args = (params, x1, x2, kwargs_arrays)
@@ -105,8 +104,8 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: utils.Axes, diagonal_axes: utils.Axes,
   return _with_layout(ntk_fn, trace_axes, diagonal_axes)
 
 
-def _with_layout(fn: Callable[..., Any], trace_axes: utils.Axes,
-                 diagonal_axes: utils.Axes) -> Callable[..., Any]:
+def _with_layout(fn: Callable[..., Any], trace_axes: layout.Axes,
+                 diagonal_axes: layout.Axes) -> Callable[..., Any]:
   # The output layout, readable by `ft.batch` (it transposes mirror tiles of
   # symmetric kernels instead of computing them).
   fn.trace_axes = _tuple_axes(trace_axes)
@@ -116,8 +115,8 @@ def _with_layout(fn: Callable[..., Any], trace_axes: utils.Axes,
 
 def empirical_ntk_fn(
     f: ApplyFn,
-    trace_axes: utils.Axes = (-1,),
-    diagonal_axes: utils.Axes = (),
+    trace_axes: layout.Axes = (-1,),
+    diagonal_axes: layout.Axes = (),
     vmap_axes: Any = None,
     implementation: Union[NtkImplementation,
                           int] = NtkImplementation.JACOBIAN_CONTRACTION,
@@ -147,9 +146,10 @@ def empirical_ntk_fn(
     `ntk_fn(x1, x2=None, params, **kwargs)`. `x2=None` means `x2 = x1`.
     Keyword arguments are passed to `f`; a 2-tuple value is split between
     the `x1` and `x2` calls, and `rng`/`rngs` keys are reused for `x2` only
-    if `x2 == x1` (see `utils.split_kwargs`). It returns a pytree like `f`'s
-    output of kernels of shape "zipped" from the two outputs' shapes: each
-    axis pair `(A1, A2)` in order, traced axes dropped, diagonal axes once.
+    if `x2 == x1` (see `arguments.split_kwargs`). It returns a pytree like
+    `f`'s output of kernels of shape "zipped" from the two outputs' shapes:
+    each axis pair `(A1, A2)` in order, traced axes dropped, diagonal axes
+    once.
     It is jit-compiled and composes with `jax.jit`, `jax.grad`, `jax.vmap`.
 
   Raises:
@@ -170,8 +170,8 @@ def empirical_ntk_fn(
   return _make_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, implementation)
 
 
-def empirical_nngp_fn(f: ApplyFn, trace_axes: utils.Axes = (-1,),
-                      diagonal_axes: utils.Axes = ()) -> KernelFn:
+def empirical_nngp_fn(f: ApplyFn, trace_axes: layout.Axes = (-1,),
+                      diagonal_axes: layout.Axes = ()) -> KernelFn:
   """Returns a function computing the empirical NNGP `f(x1) f(x2)^T` of `f`.
 
   Args:
@@ -204,16 +204,16 @@ def empirical_nngp_fn(f: ApplyFn, trace_axes: utils.Axes = (-1,),
                                               **prepared.kwargs2)
 
     def leaf_kernel(a, b):
-      trace, diagonal = utils.check_trace_and_diagonal(
+      trace, diagonal = layout.check_trace_and_diagonal(
           trace_axes, diagonal_axes, a.shape, b.shape)
-      return utils.contract(a, b, a.ndim, trace, diagonal)
+      return layout.contract(a, b, a.ndim, trace, diagonal)
 
     return jax.tree.map(leaf_kernel, out1, out2)
 
   compiled = jax.jit(compute, static_argnums=(4,))
 
-  def nngp_fn(x1: utils.PyTree, x2: Optional[utils.PyTree] = None,
-              params: utils.PyTree = None, **kwargs) -> utils.PyTree:
+  def nngp_fn(x1: layout.PyTree, x2: Optional[layout.PyTree] = None,
+              params: layout.PyTree = None, **kwargs) -> layout.PyTree:
     _require_params(params, "nngp_fn")
     kwargs_arrays, static = dispatch.partition_kwargs(kwargs)
     return compiled(params, x1, x2, kwargs_arrays, static)
@@ -228,8 +228,8 @@ def _kernel_tuple(fields: tuple[str, ...]) -> type:
 
 def empirical_kernel_fn(
     f: ApplyFn,
-    trace_axes: utils.Axes = (-1,),
-    diagonal_axes: utils.Axes = (),
+    trace_axes: layout.Axes = (-1,),
+    diagonal_axes: layout.Axes = (),
     vmap_axes: Any = None,
     implementation: Union[NtkImplementation,
                           int] = NtkImplementation.JACOBIAN_CONTRACTION,
@@ -266,9 +266,9 @@ def empirical_kernel_fn(
                           implementation),
   }
 
-  def kernel_fn(x1: utils.PyTree, x2: Optional[utils.PyTree] = None,
+  def kernel_fn(x1: layout.PyTree, x2: Optional[layout.PyTree] = None,
                 get: Union[None, str, tuple[str, ...]] = None,
-                params: utils.PyTree = None, **kwargs) -> Any:
+                params: layout.PyTree = None, **kwargs) -> Any:
     _require_params(params, "kernel_fn")
     single = isinstance(get, str)
     fields = ("nngp", "ntk") if get is None else (get,) if single else tuple(
@@ -287,9 +287,9 @@ def empirical_kernel_fn(
   return _with_layout(kernel_fn, trace_axes, diagonal_axes)
 
 
-def empirical_ntk_vp_fn(f: ApplyFn, x1: utils.PyTree,
-                        x2: Optional[utils.PyTree], params: utils.PyTree,
-                        **kwargs) -> Callable[[utils.PyTree], utils.PyTree]:
+def empirical_ntk_vp_fn(f: ApplyFn, x1: layout.PyTree,
+                        x2: Optional[layout.PyTree], params: layout.PyTree,
+                        **kwargs) -> Callable[[layout.PyTree], layout.PyTree]:
   """Returns `v -> NTK(x1, x2) v` without forming the NTK.
 
   Costs one vector-Jacobian product through `f(params, x2)` and one
@@ -320,7 +320,7 @@ def empirical_ntk_vp_fn(f: ApplyFn, x1: utils.PyTree,
   prepared = dispatch.prepare(f, params, x1, x2, kwargs, (), (), None)
   x2_ = x1 if x2 is None else x2
 
-  def ntk_vp_fn(cotangents: utils.PyTree) -> utils.PyTree:
+  def ntk_vp_fn(cotangents: layout.PyTree) -> layout.PyTree:
     f1 = lambda p: prepared.f(p, x1, **prepared.kwargs1)  # noqa: E731
     f2 = lambda p: prepared.f(p, x2_, **prepared.kwargs2)  # noqa: E731
     _, pullback = jax.vjp(f2, prepared.params)

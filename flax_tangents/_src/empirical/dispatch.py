@@ -1,8 +1,9 @@
 """From a user's call to an implementation's `ntk(...)`: checks and plumbing.
 
 `prepare` turns `(f, variables, x1, x2, kwargs)` as the user gave them into
-the arguments every implementation receives (see `utils`), checking inputs,
-outputs and axes with errors that name the cause and the fix.
+the arguments every implementation receives (see `layout`, `arguments`,
+`example_axes`), checking inputs, outputs and axes with errors that name the
+cause and the fix.
 `implementation_fn` maps an `NtkImplementation` to its `ntk` function.
 `partition_kwargs` separates array keyword arguments (traced by `jax.jit`)
 from static ones (`train=False`, `mutable=[...]`).
@@ -16,7 +17,9 @@ import numpy as np
 
 from flax_tangents._src.empirical import jacobian_contraction
 from flax_tangents._src.empirical import ntk_vector_products
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import arguments
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.implementation import NtkImplementation
 
 __all__ = [
@@ -179,7 +182,7 @@ def check_vmap_axes_type(vmap_axes: Any) -> None:
       "kwargs_axes).")
 
 
-def _batch_axes(x: utils.PyTree, vmap_axes: Any) -> list[int]:
+def _batch_axes(x: layout.PyTree, vmap_axes: Any) -> list[int]:
   """The batch axis of each leaf of `x` (0 unless `vmap_axes` says so)."""
   leaves = jax.tree.leaves(x)
   if vmap_axes is None:
@@ -188,12 +191,12 @@ def _batch_axes(x: utils.PyTree, vmap_axes: Any) -> list[int]:
     in_axes = vmap_axes[0]
   else:
     in_axes = vmap_axes
-  canonical = utils.canonicalize_tree_axes(in_axes, x, "an input x")
+  canonical = example_axes.canonicalize_tree_axes(in_axes, x, "an input x")
   axes = jax.tree.leaves(canonical, is_leaf=lambda a: a is None)
   return [0 if a is None else a for a in axes]
 
 
-def check_inputs(x1: utils.PyTree, x2: Optional[utils.PyTree],
+def check_inputs(x1: layout.PyTree, x2: Optional[layout.PyTree],
                  vmap_axes: Any) -> None:
   """`x1` and `x2` must agree in structure and in shape except batch size."""
   if x2 is None:
@@ -217,18 +220,18 @@ def check_inputs(x1: utils.PyTree, x2: Optional[utils.PyTree],
 
 class Prepared(NamedTuple):
   f: Callable[..., Any]
-  params: utils.PyTree
+  params: layout.PyTree
   kwargs1: dict[str, Any]
   kwargs2: dict[str, Any]
-  vmap_axes: utils.VmapAxes
-  fx1: utils.PyTree
-  fx2: utils.PyTree
+  vmap_axes: example_axes.VmapAxes
+  fx1: layout.PyTree
+  fx2: layout.PyTree
 
 
-def prepare(f: Callable[..., Any], variables: utils.PyTree,
-            x1: utils.PyTree, x2: Optional[utils.PyTree],
-            kwargs: Mapping[str, Any], trace_axes: utils.Axes,
-            diagonal_axes: utils.Axes, vmap_axes: Any) -> Prepared:
+def prepare(f: Callable[..., Any], variables: layout.PyTree,
+            x1: layout.PyTree, x2: Optional[layout.PyTree],
+            kwargs: Mapping[str, Any], trace_axes: layout.Axes,
+            diagonal_axes: layout.Axes, vmap_axes: Any) -> Prepared:
   """Splits Flax variables and kwargs, checks shapes and normalizes axes.
 
   Args:
@@ -250,8 +253,8 @@ def prepare(f: Callable[..., Any], variables: utils.PyTree,
     ValueError: for mismatched inputs or outputs and axes that do not fit.
   """
   check_inputs(x1, x2, vmap_axes)
-  f_params, params = utils.split_variables(f, variables)
-  kwargs1, kwargs2 = utils.split_kwargs(kwargs, x1, x2)
+  f_params, params = arguments.split_variables(f, variables)
+  kwargs1, kwargs2 = arguments.split_kwargs(kwargs, x1, x2)
   fx1 = jax.eval_shape(lambda p, x: f_params(p, x, **kwargs1), params, x1)
   if x2 is None:
     fx2 = fx1
@@ -262,9 +265,9 @@ def prepare(f: Callable[..., Any], variables: utils.PyTree,
       raise ValueError(f"f(params, x1) and f(params, x2) return different "
                        f"structures: {tree1} vs {tree2}.")
   jax.tree.map(
-      lambda a, b: utils.check_trace_and_diagonal(trace_axes, diagonal_axes,
+      lambda a, b: layout.check_trace_and_diagonal(trace_axes, diagonal_axes,
                                                   a.shape, b.shape), fx1, fx2)
-  canonical = utils.canonicalize_vmap_axes(vmap_axes, x1, fx1, kwargs1)
+  canonical = example_axes.canonicalize_vmap_axes(vmap_axes, x1, fx1, kwargs1)
   if x2 is not None and vmap_axes is not None:
-    utils.canonicalize_vmap_axes(vmap_axes, x2, fx2, kwargs2)
+    example_axes.canonicalize_vmap_axes(vmap_axes, x2, fx2, kwargs2)
   return Prepared(f_params, params, kwargs1, kwargs2, canonical, fx1, fx2)

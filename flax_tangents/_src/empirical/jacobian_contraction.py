@@ -12,13 +12,14 @@ from typing import Any, Optional
 
 import jax
 
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import example_axes
 
 __all__ = ["jacobian", "ntk"]
 
 
-def _jacobian_of(fn: Callable[[utils.PyTree], utils.PyTree],
-                 params: utils.PyTree) -> utils.PyTree:
+def _jacobian_of(fn: Callable[[layout.PyTree], layout.PyTree],
+                 params: layout.PyTree) -> layout.PyTree:
   """Jacobian of `fn` at `params`, in the cheaper autodiff mode.
 
   Reverse mode costs one pass per output element, forward mode one per
@@ -32,9 +33,9 @@ def _jacobian_of(fn: Callable[[utils.PyTree], utils.PyTree],
   return jax.jacfwd(fn)(params)
 
 
-def jacobian(f: Callable[..., utils.PyTree], params: utils.PyTree,
-             x: utils.PyTree, kwargs: Mapping[str, Any],
-             vmap_axes: utils.VmapAxes) -> utils.PyTree:
+def jacobian(f: Callable[..., layout.PyTree], params: layout.PyTree,
+             x: layout.PyTree, kwargs: Mapping[str, Any],
+             vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
   """`d f(params, x, **kwargs) / d params`, vmapped over examples if allowed.
 
   Args:
@@ -43,7 +44,7 @@ def jacobian(f: Callable[..., utils.PyTree], params: utils.PyTree,
     x: inputs.
     kwargs: keyword arguments of `f`.
     vmap_axes: None or the canonical triple from
-      `utils.canonicalize_vmap_axes`.
+      `example_axes.canonicalize_vmap_axes`.
 
   Returns:
     A pytree like `f`'s output whose leaves are pytrees like `params` of
@@ -56,8 +57,8 @@ def jacobian(f: Callable[..., utils.PyTree], params: utils.PyTree,
   if vmap_axes is None:
     return _jacobian_of(lambda p: f(p, x, **kwargs), params)
 
-  mapped, fixed = utils.split_vmapped_kwargs(kwargs, vmap_axes)
-  per_example, (x_axes, kwargs_axes), out_axes = utils.per_example_fn(
+  mapped, fixed = example_axes.split_vmapped_kwargs(kwargs, vmap_axes)
+  per_example, (x_axes, kwargs_axes), out_axes = example_axes.per_example_fn(
       f, vmap_axes, fixed)
 
   def example_jacobian(x_i, mapped_i):
@@ -69,11 +70,11 @@ def jacobian(f: Callable[..., utils.PyTree], params: utils.PyTree,
                   out_axes=out_axes)(x, mapped)
 
 
-def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
-        x1: utils.PyTree, x2: Optional[utils.PyTree],
+def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
+        x1: layout.PyTree, x2: Optional[layout.PyTree],
         kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
-        trace_axes: utils.Axes, diagonal_axes: utils.Axes,
-        vmap_axes: utils.VmapAxes) -> utils.PyTree:
+        trace_axes: layout.Axes, diagonal_axes: layout.Axes,
+        vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
   """Empirical NTK by contracting explicit Jacobians.
 
   Args:
@@ -103,16 +104,16 @@ def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
       lambda p: f(p, x2, **kwargs2), params)
 
   def leaf_kernel(out1, out2, jac1, jac2):
-    trace, diagonal = utils.check_trace_and_diagonal(
+    trace, diagonal = layout.check_trace_and_diagonal(
         trace_axes, diagonal_axes, out1.shape, out2.shape)
     terms = [
-        utils.contract(a, b, out1.ndim, trace, diagonal, average=False)
+        layout.contract(a, b, out1.ndim, trace, diagonal, average=False)
         for a, b in zip(jax.tree.leaves(jac1), jax.tree.leaves(jac2))
     ]
     if not terms:  # No parameters: the NTK is zero.
-      shape = utils.kernel_shape(out1.shape, out2.shape, trace, diagonal)
+      shape = layout.kernel_shape(out1.shape, out2.shape, trace, diagonal)
       return jax.numpy.zeros(shape, out1.dtype)
-    return sum(terms[1:], terms[0]) / utils.traced_size(out1.shape, trace)
+    return sum(terms[1:], terms[0]) / layout.traced_size(out1.shape, trace)
 
   # `fx1` leaves are prefixes of the Jacobian trees `j1`, `j2`.
   return jax.tree.map(leaf_kernel, fx1, fx2, j1, j2)

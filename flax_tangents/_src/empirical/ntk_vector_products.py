@@ -17,14 +17,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import example_axes
 
 __all__ = ["ntk"]
 
 
-def _full_kernel(f1: Callable[[utils.PyTree], utils.PyTree],
-                 f2: Callable[[utils.PyTree], utils.PyTree],
-                 params: utils.PyTree) -> utils.PyTree:
+def _full_kernel(f1: Callable[[layout.PyTree], layout.PyTree],
+                 f2: Callable[[layout.PyTree], layout.PyTree],
+                 params: layout.PyTree) -> layout.PyTree:
   """`J1 J2^T` of shape `(*out1_leaf.shape, *out2_leaf.shape)` per leaf.
 
   Only matching output leaves are paired (as in NT, cross-covariances between
@@ -58,11 +59,11 @@ def _full_kernel(f1: Callable[[utils.PyTree], utils.PyTree],
   return jax.tree.unflatten(tree2, kernels)
 
 
-def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
-        x1: utils.PyTree, x2: Optional[utils.PyTree],
+def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
+        x1: layout.PyTree, x2: Optional[layout.PyTree],
         kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
-        trace_axes: utils.Axes, diagonal_axes: utils.Axes,
-        vmap_axes: utils.VmapAxes) -> utils.PyTree:
+        trace_axes: layout.Axes, diagonal_axes: layout.Axes,
+        vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
   """Empirical NTK from NTK-vector products.
 
   Args:
@@ -89,7 +90,7 @@ def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
       lambda p: f(p, x2, **kwargs2), params)
   # Check before the (possibly long) computation.
   jax.tree.map(
-      lambda a, b: utils.check_trace_and_diagonal(
+      lambda a, b: layout.check_trace_and_diagonal(
           trace_axes, diagonal_axes, a.shape, b.shape), fx1, fx2)
   x2_ = x1 if x2 is None else x2
 
@@ -97,11 +98,11 @@ def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
     full = _full_kernel(lambda p: f(p, x1, **kwargs1),
                         lambda p: f(p, x2_, **kwargs2), params)
   else:
-    mapped1, fixed1 = utils.split_vmapped_kwargs(kwargs1, vmap_axes)
-    mapped2, fixed2 = utils.split_vmapped_kwargs(kwargs2, vmap_axes)
-    example1, (x_axes, kw_axes), out_axes = utils.per_example_fn(
+    mapped1, fixed1 = example_axes.split_vmapped_kwargs(kwargs1, vmap_axes)
+    mapped2, fixed2 = example_axes.split_vmapped_kwargs(kwargs2, vmap_axes)
+    example1, (x_axes, kw_axes), out_axes = example_axes.per_example_fn(
         f, vmap_axes, fixed1)
-    example2, _, _ = utils.per_example_fn(f, vmap_axes, fixed2)
+    example2, _, _ = example_axes.per_example_fn(f, vmap_axes, fixed2)
 
     def pair_kernel(x1_i, mapped1_i, x2_j, mapped2_j):
       return _full_kernel(lambda p: example1(p, x1_i, mapped1_i),
@@ -117,9 +118,9 @@ def ntk(f: Callable[..., utils.PyTree], params: utils.PyTree,
                     out_axes=jax.tree.map(lambda a, n: a + n, out_axes,
                                           ndims))(x1, mapped1, x2_, mapped2)
 
-  def layout(kernel, out1, out2):
-    trace, diagonal = utils.check_trace_and_diagonal(
+  def in_nt_layout(kernel, out1, out2):
+    trace, diagonal = layout.check_trace_and_diagonal(
         trace_axes, diagonal_axes, out1.shape, out2.shape)
-    return utils.trace_and_diagonal(kernel, trace, diagonal)
+    return layout.trace_and_diagonal(kernel, trace, diagonal)
 
-  return jax.tree.map(layout, full, fx1, fx2)
+  return jax.tree.map(in_nt_layout, full, fx1, fx2)

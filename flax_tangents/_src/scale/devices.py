@@ -9,7 +9,7 @@ process calls in the same order.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 from jax.experimental import multihost_utils

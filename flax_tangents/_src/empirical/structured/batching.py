@@ -21,10 +21,9 @@ what is checked.
 
 from collections.abc import Sequence
 import math
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import jax
-from jax.extend import core as jex_core
 
 from flax_tangents._src.empirical.structured import ir
 

@@ -13,7 +13,6 @@ equalities, so lookups never build a one-hot over the vocabulary.
 """
 
 from collections.abc import Sequence
-import math
 from typing import Any, Optional
 
 import jax

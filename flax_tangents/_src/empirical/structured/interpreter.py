@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents._src.empirical import utils
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.structured import batching
 from flax_tangents._src.empirical.structured import contraction
 from flax_tangents._src.empirical.structured import ir
@@ -60,7 +61,7 @@ class _Side:
   """
 
   def __init__(self, f: Callable[..., Any], params: Any, x: Any,
-               kwargs: Mapping[str, Any], vmap_axes: utils.VmapAxes):
+               kwargs: Mapping[str, Any], vmap_axes: example_axes.VmapAxes):
     self._param_leaves = jax.tree.leaves(params)
     param_tree = jax.tree.structure(params)
     kw_leaves, kw_tree = jax.tree.flatten(dict(kwargs))
@@ -273,8 +274,8 @@ def _reconcile(side1: _Side, side2: _Side):
 
 def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
         kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
-        trace_axes: utils.Axes, diagonal_axes: utils.Axes,
-        vmap_axes: utils.VmapAxes) -> Any:
+        trace_axes: layout.Axes, diagonal_axes: layout.Axes,
+        vmap_axes: example_axes.VmapAxes) -> Any:
   """Empirical NTK by structured derivatives.
 
   Args:
@@ -287,7 +288,7 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
     trace_axes: output axes to average over (possibly negative).
     diagonal_axes: output axes to keep the diagonal of (possibly negative).
     vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`
-      from `utils.canonicalize_vmap_axes`; with it, Jacobians are formed per
+      from `example_axes.canonicalize_vmap_axes`; with it, Jacobians are formed per
       example (`f` is evaluated on one example at a time). With None, `f`
       runs on the whole batch; where the program provably keeps examples
       independent (batch axis 0 of `x` to some axis of every output), only
@@ -322,7 +323,7 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
               [None] * len(side1.out_shapes))
   for j, (shape1, shape2) in enumerate(zip(side1.out_shapes,
                                            side2.out_shapes)):
-    trace, diagonal = utils.check_trace_and_diagonal(
+    trace, diagonal = layout.check_trace_and_diagonal(
         trace_axes, diagonal_axes, shape1, shape2)
     letters = contraction.LetterPool()
     axis_letters, out_letters = [], ""
@@ -367,7 +368,7 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
       kernel = functools.reduce(jnp.add, terms)
     else:
       kernel = jnp.zeros(
-          utils.kernel_shape(shape1, shape2, trace, diagonal),
+          layout.kernel_shape(shape1, shape2, trace, diagonal),
           side1.out_dtypes[j])
-    kernels.append(kernel / utils.traced_size(shape1, trace))
+    kernels.append(kernel / layout.traced_size(shape1, trace))
   return jax.tree.unflatten(side1.out_tree, kernels)
