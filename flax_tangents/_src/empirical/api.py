@@ -89,12 +89,15 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes, diagonal_axes: layout.Axes
     args = (params, x1, x2, kwargs_arrays)
     algorithm = implementation
     if algorithm == NtkImplementation.AUTO:
-      # Bad input fails here, once, rather than in every timed candidate.
-      jax.eval_shape(lambda *a: prepare(*a, static).fx1, *args)
-      candidates = {
-          a: functools.partial(compiled, algorithm=a, static=static)
-          for a in dispatch.available_implementations()
-      }
+
+      def candidates():
+        # Bad input fails here, once, rather than in every timed candidate.
+        jax.eval_shape(lambda *a: prepare(*a, static).fx1, *args)
+        return {
+            a: functools.partial(compiled, algorithm=a, static=static)
+            for a in dispatch.available_implementations()
+        }
+
       key = (auto.signature(args), static, jax.default_backend())
       algorithm = selector.choose(key, candidates, args)
     return compiled(*args, algorithm, static)

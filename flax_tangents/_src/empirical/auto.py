@@ -125,7 +125,7 @@ class AutoSelector:
   """Caches the fastest candidate per call signature.
 
   >>> selector = AutoSelector()
-  >>> selector.choose('k', {'sin': jax.jit(jnp.sin)}, (1.,))
+  >>> selector.choose('k', lambda: {'sin': jax.jit(jnp.sin)}, (1.,))
   'sin'
   """
 
@@ -138,10 +138,15 @@ class AutoSelector:
     return dict(self._choices)
 
   def choose(self, key: Hashable,
-             candidates: Mapping[Any, Callable[..., Any]],
+             candidates: Callable[[], Mapping[Any, Callable[..., Any]]],
              args: Sequence[Any]) -> Any:
-    """The cached choice for `key`, timing `candidates` on a miss."""
+    """The cached choice for `key`, timing `candidates()` on a miss.
+
+    `candidates` is called only on a miss, so that a cached call costs one
+    dictionary look-up (AUTO must stay as fast as the algorithm it picked).
+    """
     if key not in self._choices:
+      candidates = candidates()
       if len(candidates) == 1:
         self._choices[key] = next(iter(candidates))
       else:
