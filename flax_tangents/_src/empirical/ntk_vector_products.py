@@ -98,25 +98,26 @@ def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
     full = _full_kernel(lambda p: f(p, x1, **kwargs1),
                         lambda p: f(p, x2_, **kwargs2), params)
   else:
-    mapped1, fixed1 = example_axes.split_vmapped_kwargs(kwargs1, vmap_axes)
+    # Examples are independent, so `f(params, x1)` on the whole batch has the
+    # same Jacobian rows as one example at a time: pull back a basis of one
+    # `x2` example's outputs (a per-example VJP, cheap) and push each result
+    # forward through the whole `x1` batch at once (one batched JVP instead
+    # of one per pair of examples, and the VJP is not repeated for every
+    # `x1` example).
     mapped2, fixed2 = example_axes.split_vmapped_kwargs(kwargs2, vmap_axes)
-    example1, (x_axes, kw_axes), out_axes = example_axes.per_example_fn(
-        f, vmap_axes, fixed1)
-    example2, _, _ = example_axes.per_example_fn(f, vmap_axes, fixed2)
+    example2, (x_axes, kw_axes), out_axes = example_axes.per_example_fn(
+        f, vmap_axes, fixed2)
 
-    def pair_kernel(x1_i, mapped1_i, x2_j, mapped2_j):
-      return _full_kernel(lambda p: example1(p, x1_i, mapped1_i),
+    def against_example(x2_j, mapped2_j):
+      return _full_kernel(lambda p: f(p, x1, **kwargs1),
                           lambda p: example2(p, x2_j, mapped2_j), params)
 
-    # Per pair: (*out1_example, *out2_example). Inserting the x1 batch axis
-    # at `out_axes` and the x2 batch axis at `ndim + out_axes` gives
-    # (*out1, *out2).
+    # Per `x2` example: (*out1, *out2_example). Inserting the x2 batch axis
+    # at `out1.ndim + out_axes` gives (*out1, *out2).
     ndims = jax.tree.map(lambda s: s.ndim, fx1)
-    over_x1 = jax.vmap(pair_kernel, in_axes=(x_axes, kw_axes, None, None),
-                       out_axes=out_axes)
-    full = jax.vmap(over_x1, in_axes=(None, None, x_axes, kw_axes),
+    full = jax.vmap(against_example, in_axes=(x_axes, kw_axes),
                     out_axes=jax.tree.map(lambda a, n: a + n, out_axes,
-                                          ndims))(x1, mapped1, x2_, mapped2)
+                                          ndims))(x2_, mapped2)
 
   def in_nt_layout(kernel, out1, out2):
     trace, diagonal = layout.check_trace_and_diagonal(
