@@ -7,8 +7,10 @@ are computed at once under `jax.vmap`. No Jacobian is contracted, so this is
 cheap when a forward pass costs about as much as the parameter count (dense
 layers) and outputs are many.
 
-With `vmap_axes`, the columns are computed for each pair of examples, which
-keeps each product as small as one example.
+With `vmap_axes`, each VJP is taken through one `x2` example (its outputs'
+basis pulled back to parameter space) and each JVP through the whole `x1`
+batch at once: examples are independent, so the batch's Jacobian rows are the
+per-example ones, and neither product is repeated for every pair of examples.
 """
 
 from collections.abc import Callable, Mapping
