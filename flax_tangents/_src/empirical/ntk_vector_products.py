@@ -25,6 +25,70 @@ from flax_tangents._src.empirical import example_axes
 __all__ = ["ntk"]
 
 
+# Above this many bytes of pulled-back tangents (one per output element of
+# every `x2` example), the `vmap_axes` path pulls back one example at a time
+# inside its loop instead of all examples at once.
+_TANGENT_BYTES_AT_ONCE = 64 * 2**20
+
+
+def _pullbacks(f2: Callable[[layout.PyTree], layout.PyTree],
+               params: layout.PyTree) -> list[layout.PyTree]:
+  """`J2^T e` for the basis `e` of each output leaf of `f2`.
+
+  Returns:
+    One pytree like `params` per output leaf of `f2`, each leaf with a leading
+    axis of the output leaf's size (one tangent per basis vector).
+  """
+  out2 = jax.eval_shape(f2, params)
+  leaves2, tree2 = jax.tree.flatten(out2)
+  _, pullback = jax.vjp(f2, params)
+  tangents = []
+  for i, leaf2 in enumerate(leaves2):
+
+    def pull(cotangent, i=i, leaf2=leaf2):
+      # A cotangent on output leaf `i` only, zero on the others.
+      cotangents = [
+          jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves2
+      ]
+      cotangents[i] = cotangent.reshape(leaf2.shape)
+      (tangent,) = pullback(jax.tree.unflatten(tree2, cotangents))
+      return tangent
+
+    tangents.append(jax.vmap(pull)(jnp.eye(leaf2.size, dtype=leaf2.dtype)))
+  return tangents
+
+
+def _pushforwards(push: Callable[[layout.PyTree], layout.PyTree],
+                  tangents: list[layout.PyTree], out1: layout.PyTree,
+                  out2: layout.PyTree) -> layout.PyTree:
+  """`J1 t` for the tangents of `_pullbacks`, as kernels like `out2`.
+
+  Args:
+    push: `t -> J1 t`, output tangents like `out1`.
+    tangents: `_pullbacks`' result for outputs `out2`.
+    out1: shapes of the outputs `push` maps into.
+    out2: shapes of the outputs the tangents were pulled back from.
+
+  Returns:
+    A pytree like `out2` of kernels `(*out1_leaf.shape, *out2_leaf.shape)`.
+  """
+  leaves2, tree2 = jax.tree.flatten(out2)
+  leaves1 = tree2.flatten_up_to(out1)
+  kernels = []
+  for i, (leaf1, leaf2, tangent) in enumerate(zip(leaves1, leaves2,
+                                                  tangents)):
+    # `axis_size`: without parameters the tangents have no leaves.
+    columns = jax.vmap(
+        lambda t, i=i: tree2.flatten_up_to(push(t))[i],
+        axis_size=leaf2.size)(tangent)
+    columns = columns.reshape(leaf2.shape + leaf1.shape)
+    n2 = len(leaf2.shape)
+    kernels.append(jnp.moveaxis(columns, tuple(range(n2)),
+                                tuple(range(columns.ndim - n2,
+                                            columns.ndim))))
+  return jax.tree.unflatten(tree2, kernels)
+
+
 def _full_kernel(f1: Callable[[layout.PyTree], layout.PyTree],
                  f2: Callable[[layout.PyTree], layout.PyTree],
                  params: layout.PyTree) -> layout.PyTree:
@@ -35,30 +99,70 @@ def _full_kernel(f1: Callable[[layout.PyTree], layout.PyTree],
   """
   out1 = jax.eval_shape(f1, params)
   out2 = jax.eval_shape(f2, params)
-  leaves2, tree2 = jax.tree.flatten(out2)
-  leaves1 = tree2.flatten_up_to(out1)
-  _, pullback = jax.vjp(f2, params)
-  kernels = []
-  for i, (leaf1, leaf2) in enumerate(zip(leaves1, leaves2)):
+  return _pushforwards(lambda t: jax.jvp(f1, (params,), (t,))[1],
+                       _pullbacks(f2, params), out1, out2)
 
-    def column(cotangent, i=i, leaf2=leaf2):
-      # A cotangent on output leaf `i` only, zero on the others.
-      cotangents = [
-          jnp.zeros(leaf.shape, leaf.dtype) for leaf in leaves2
-      ]
-      cotangents[i] = cotangent.reshape(leaf2.shape)
-      (tangent,) = pullback(jax.tree.unflatten(tree2, cotangents))
-      _, out_tangent = jax.jvp(f1, (params,), (tangent,))
-      return tree2.flatten_up_to(out_tangent)[i]
 
-    basis = jnp.eye(leaf2.size, dtype=leaf2.dtype)
-    columns = jax.vmap(column)(basis)  # (out2.size, *out1.shape)
-    columns = columns.reshape(leaf2.shape + leaf1.shape)
-    n2 = len(leaf2.shape)
-    kernels.append(jnp.moveaxis(columns, tuple(range(n2)),
-                                tuple(range(columns.ndim - n2,
-                                            columns.ndim))))
-  return jax.tree.unflatten(tree2, kernels)
+def _per_example_kernels(f: Callable[..., layout.PyTree],
+                         params: layout.PyTree, x1: layout.PyTree,
+                         x2: layout.PyTree, kwargs1: Mapping[str, Any],
+                         kwargs2: Mapping[str, Any],
+                         vmap_axes: example_axes.VmapAxes,
+                         fx1: layout.PyTree) -> layout.PyTree:
+  """Full kernels `(*out1, *out2)` per leaf, one `x2` example at a time.
+
+  Examples are independent, so `f(params, x1)` on the whole batch has the
+  same Jacobian rows as one example at a time: `f` is linearized once on all
+  of `x1`, and a loop over `x2` examples pushes the pulled-back basis of one
+  example's outputs through it. The pullbacks are per-example VJPs, taken all
+  at once under `jax.vmap` when their tangents are small and inside the loop
+  otherwise; the loop keeps the tangents in flight (and the JVP's working
+  set) to one example's worth.
+  """
+  mapped2, fixed2 = example_axes.split_vmapped_kwargs(kwargs2, vmap_axes)
+  example2, (x_axes, kw_axes), out_axes = example_axes.per_example_fn(
+      f, vmap_axes, fixed2)
+  _, push = jax.linearize(lambda p: f(p, x1, **kwargs1), params)
+
+  # The looped-over leaves of `(x2, mapped2)`, their axis moved to the front.
+  args = (x2, mapped2)
+  is_none = lambda a: a is None
+  axes = jax.tree.leaves((x_axes, kw_axes), is_leaf=is_none)
+  leaves, tree = jax.tree.flatten(args)
+  looped = [jnp.moveaxis(leaf, a, 0)
+            for leaf, a in zip(leaves, axes) if a is not None]
+
+  def example_args(looped_j):
+    it = iter(looped_j)
+    return jax.tree.unflatten(
+        tree, [leaf if a is None else next(it)
+               for leaf, a in zip(leaves, axes)])
+
+  def example_f2(looped_j):
+    x2_j, mapped2_j = example_args(looped_j)
+    return lambda p: example2(p, x2_j, mapped2_j)
+
+  # Shapes of one example's outputs and of all the pulled-back tangents.
+  out2 = jax.eval_shape(
+      lambda l: example_f2(l)(params), [leaf[0] for leaf in looped])
+  n2 = looped[0].shape[0]
+  tangent_bytes = n2 * sum(leaf.size for leaf in jax.tree.leaves(out2)) * sum(
+      jnp.size(leaf) * jnp.asarray(leaf).dtype.itemsize
+      for leaf in jax.tree.leaves(params))
+
+  if 0 < tangent_bytes <= _TANGENT_BYTES_AT_ONCE:
+    tangents = jax.vmap(lambda l: _pullbacks(example_f2(l), params))(looped)
+    kernels = jax.lax.map(
+        lambda t_j: _pushforwards(push, t_j, fx1, out2), tangents)
+  else:
+    kernels = jax.lax.map(
+        lambda l: _pushforwards(push, _pullbacks(example_f2(l), params),
+                                fx1, out2), looped)
+  # Per leaf: (n2, *out1, *out2_example). The x2 batch axis goes to
+  # `out1.ndim + out_axes`, giving (*out1, *out2).
+  return jax.tree.map(
+      lambda k, a, o1: jnp.moveaxis(k, 0, o1.ndim + a), kernels, out_axes,
+      fx1)
 
 
 def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
@@ -100,26 +204,8 @@ def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
     full = _full_kernel(lambda p: f(p, x1, **kwargs1),
                         lambda p: f(p, x2_, **kwargs2), params)
   else:
-    # Examples are independent, so `f(params, x1)` on the whole batch has the
-    # same Jacobian rows as one example at a time: pull back a basis of one
-    # `x2` example's outputs (a per-example VJP, cheap) and push each result
-    # forward through the whole `x1` batch at once (one batched JVP instead
-    # of one per pair of examples, and the VJP is not repeated for every
-    # `x1` example).
-    mapped2, fixed2 = example_axes.split_vmapped_kwargs(kwargs2, vmap_axes)
-    example2, (x_axes, kw_axes), out_axes = example_axes.per_example_fn(
-        f, vmap_axes, fixed2)
-
-    def against_example(x2_j, mapped2_j):
-      return _full_kernel(lambda p: f(p, x1, **kwargs1),
-                          lambda p: example2(p, x2_j, mapped2_j), params)
-
-    # Per `x2` example: (*out1, *out2_example). Inserting the x2 batch axis
-    # at `out1.ndim + out_axes` gives (*out1, *out2).
-    ndims = jax.tree.map(lambda s: s.ndim, fx1)
-    full = jax.vmap(against_example, in_axes=(x_axes, kw_axes),
-                    out_axes=jax.tree.map(lambda a, n: a + n, out_axes,
-                                          ndims))(x2_, mapped2)
+    full = _per_example_kernels(f, params, x1, x2_, kwargs1, kwargs2,
+                                vmap_axes, fx1)
 
   def in_nt_layout(kernel, out1, out2):
     trace, diagonal = layout.check_trace_and_diagonal(
