@@ -9,8 +9,9 @@ layers) and outputs are many.
 
 With `vmap_axes`, each VJP is taken through one `x2` example (its outputs'
 basis pulled back to parameter space) and each JVP through the whole `x1`
-batch at once: examples are independent, so the batch's Jacobian rows are the
-per-example ones, and neither product is repeated for every pair of examples.
+batch at once (`f` linearized once on `x1`, a loop over `x2` examples):
+examples are independent, so the batch's Jacobian rows are the per-example
+ones, and neither product is repeated for every pair of examples.
 """
 
 from collections.abc import Callable, Mapping
