@@ -14,8 +14,10 @@ import jax.numpy as jnp
 from flax_tangents._src.empirical.layout import PyTree
 
 __all__ = [
+    "is_flax_variables",
     "split_kwargs",
     "split_variables",
+    "with_params",
 ]
 
 # Keyword arguments that are random keys: the `x2` evaluation gets a key of its
@@ -116,30 +118,37 @@ def split_variables(
   >>> p, f(p, 3.)
   ({'w': 2.0}, 7.0)
   """
-  if isinstance(variables, Mapping) and "params" in variables:
-    params = variables["params"]
-    others = {k: v for k, v in variables.items() if k != "params"}
-
-    def rebuild(p):
-      merged = dict(others)
-      merged["params"] = p
-      # Keep the caller's mapping type (dict or FrozenDict).
-      if not isinstance(variables, dict):
-        try:
-          return type(variables)(merged)
-        except TypeError:
-          pass
-      return merged
+  if is_flax_variables(variables):
 
     def f_params(p, x, **kwargs):
-      return _output_only(f(rebuild(p), x, **kwargs), kwargs)
+      return _output_only(f(with_params(variables, p), x, **kwargs), kwargs)
 
-    return f_params, params
+    return f_params, variables["params"]
 
   def f_plain(p, x, **kwargs):
     return _output_only(f(p, x, **kwargs), kwargs)
 
   return f_plain, variables
+
+
+def is_flax_variables(tree: PyTree) -> bool:
+  """Whether `tree` is a Flax variables mapping with a `'params'` collection."""
+  return isinstance(tree, Mapping) and "params" in tree
+
+
+def with_params(variables: Mapping[str, Any], params: PyTree) -> PyTree:
+  """`variables` with its `'params'` collection replaced by `params`.
+
+  The caller's mapping type (dict or FrozenDict) is kept.
+  """
+  merged = dict(variables)
+  merged["params"] = params
+  if not isinstance(variables, dict):
+    try:
+      return type(variables)(merged)
+    except TypeError:
+      pass
+  return merged
 
 
 def _output_only(out: PyTree, kwargs: Mapping[str, Any]) -> PyTree:

@@ -7,33 +7,19 @@ the other collections of the variables passed to `f_lin` (e.g.
 `batch_stats`) are used as given, like inputs.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src.empirical import arguments
+
 __all__ = ["linearize", "taylor_expand"]
 
 PyTree = Any
 ApplyFn = Callable[..., PyTree]
-
-
-def _is_flax_variables(tree: PyTree) -> bool:
-  return isinstance(tree, Mapping) and "params" in tree
-
-
-def _with_params(variables: PyTree, params: PyTree) -> PyTree:
-  """`variables` with its `'params'` collection replaced."""
-  merged = dict(variables)
-  merged["params"] = params
-  if not isinstance(variables, dict):
-    try:
-      return type(variables)(merged)
-    except TypeError:
-      pass
-  return merged
 
 
 def _is_float(leaf: Any) -> bool:
@@ -97,7 +83,7 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
   """
   if not isinstance(degree, int) or degree < 0:
     raise ValueError(f"degree={degree!r}: give a non-negative int.")
-  flax_variables = _is_flax_variables(params)
+  flax_variables = arguments.is_flax_variables(params)
   params_0 = params["params"] if flax_variables else params
 
   def f_tayl(p: PyTree, *args, **kwargs) -> PyTree:
@@ -108,7 +94,7 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
       point = jax.tree.map(
           lambda a, b: a + s.astype(jnp.result_type(a)) * (b - a)
           if _is_float(a) else a, params_0, new_params)
-      variables = _with_params(p, point) if flax_variables else point
+      variables = arguments.with_params(p, point) if flax_variables else point
       return f(variables, *args, **kwargs)
 
     s0 = jnp.zeros((), jnp.result_type(float))
@@ -150,7 +136,7 @@ def linearize(f: ApplyFn, params: PyTree) -> ApplyFn:
   >>> f_lin(variables, x).shape
   (3, 2)
   """
-  flax_variables = _is_flax_variables(params)
+  flax_variables = arguments.is_flax_variables(params)
   params_0 = params["params"] if flax_variables else params
 
   def f_lin(p: PyTree, *args, **kwargs) -> PyTree:
@@ -158,7 +144,7 @@ def linearize(f: ApplyFn, params: PyTree) -> ApplyFn:
     delta = jax.tree.map(lambda a, b: a - b, new_params, params_0)
 
     def at(q):
-      variables = _with_params(p, q) if flax_variables else q
+      variables = arguments.with_params(p, q) if flax_variables else q
       return f(variables, *args, **kwargs)
 
     primal, tangent = jax.jvp(at, (params_0,), (delta,))
