@@ -16,12 +16,8 @@ PENDING: dict[str, str] = {
         "Index on the batch axis and the golden builder's idx form (issue 10.4)",
     "index_int_drops_axis":
         "the golden builder's Index idx form (issue 10)",
-    "aggregate_1d_dense":
-        "Aggregate pattern pairs from golden2 (issue 10.5)",
     "aggregate_1d_sparse":
         "Aggregate(implementation='SPARSE') (issue 10.5)",
-    "aggregate_2d_axis2_dense":
-        "Aggregate pattern pairs from golden2 (issue 10.5)",
     "aggregate_2d_axis2_sparse":
         "Aggregate(implementation='SPARSE') (issue 10.5)",
     "dot_rhs_contract_spatial":
