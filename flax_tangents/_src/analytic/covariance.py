@@ -254,8 +254,14 @@ def check_gaussian(kernel: Kernel, layer: str) -> None:
     ValueError: naming the layer and the fix.
   """
   if not kernel.is_gaussian:
-    where = ("the raw inputs" if kernel.is_input else
-             "the output of a nonlinearity (or of a layer fed by one)")
+    if kernel.is_input:
+      where = "the raw inputs"
+    elif kernel._mixed:  # pylint: disable=protected-access
+      where = ("units of different distributions (the output of Flatten or "
+               "FanInConcat, then of a layer that mixes them, e.g. pooling "
+               "or LayerNorm)")
+    else:
+      where = "the output of a nonlinearity (or of a layer fed by one)"
     raise ValueError(
         f"{layer} is applied to {where}, which is not Gaussian; its "
         "infinite-width kernel has no closed form there. Put an affine "
