@@ -406,9 +406,12 @@ class Kernel:
         "A flax_tangents Kernel was passed to a plain JAX function, which has "
         "no infinite-width rule. Use a module from `flax_tangents.nn` (for "
         "example `ftn.Relu()` instead of `nn.relu`), or give your module a "
-        "rule with `ft.register_kernel_rule`.")
+        "rule with `ft.register_kernel_rule`. (A constant factor given as a "
+        "JAX array goes on the right: `kernel * c`.)")
 
   __array__ = __jax_array__
+  # NumPy scalars defer to the Kernel's own operators (`np.float32(2) * k`).
+  __array_ufunc__ = None
 
   def __matmul__(self, other: Any):
     raise TypeError(

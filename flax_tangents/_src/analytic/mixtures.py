@@ -37,8 +37,8 @@ from typing import Callable, Optional
 
 from flax_tangents.kernel import Kernel
 
-__all__ = ["assemble", "identically_distributed", "is_mixed", "map_units",
-           "parts_of", "with_parts"]
+__all__ = ["assemble", "identically_distributed", "is_centred_mixture",
+           "is_mixed", "map_units", "parts_of", "with_parts"]
 
 FLATTEN = "flatten"
 CONCAT = "concat"
@@ -52,6 +52,13 @@ def parts_of(kernel: Kernel) -> Optional[tuple[Kernel, ...]]:
 def is_mixed(kernel: Kernel) -> bool:
   """Whether channels may differ in distribution (a mixture, kept or not)."""
   return kernel._parts is not None or kernel._mixed  # pylint: disable=protected-access
+
+
+def is_centred_mixture(kernel: Kernel) -> bool:
+  """Whether `kernel` is a mixture of centred Gaussian parts."""
+  parts = parts_of(kernel)
+  return parts is not None and all(
+      p.is_gaussian or is_centred_mixture(p) for p in parts)
 
 
 def identically_distributed(kernel: Kernel) -> bool:
