@@ -162,25 +162,6 @@ def test_getitem_refusals(idx, message):
     ft.Kernel.from_inputs(IMAGES1)[idx]
 
 
-@pytest.mark.parametrize("diagonal_spatial", [False, True])
-def test_mask_zeroes_entries_of_masked_activations(diagonal_spatial):
-  kernel = ft.Kernel.from_inputs(IMAGES1, IMAGES2, diagonal_batch=False,
-                                 diagonal_spatial=diagonal_spatial)
-  mask1 = RNG.rand(2, 3, 4, 1) < 0.3
-  mask2 = RNG.rand(3, 3, 1, 1) < 0.5   # broadcast along the second axis
-  masked = kernel.mask(mask1, mask2)
-  # Same as the kernel of inputs whose masked activations are zero.
-  direct = ft.Kernel.from_inputs(
-      np.where(mask1, 0.0, IMAGES1), np.where(mask2, 0.0, IMAGES2),
-      diagonal_batch=False, diagonal_spatial=diagonal_spatial)
-  for field in ("nngp", "cov1", "cov2"):
-    np.testing.assert_allclose(getattr(masked, field), getattr(direct, field),
-                               atol=1e-12)
-  assert masked.mask1 is not None and masked.mask2 is not None
-  with pytest.raises(NotImplementedError, match="channel-wise"):
-    kernel.mask(np.zeros((2, 3, 4, 5), bool), None)
-
-
 def test_x1_is_x2_usable_under_tracing():
   # NT makes `x1_is_x2` an array leaf; here it is static when a Python bool
   # and a leaf when traced, so code written for NT's Kernel runs in jit.

@@ -38,7 +38,8 @@ from typing import Callable, Optional
 from flax_tangents.kernel import Kernel
 
 __all__ = ["assemble", "identically_distributed", "is_centred_mixture",
-           "is_mixed", "map_units", "parts_of", "with_parts"]
+           "is_mixed", "map_units", "mark_mixed", "parts_of",
+           "with_parts"]
 
 FLATTEN = "flatten"
 CONCAT = "concat"
@@ -67,6 +68,12 @@ def identically_distributed(kernel: Kernel) -> bool:
   False for raw inputs (deterministic channel values) and for mixtures.
   """
   return not kernel.is_input and not is_mixed(kernel)
+
+
+def mark_mixed(kernel: Kernel) -> Kernel:
+  """`kernel`, marked as having channels of different distributions."""
+  object.__setattr__(kernel, "_mixed", True)
+  return kernel
 
 
 def with_parts(average: Kernel, parts: tuple[Kernel, ...],
