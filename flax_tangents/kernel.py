@@ -11,6 +11,9 @@ import jax.numpy as jnp
 __all__ = ["Kernel"]
 
 _ARRAY_FIELDS = ("nngp", "ntk", "cov1", "cov2", "mask1", "mask2")
+_ARRAY_ATTRIBUTES = frozenset({
+    "shape", "ndim", "dtype", "size", "T", "reshape", "astype", "mean", "sum",
+    "squeeze", "at"})
 _STATIC_FIELDS = (
     "x1_is_x2",
     "is_gaussian",
@@ -386,6 +389,17 @@ class Kernel:
   __array__ = __jax_array__
   # NumPy scalars defer to the Kernel's own operators (`np.float32(2) * k`).
   __array_ufunc__ = None
+
+  def __getattr__(self, name: str) -> Any:
+    # Only reached for attributes a Kernel lacks: say why for array ones.
+    if name in _ARRAY_ATTRIBUTES:
+      raise AttributeError(
+          f"A Kernel has no `{name}`: it is not an array but the covariances "
+          "of one (its activations' shape is `shape1`/`shape2`). A module "
+          "that uses `x.{name}` needs a kernel rule "
+          "(`ft.register_kernel_rule`) or layers from `flax_tangents.nn`.")
+    raise AttributeError(
+        f"'{type(self).__name__}' object has no attribute '{name}'")
 
   def __matmul__(self, other: Any):
     raise TypeError(

@@ -276,6 +276,7 @@ def valid_network(seed: int) -> Network:
     add("Product", lambda w: Product(*[ftn.Conv(w, (1,) * n) if n else
                                        ftn.Dense(w) for _ in range(2)]))
     state.kind = FREE
+    flags["depth"] += 1  # Finite-width products are biased, as a layer.
 
   def attention_step():
     add("GlobalSelfAttention", lambda w: ftn.GlobalSelfAttention(
@@ -381,7 +382,7 @@ class _ReluOnInputs(nn.Module):
 class _OwnParameter(nn.Module):
   @nn.compact
   def __call__(self, x):
-    return x @ self.param("w", nn.initializers.normal(), (x.shape[-1], 3))
+    return x @ self.param("w", nn.initializers.normal(), (4, 3))
 
 
 class _ShiftAfterNonlinearity(nn.Module):
