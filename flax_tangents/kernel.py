@@ -97,6 +97,9 @@ class Kernel:
   # Whether channels may differ in distribution (a mixture whose parts a
   # rule dropped): kept by `replace` until a rule makes the kernel Gaussian.
   _mixed = False
+  # The affine layers whose Gaussian fields the activations depend on
+  # (`_src/analytic/lineage.py`); copied by `replace`, `None` if unknown.
+  _sources = None
 
   def __post_init__(self):
     x1_is_x2 = self.x1_is_x2
@@ -152,6 +155,8 @@ class Kernel:
     if ((self._mixed or self._parts is not None) and
         changes.get("is_gaussian") is not True):
       object.__setattr__(new, "_mixed", True)
+    if self._sources is not None:
+      object.__setattr__(new, "_sources", self._sources)
     return new
 
   def asdict(self) -> dict[str, Any]:

@@ -41,6 +41,37 @@ def sample_kernels(model: nn.Module, x1: jax.Array, x2: jax.Array,
   return np.asarray(nngp), np.asarray(ntk)
 
 
+def sample_kernels_projected(model: nn.Module, x1: jax.Array, x2: jax.Array,
+                             key: jax.Array, n_samples: int
+                             ) -> tuple[np.ndarray, np.ndarray]:
+  """As `sample_kernels`, without forming Jacobians (for wide networks).
+
+  The NTK estimate of one network contracts the parameter gradients of
+  `v . f(x)` for a standard normal `v` over the outputs, which is unbiased
+  for the output-averaged `J J^T / d` (with more variance). Outputs must be
+  `(N, d)`.
+  """
+  x = jnp.concatenate([jnp.asarray(x1), jnp.asarray(x2)])
+  n1 = x1.shape[0]
+
+  def one_network(k):
+    init_key, v_key = jax.random.split(k)
+    params = model.init(init_key, x[:1])["params"]
+    f = lambda p, xs: model.apply({"params": p}, xs)
+    out = f(params, x)
+    n_out = out.shape[-1]
+    v = jax.random.normal(v_key, (n_out,), out.dtype)
+    grads = jax.vmap(lambda xi: jax.grad(
+        lambda p: jnp.dot(f(p, xi[None])[0], v))(params))(x)
+    flat = jnp.concatenate([g.reshape(x.shape[0], -1)
+                            for g in jax.tree.leaves(grads)], axis=1)
+    return out[:n1] @ out[n1:].T / n_out, flat[:n1] @ flat[n1:].T / n_out
+
+  keys = jax.random.split(key, n_samples)
+  nngp, ntk = jax.jit(jax.vmap(one_network))(keys)
+  return np.asarray(nngp), np.asarray(ntk)
+
+
 def assert_mc_close(samples: np.ndarray, expected: np.ndarray, *,
                     n_se: float = 5.0, bias: float = 0.0) -> None:
   """Checks a sample mean against its limit within a justified tolerance.

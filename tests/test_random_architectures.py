@@ -18,7 +18,7 @@ import pytest
 import flax_tangents as ft
 from architecture_generator import (DEFECTS, invalid_network, linear_network,
                                     valid_network)
-from mc_utils import assert_mc_close
+from mc_utils import assert_mc_close, sample_kernels_projected
 
 # Sizes chosen for CI (about 3 s of compilation per valid network).
 N_VALID = 24
@@ -102,43 +102,13 @@ def test_valid_network_invariants(seed):
                                  atol=1e-12, err_msg=where)
 
 
-def _sampled_kernels(model, x1, x2, key, n_samples):
-  """Per-network NNGP and NTK estimates of wide finite networks.
-
-  The NTK estimate contracts the gradients of `v . f(x)` for a standard
-  normal `v` over the outputs (unbiased for the output-averaged NTK), so
-  no Jacobian is ever formed.
-  """
-  x = jnp.concatenate([x1, x2])
-
-  def one_network(k):
-    init_key, v_key = jax.random.split(k)
-    params = model.init(init_key, x[:1])["params"]
-    f = lambda p, xs: model.apply({"params": p}, xs)
-    out = f(params, x)
-    n_out = out.shape[-1]
-    v = jax.random.normal(v_key, (n_out,), out.dtype)
-    grads = jax.vmap(lambda xi: jax.grad(
-        lambda p: jnp.dot(f(p, xi[None])[0], v))(params))(x)
-    flat = jnp.concatenate([g.reshape(x.shape[0], -1)
-                            for g in jax.tree.leaves(grads)], axis=1)
-    n1 = x1.shape[0]
-    ntk = flat[:n1] @ flat[n1:].T / n_out
-    nngp = out[:n1] @ out[n1:].T / n_out
-    return nngp, ntk
-
-  keys = jax.random.split(key, n_samples)
-  nngp, ntk = jax.jit(jax.vmap(one_network))(keys)
-  return np.asarray(nngp), np.asarray(ntk)
-
-
 @pytest.mark.parametrize("seed", MC_SEEDS)
 def test_valid_network_agrees_with_monte_carlo(seed):
   network = valid_network(seed)
   x1, x2 = _inputs(network, seed, n1=2, n2=2)
   expected = ft.kernel_fn(network.build(WIDTH))(x1, x2)
-  nngp, ntk = _sampled_kernels(network.build(128), jnp.asarray(x1),
-                               jnp.asarray(x2), jax.random.key(seed), 64)
+  nngp, ntk = sample_kernels_projected(network.build(128), x1, x2,
+                                       jax.random.key(seed), 64)
   # Finite-width bias is O(depth / width) beyond one hidden layer.
   bias = 0.0 if network.nonlinear_depth <= 1 else 0.05
   assert_mc_close(nngp, expected.nngp, n_se=5.0, bias=bias)

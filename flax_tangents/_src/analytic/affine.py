@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import jax
 
+from flax_tangents._src.analytic import lineage
 from flax_tangents.kernel import Kernel
 
 __all__ = ["PARAMETERIZATIONS", "affine_kernel", "check_parameterization"]
@@ -73,7 +74,7 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
   else:
     bias_grad = 0.0 if b_std is None else 1.0
     ntk = fan_in * nngp_in + bias_grad + w_var * ntk_in
-  return kernel.replace(
+  return lineage.fresh(kernel.replace(
       nngp=nngp, ntk=ntk, cov1=affine(mapped("cov1")),
       cov2=affine(mapped("cov2")), is_gaussian=True, is_input=False,
-      shape1=shape1, shape2=shape2)
+      shape1=shape1, shape2=shape2))

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import lineage
 from flax_tangents.kernel import Kernel
 
 __all__ = ["ATTENTION_MECHANISMS", "POSITIONAL_EMBEDDINGS", "attention_fn",
@@ -167,9 +168,10 @@ def attention_kernel(kernel: Kernel, *, n_chan_out: int, QK_std: float,
         2 * _sum_of_products(nngp, ntk) * nngp + dot12 * (ntk + 4 * nngp))
                + b_var)
 
-  return kernel.replace(
+  # The output projection is a fresh affine layer: a new Gaussian source.
+  return lineage.fresh(kernel.replace(
       nngp=unflat(new_nngp, 2), ntk=unflat(new_ntk, 2),
       cov1=unflat(new_cov1, n_cov), cov2=unflat(new_cov2, n_cov),
       is_gaussian=True, is_input=False,
       shape1=kernel.shape1[:-1] + (n_chan_out,),
-      shape2=kernel.shape2[:-1] + (n_chan_out,))
+      shape2=kernel.shape2[:-1] + (n_chan_out,)))

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import jax
 
+from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import mixtures
 from flax_tangents.kernel import Kernel
 
@@ -46,40 +47,31 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   """Kernel of the sum of branches.
 
   The kernel of a sum is the sum of kernels when the branches are
-  uncorrelated: true for centred Gaussian branches that do not share their
-  last affine layer, as in the residual `x + conv(relu(x))` with `x` the
-  output of an affine layer. A branch after a nonlinearity has a non-zero
-  mean whose products the kernel cannot carry, so (as in Neural Tangents)
-  every branch must be Gaussian.
+  uncorrelated: independent (see `lineage`: no affine layer feeds two
+  branches' last Gaussian fields) and at most one with a non-zero mean. The
+  residual `x + conv(relu(x))`, with `x` the output of an affine layer, is
+  the typical case; `x + x`, `x + pool(x)` or `relu(h) + relu(g)` are not,
+  and are refused. When a branch's sources are unknown, every branch must
+  be a centred Gaussian (as in Neural Tangents) and independence is assumed.
 
   Raises:
-    ValueError: for a non-Gaussian branch, or branches of different shapes.
+    ValueError: for correlated or non-centred branches, or branches of
+      different shapes.
   """
   _check_branches(kernels, "FanInSum")
   if len(kernels) == 1:
     return kernels[0]
-  for i, k in enumerate(kernels):
-    if not k.is_gaussian:
-      raise ValueError(_not_centred_message(k, i, "FanInSum"))
+  lineage.check_sum(kernels, "FanInSum")
   add = lambda values: functools.reduce(operator.add, values)
   first = kernels[0]
-  return first.replace(
+  out = first.replace(
       nngp=_combine(kernels, "nngp", add), ntk=_combine(kernels, "ntk", add),
       cov1=_combine(kernels, "cov1", add), cov2=_combine(kernels, "cov2", add),
-      is_gaussian=True, is_input=False)
-
-
-def _not_centred_message(kernel: Kernel, index: int, layer: str) -> str:
-  what = ("the raw inputs" if kernel.is_input else
-          "not a centred Gaussian (the output of a nonlinearity, or of "
-          "Flatten/FanInConcat/a layer fed by one)")
-  return (
-      f"{layer}: branch {index} is {what}. The kernel of a sum is the sum "
-      "of kernels only for uncorrelated, centred (zero-mean) branches; a "
-      "branch with a non-zero mean adds products of means that the kernel "
-      "does not carry. End every branch with an affine layer "
-      "(`Dense`/`Conv`), e.g. write `x + Dense(relu(x))` with `x` itself "
-      "the output of an affine layer, or merge with `FanInConcat`.")
+      is_gaussian=all(k.is_gaussian for k in kernels), is_input=False)
+  out = lineage.with_sources(out, lineage.union(kernels))
+  if not all(mixtures.identically_distributed(k) for k in kernels):
+    out = mixtures.mark_mixed(out)  # e.g. inputs + Dense(inputs)
+  return out
 
 
 def channel_average(kernels: Sequence[Kernel]) -> Kernel:
@@ -121,8 +113,9 @@ def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
   _check_branches(kernels, "FanInConcat", same_channels=False)
   if len(kernels) == 1:
     return kernels[0]
-  return mixtures.with_parts(channel_average(kernels), tuple(kernels),
-                             mixtures.CONCAT)
+  out = mixtures.with_parts(channel_average(kernels), tuple(kernels),
+                            mixtures.CONCAT)
+  return lineage.with_sources(out, lineage.union(kernels))
 
 
 def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
@@ -143,6 +136,7 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
         "FanInProd: a branch is multiplied by itself; its square needs "
         "fourth moments, not its kernel. Multiply independent branches "
         "(each ending in its own affine layer).")
+  lineage.check_independent(kernels, "FanInProd")
   uneven = [i for i, k in enumerate(kernels)
             if not mixtures.identically_distributed(k)]
   if len(uneven) > 1:
@@ -170,4 +164,4 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
       is_gaussian=False, is_input=all(k.is_input for k in kernels))
   if uneven and not out.is_input:
     out = mixtures.mark_mixed(out)
-  return out
+  return lineage.with_sources(out, lineage.union(kernels))

@@ -120,12 +120,14 @@ def inputs_to_kernel(x1: jax.typing.ArrayLike,
   nngp = moment(x1, x2, False)
   cov1 = moment(x1, x1, diagonal_batch)
   cov2 = None if x1_is_x2 else moment(x2, x2, diagonal_batch)
-  return Kernel(
+  kernel = Kernel(
       nngp=nngp, ntk=jnp.zeros_like(nngp) if compute_ntk else None,
       cov1=cov1, cov2=cov2, x1_is_x2=x1_is_x2, is_gaussian=False,
       is_reversed=False, is_input=True, diagonal_batch=diagonal_batch,
       diagonal_spatial=diagonal_spatial, shape1=tuple(x1.shape),
       shape2=tuple(x2.shape), batch_axis=0, channel_axis=-1)
+  object.__setattr__(kernel, "_sources", frozenset())  # Fixed: no randomness.
+  return kernel
 
 
 def map_covariances(kernel: Kernel,

@@ -22,6 +22,7 @@ import numpy as np
 from flax_tangents._src.analytic import call_args
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import inputs
+from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import rule_checks
@@ -130,7 +131,8 @@ def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
   try:
     if rule is not None:
       _check_call(module, args, kwargs)
-      output = rule(module, *args, **call_args.rule_kwargs(rule, kwargs))
+      with lineage.layer(module.path):
+        output = rule(module, *args, **call_args.rule_kwargs(rule, kwargs))
       rule_checks.check_rule_output(rule, module, output)
       return output
     return next_fun(*args, **kwargs)
@@ -226,7 +228,7 @@ def _positional(model: nn.Module, inputs: Any) -> tuple[Any, ...]:
 def _run_model(model: nn.Module, inputs: Any, passed: dict[str, Any],
                offered: dict[str, Any]) -> Any:
   """Runs `model` on input kernels; every offered argument must be used."""
-  with call_args.offering(offered) as ledger:
+  with call_args.offering(offered) as ledger, lineage.run():
     with nn.intercept_methods(_interceptor):
       output = model.apply({}, *_positional(model, inputs), **passed)
   call_args.check_all_used(ledger, type(model).__name__)
