@@ -44,12 +44,19 @@ class Kernel:
   - `cov1`: `(N1, [N1,] spatial...)`: the leading batch axis is doubled unless
     `diagonal_batch`. `cov2` likewise, or `None` when `x1_is_x2`.
 
+  Methods give the kernel of transformed activations, with Neural Tangents'
+  meaning: `k.slice(s1, s2)`, `k[idx]` (indexing, batch slices apply to both
+  batches), `k * c` / `k / c` (covariances times `c**2`), `-k`, `k + c`
+  (a constant shift: adds `c**2`, for centred activations only), `k1 + k2` /
+  `k1 - k2` (`FanInSum` of independent branches), `k1 * k2` (`FanInProd`).
+
   Attributes:
     nngp: covariance between the outputs on the first and second batches.
     ntk: neural tangent kernel, same shape as `nngp`; `None` when not computed.
     cov1: covariance of the outputs on the first batch.
     cov2: covariance on the second batch; `None` when `x1_is_x2`.
-    x1_is_x2: whether the two batches are the same inputs.
+    x1_is_x2: whether the two batches are the same inputs (a Python bool;
+      may be a traced boolean array, as in NT, when set under `jit`).
     is_gaussian: whether the outputs are Gaussian given the inputs (true after
       an affine layer, false after a nonlinearity).
     is_reversed: whether spatial axes are stored in reversed order (always
