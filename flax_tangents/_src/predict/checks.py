@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
