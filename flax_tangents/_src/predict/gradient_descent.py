@@ -18,6 +18,7 @@ from jax.experimental import ode as jax_ode
 import jax.numpy as jnp
 import numpy as np
 
+from flax_tangents._src.predict import checks
 from flax_tangents._src.predict import linalg
 
 ArrayOrScalar = Union[None, int, float, jax.Array, np.ndarray]
@@ -98,6 +99,13 @@ def gradient_descent_mse(
   Raises:
     NotPSDError: (from `predict_fn`) if `k_train_train` is not positive
       semi-definite, or a solve with it fails.
+    ValueError: for a negative or non-finite `diag_reg` or `learning_rate`,
+      and (from `predict_fn`) for negative or non-finite times (infinite
+      time is `t=None`).
+
+  Warns:
+    IllConditionedWarning: (from `predict_fn`) if `k_train_train` is float32
+      and ill-conditioned enough that its rounding can spoil the solution.
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -111,6 +119,8 @@ def gradient_descent_mse(
   >>> predict_fn(t=jnp.array([0., 10.]), fx_train_0=jnp.zeros((2, 1))).shape
   (2, 2, 1)
   """
+  checks.check_diag_reg(diag_reg)
+  checks.check_learning_rate(learning_rate)
   y_train = jnp.asarray(y_train)
   k_train_train = jnp.asarray(k_train_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
@@ -189,11 +199,15 @@ def gradient_descent_mse(
   ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
     """Train [and test] outputs at time[s] `t` (see `gradient_descent_mse`)."""
     _check_inputs(fx_train_0, fx_test_0, k_test_train)
+    checks.check_times(t)
     if fx_test_0 is not None:
       k_test_train = jnp.asarray(k_test_train)
       layout.test_kept_shape(k_test_train)
-    factors = cholesky() if t is None else eigh()
-    out = compute(t, fx_train_0, fx_test_0, k_test_train, factors)
+    with checks.solve_precision(k_train_train, y_train, t, fx_train_0,
+                                fx_test_0, k_test_train):
+      factors = cholesky() if t is None else eigh()
+      out = compute(t, fx_train_0, fx_test_0, k_test_train, factors)
+    out = checks.canonical_dtypes(out)
     linalg.check_solution(out, "k_train_train")
     return out
 
@@ -278,7 +292,8 @@ def gradient_descent(
     NotPSDError: (from `predict_fn`) if `k_train_train` is not positive
       semi-definite.
     ValueError: (from `predict_fn`) for `t=None`: the flow of a general loss
-      has no closed-form limit, ask for a finite time.
+      has no closed-form limit, ask for a finite time; for negative or
+      non-finite times or `learning_rate`.
 
   >>> import jax, jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -290,6 +305,7 @@ def gradient_descent(
   >>> fx.shape, bool(fx[1, 0, 0] > fx[0, 0, 0] > 0)
   ((2, 2, 2), True)
   """
+  checks.check_learning_rate(learning_rate)
   y_train = jnp.asarray(y_train)
   k_train_train = jnp.asarray(k_train_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
@@ -344,36 +360,10 @@ def gradient_descent(
                           atol=atol)
     return jax.tree_util.tree_map(lambda x: x[1:], path)
 
-  def predict_fn(
-      t: ArrayOrScalar = None,
-      fx_train_or_state_0: Union[ArrayOrScalar, ODEState] = 0.,
-      fx_test_0: ArrayOrScalar = None,
-      k_test_train: Optional[jax.typing.ArrayLike] = None,
-  ) -> Union[jax.Array, tuple[jax.Array, jax.Array], ODEState]:
-    """Train [and test] outputs at time[s] `t` (see `gradient_descent`)."""
-    given_state = isinstance(fx_train_or_state_0, ODEState)
-    if given_state:
-      if fx_test_0 is not None:
-        raise ValueError("fx_test_0 must be None when passing an ODEState; "
-                         "set ODEState.fx_test instead.")
-      state = fx_train_or_state_0
-      fx_train_0, fx_test_0 = state.fx_train, state.fx_test
-      qx_train_0, qx_test_0 = state.qx_train, state.qx_test
-    else:
-      fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
-    _check_inputs(fx_train_0, fx_test_0, k_test_train)
-    if t is None:
-      raise ValueError(
-          "gradient_descent integrates an ODE and needs a finite time t; for "
-          "the t=None (infinite-time) limit of the MSE use "
-          "gradient_descent_mse.")
-    if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
-      raise ValueError("The ODEState has momentum variables, but "
-                       "momentum is None.")
-
+  def integrate(t, fx_train_0, fx_test_0, qx_train_0, qx_test_0,
+                k_test_train, want_test):
     k_dd = k_dd_matrix()
     dtype = k_dd.dtype
-    want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
     fx_train_0 = jnp.broadcast_to(
         jnp.asarray(0. if fx_train_0 is None else fx_train_0, dtype),
         y_train.shape)
@@ -401,7 +391,43 @@ def gradient_descent(
     path = solve(state_0, t.reshape((-1,)), k_td)
     path = jax.tree_util.tree_map(
         lambda x: x.reshape(t_shape + x.shape[1:]), path)
+    return path
 
+  def predict_fn(
+      t: ArrayOrScalar = None,
+      fx_train_or_state_0: Union[ArrayOrScalar, ODEState] = 0.,
+      fx_test_0: ArrayOrScalar = None,
+      k_test_train: Optional[jax.typing.ArrayLike] = None,
+  ) -> Union[jax.Array, tuple[jax.Array, jax.Array], ODEState]:
+    """Train [and test] outputs at time[s] `t` (see `gradient_descent`)."""
+    given_state = isinstance(fx_train_or_state_0, ODEState)
+    if given_state:
+      if fx_test_0 is not None:
+        raise ValueError("fx_test_0 must be None when passing an ODEState; "
+                         "set ODEState.fx_test instead.")
+      state = fx_train_or_state_0
+      fx_train_0, fx_test_0 = state.fx_train, state.fx_test
+      qx_train_0, qx_test_0 = state.qx_train, state.qx_test
+    else:
+      fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
+    _check_inputs(fx_train_0, fx_test_0, k_test_train)
+    if t is None:
+      raise ValueError(
+          "gradient_descent integrates an ODE and needs a finite time t; for "
+          "the t=None (infinite-time) limit of the MSE use "
+          "gradient_descent_mse.")
+    if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
+      raise ValueError("The ODEState has momentum variables, but "
+                       "momentum is None.")
+    want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
+
+    checks.check_times(t)
+    with checks.solve_precision(k_train_train, y_train, t, fx_train_0,
+                                fx_test_0, qx_train_0, qx_test_0,
+                                k_test_train):
+      path = integrate(t, fx_train_0, fx_test_0, qx_train_0, qx_test_0,
+                        k_test_train, want_test)
+    path = checks.canonical_dtypes(path)
     if given_state:
       return path
     return _pick(path.fx_train, path.fx_test, want_train, want_test)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_tangents._src.predict import checks
 from flax_tangents._src.predict import linalg
 
 Axes = linalg.Axes
@@ -128,6 +129,11 @@ def gp_inference(
   Raises:
     NotPSDError: (from `predict_fn`) if a train kernel is not numerically
       positive definite after regularization.
+    ValueError: for a negative or non-finite `diag_reg`.
+
+  Warns:
+    IllConditionedWarning: (from `predict_fn`) if a train kernel is float32
+      and ill-conditioned enough that its rounding can spoil the solution.
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -138,6 +144,7 @@ def gp_inference(
   >>> print(jnp.round(mean, 4), jnp.round(cov, 4))
   [[0.6667]] [[0.3333]]
   """
+  checks.check_diag_reg(diag_reg)
   y_train = jnp.asarray(y_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
 
@@ -215,9 +222,12 @@ def gp_inference(
       k_tts = {n: _kernel_of(k_test_test, n, "k_test_test") for n in priors}
     nngp_dd = (_kernel_of(k_train_train, "nngp", "k_train_train") if ntk_cov
                else None)
-    out = compute(gets, has_cov, k_tds, k_tts,
-                  {n: factor(n) for n in solved},
-                  {n: k_inv_y(n) for n in solved}, nngp_dd)
+    k_dds = [_kernel_of(k_train_train, n, "k_train_train") for n in solved]
+    with checks.solve_precision(y_train, k_dds, k_tds, k_tts, nngp_dd):
+      out = compute(gets, has_cov, k_tds, k_tts,
+                    {n: factor(n) for n in solved},
+                    {n: k_inv_y(n) for n in solved}, nngp_dd)
+    out = checks.canonical_dtypes(out)
     linalg.check_solution(out, "the train kernel")
     return _package(out, single, gets)
 
@@ -324,6 +334,8 @@ def gradient_descent_mse_ensemble(
   Raises:
     NotPSDError: (from `predict_fn`) if a train kernel is not positive
       semi-definite.
+    ValueError: for a negative or non-finite `diag_reg` or `learning_rate`,
+      and (from `predict_fn`) for negative or non-finite times.
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -335,6 +347,8 @@ def gradient_descent_mse_ensemble(
   >>> print(predict_fn(None, jnp.array([[1., 1.]]), 'ntk'))
   [[3.]]
   """
+  checks.check_diag_reg(diag_reg)
+  checks.check_learning_rate(learning_rate)
   x_train = jnp.asarray(x_train)
   y_train = jnp.asarray(y_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
@@ -416,6 +430,7 @@ def gradient_descent_mse_ensemble(
                  **kernel_fn_test_test_kwargs):
     """Mean [and covariance] at times `t`; see `gradient_descent_mse_ensemble`."""
     single, gets = _canonicalize_get(get, ("nngp", "ntk"))
+    checks.check_times(t)
     # The NTK covariance also needs the NNGP (the covariance at init).
     needed = tuple(g for g in ("nngp", "ntk")
                    if g in gets or (g == "nngp" and compute_cov))
@@ -442,9 +457,10 @@ def gradient_descent_mse_ensemble(
     if k_td is not None:
       for g in needed:
         layout.test_kept_shape(k_td[g], f"kernel_fn(x_test, x_train, {g!r})")
-    out = {g: finite_time(g, compute_cov, t, eigh(g), k_td, nngp_tt,
-                          train_kernels.get("nngp") if compute_cov else None)
-           for g in gets}
-    return _package(out, single, gets)
+    with checks.solve_precision(t, train_kernels, k_td, nngp_tt, y_train):
+      out = {g: finite_time(g, compute_cov, t, eigh(g), k_td, nngp_tt,
+                            train_kernels.get("nngp") if compute_cov else None)
+             for g in gets}
+    return _package(checks.canonical_dtypes(out), single, gets)
 
   return predict_fn
