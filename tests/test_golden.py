@@ -14,8 +14,6 @@ CASES = load_cases()
 PENDING: dict[str, str] = {
     "index_batch_slice_spatial":
         "Index on the batch axis and the golden builder's idx form (issue 10.4)",
-    "index_int_drops_axis":
-        "the golden builder's Index idx form (issue 10)",
     "aggregate_1d_dense":
         "Aggregate pattern pairs from golden2 (issue 10.5)",
     "aggregate_1d_sparse":
@@ -36,24 +34,6 @@ PENDING: dict[str, str] = {
         "FanInConcat along a spatial axis (issue 10.4)",
     "concat_batch_axis":
         "FanInConcat along the batch axis (issue 10.4)",
-    "prod_dense":
-        "the golden builder's Prod composite (issue 10)",
-    "prod_conv_three":
-        "the golden builder's Prod composite (issue 10)",
-    "elementwise_erf":
-        "the golden builder's Elementwise fn names (issue 10)",
-    "elementwise_numerical_tanh":
-        "the golden builder's ElementwiseNumerical fn names (issue 10)",
-    "elementwise_numerical_tanh_conv":
-        "the golden builder's ElementwiseNumerical fn names (issue 10)",
-    "dense_standard_s23":
-        "s=(s_in, s_out) for standard parameterization (issue 10.6)",
-    "conv_standard_s23":
-        "s=(s_in, s_out) for standard parameterization (issue 10.6)",
-    "relu_stabilize":
-        "do_stabilize on the ReLU family (issue 10.6)",
-    "relu_stabilize_conv_x2none":
-        "do_stabilize on the ReLU family (issue 10.6)",
     "attn_pos_sum":
         "GlobalSelfAttention positional embeddings (issue 10.2)",
     "attn_pos_sum_val_decay":
