@@ -178,32 +178,6 @@ class Kernel:
     from flax_tangents._src.analytic import kernel_methods  # import cycle
     return kernel_methods.slice_batches(self, n1_slice, n2_slice)
 
-  def mask(self, mask1: Optional[jax.typing.ArrayLike],
-           mask2: Optional[jax.typing.ArrayLike]) -> "Kernel":
-    """Zeroes every covariance entry that involves a masked activation.
-
-    Args:
-      mask1: `None`, or a boolean array broadcastable to `shape1` with the
-        same number of axes and a channel axis of size 1; `True` marks a
-        masked (padding) activation.
-      mask2: the same for the second batch (`None` uses `mask1` when
-        `x1_is_x2`).
-
-    Returns:
-      The kernel with `mask1`/`mask2` set and masked entries zero.
-
-    >>> import numpy as np
-    >>> import flax_tangents as ft
-    >>> k = ft.Kernel.from_inputs(np.ones((2, 3, 1)))     # (N, length, C)
-    >>> m = np.array([False, False, True])[None, :, None]  # last step padded
-    >>> k.mask(m, m).nngp[0, 0]
-    Array([[1., 1., 0.],
-           [1., 1., 0.],
-           [0., 0., 0.]], dtype=float...)
-    """
-    from flax_tangents._src.analytic import kernel_methods  # import cycle
-    return kernel_methods.mask(self, mask1, mask2)
-
   @property
   def spatial_ndim(self) -> int:
     """Number of spatial dimensions of the activations."""
@@ -371,9 +345,12 @@ class Kernel:
         "A flax_tangents Kernel was passed to a plain JAX function, which has "
         "no infinite-width rule. Use a module from `flax_tangents.nn` (for "
         "example `ftn.Relu()` instead of `nn.relu`), or give your module a "
-        "rule with `ft.register_kernel_rule`.")
+        "rule with `ft.register_kernel_rule`. (A constant factor given as a "
+        "JAX array goes on the right: `kernel * c`.)")
 
   __array__ = __jax_array__
+  # NumPy scalars defer to the Kernel's own operators (`np.float32(2) * k`).
+  __array_ufunc__ = None
 
   def __matmul__(self, other: Any):
     raise TypeError(

@@ -99,9 +99,6 @@ def channel_average(kernels: Sequence[Kernel]) -> Kernel:
       cov2=_combine(kernels, "cov2", weighted),
       shape1=first.shape1[:-1] + (total,), shape2=first.shape2[:-1] + (total,),
       is_gaussian=False, is_input=all(k.is_input for k in kernels))
-  if uneven and not all(k.is_input for k in kernels):
-    object.__setattr__(out, "_mixed", True)
-  return out
 
 
 def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
@@ -171,6 +168,6 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
       nngp=_combine(kernels, "nngp", mul), ntk=product_rule_ntk(),
       cov1=_combine(kernels, "cov1", mul), cov2=_combine(kernels, "cov2", mul),
       is_gaussian=False, is_input=all(k.is_input for k in kernels))
-  if uneven and not all(k.is_input for k in kernels):
-    object.__setattr__(out, "_mixed", True)
+  if uneven and not out.is_input:
+    out = mixtures.mark_mixed(out)
   return out

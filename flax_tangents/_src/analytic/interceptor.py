@@ -147,6 +147,15 @@ def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
           flax.errors.ScopeCollectionNotFound) as e:
     # A user module that creates parameters itself has no rule.
     raise _no_rule_error(module) from e
+  except (AttributeError, TypeError) as e:
+    if rule is not None and args and isinstance(args[0], (tuple, list, dict)):
+      raise TypeError(
+          f"{_describe(module)} received a {type(args[0]).__name__} of "
+          "kernels but takes one input (inputs are never stacked). For a "
+          "model of several inputs, split them in your module's `__call__` "
+          "and give each to its own layers.") from e
+    _note_once(e, module)
+    raise
   except Exception as e:  # pylint: disable=broad-except
     _note_once(e, module)
     raise

@@ -4,7 +4,6 @@ Every method gives the kernel of a transformed activation `y = f(x)`:
 
 - `k.slice(s1, s2)`: `x1[s1]`, `x2[s2]`;
 - `k[idx]`: `x[idx]` (batch slices apply to both batches, as in NT);
-- `k.mask(m1, m2)`: masked activations (padding) set to zero;
 - `k * c`, `c * k`, `k / c`: a constant factor, covariances times `c**2`;
   `-k` is `k`;
 - `k + c`, `k - c`: a constant shift, adding `c**2`; exact only for centred
@@ -13,23 +12,22 @@ Every method gives the kernel of a transformed activation `y = f(x)`:
   i.e. `FanInSum`; `k1 * k2`: their product, i.e. `FanInProd`.
 
 All act on every unit alike, so they apply exactly to each part of a
-mixture (see `mixtures`), except masking, which keeps only the average.
+mixture (see `mixtures`).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import mixtures
 from flax_tangents.kernel import Kernel
 
-__all__ = ["add", "divide", "getitem", "mask", "multiply", "slice_batches"]
+__all__ = ["add", "divide", "getitem", "multiply", "slice_batches"]
 
 _COV_FIELDS = ("nngp", "ntk", "cov1", "cov2")
 
@@ -95,52 +93,6 @@ def _getitem_one(kernel: Kernel, idx: Any) -> Kernel:
 def getitem(kernel: Kernel, idx: Any) -> Kernel:
   """The kernel of `x[idx]` (see `Kernel.__getitem__`)."""
   return mixtures.map_units(kernel, lambda k: _getitem_one(k, idx))
-
-
-def _mask_array(m: Optional[jax.typing.ArrayLike], shape: tuple[int, ...],
-                name: str) -> Optional[jax.Array]:
-  if m is None:
-    return None
-  m = jnp.asarray(m)
-  if m.ndim != len(shape):
-    raise ValueError(f"Kernel.mask: {name} has {m.ndim} axes, the "
-                     f"activations {len(shape)} {shape}.")
-  if m.shape[-1] != 1:
-    raise NotImplementedError(
-        f"Kernel.mask: {name} has shape {m.shape}; channel-wise masks "
-        "(channel axis other than 1) have no infinite-width kernel.")
-  m = jnp.broadcast_to(m.astype(bool), tuple(shape[:-1]) + (1,))
-  return m[..., 0]
-
-
-def mask(kernel: Kernel, mask1: Optional[jax.typing.ArrayLike],
-         mask2: Optional[jax.typing.ArrayLike]) -> Kernel:
-  """Zeroes the entries involving masked activations (see `Kernel.mask`)."""
-  m1 = _mask_array(mask1, kernel.shape1, "mask1")
-  m2 = _mask_array(mask2, kernel.shape2, "mask2")
-  if m2 is None and kernel.cov2 is None:
-    m2 = m1
-  if m1 is None and m2 is None:
-    return kernel
-  n1, n2 = kernel.shape1[:-1], kernel.shape2[:-1]
-  m1 = jnp.zeros(n1, bool) if m1 is None else m1
-  m2 = jnp.zeros(n2, bool) if m2 is None else m2
-
-  def masked(cov, a, b, batch_pair):
-    if cov is None:
-      return None
-    ma, mb = covariance.paired_variances(
-        a, b, batch_pair=batch_pair, diagonal_spatial=kernel.diagonal_spatial)
-    return jnp.where(ma | mb, jnp.zeros((), cov.dtype), cov)
-
-  full_batch = not kernel.diagonal_batch
-  return kernel.replace(
-      nngp=masked(kernel.nngp, m1, m2, True),
-      ntk=masked(kernel.ntk, m1, m2, True),
-      cov1=masked(kernel.cov1, m1, m1, full_batch),
-      cov2=masked(kernel.cov2, m2, m2, full_batch),
-      mask1=None if mask1 is None else jnp.asarray(mask1),
-      mask2=None if mask2 is None else jnp.asarray(mask2))
 
 
 def _is_scalar(x: Any) -> bool:

@@ -37,8 +37,9 @@ from typing import Callable, Optional
 
 from flax_tangents.kernel import Kernel
 
-__all__ = ["assemble", "identically_distributed", "is_mixed", "map_units",
-           "parts_of", "with_parts"]
+__all__ = ["assemble", "identically_distributed", "is_centred_mixture",
+           "is_mixed", "map_units", "mark_mixed", "parts_of",
+           "with_parts"]
 
 FLATTEN = "flatten"
 CONCAT = "concat"
@@ -54,12 +55,25 @@ def is_mixed(kernel: Kernel) -> bool:
   return kernel._parts is not None or kernel._mixed  # pylint: disable=protected-access
 
 
+def is_centred_mixture(kernel: Kernel) -> bool:
+  """Whether `kernel` is a mixture of centred Gaussian parts."""
+  parts = parts_of(kernel)
+  return parts is not None and all(
+      p.is_gaussian or is_centred_mixture(p) for p in parts)
+
+
 def identically_distributed(kernel: Kernel) -> bool:
   """Whether all channels share the kernel's distribution.
 
   False for raw inputs (deterministic channel values) and for mixtures.
   """
   return not kernel.is_input and not is_mixed(kernel)
+
+
+def mark_mixed(kernel: Kernel) -> Kernel:
+  """`kernel`, marked as having channels of different distributions."""
+  object.__setattr__(kernel, "_mixed", True)
+  return kernel
 
 
 def with_parts(average: Kernel, parts: tuple[Kernel, ...],

@@ -88,6 +88,27 @@ def _check_kernel(kernel: Kernel, where: str) -> None:
           f"{where} returned a Kernel whose `{field}` is not symmetric (it "
           "is the covariance of a batch with itself). Check the rule's "
           f"formula for `{field}`.")
+  _check_same_inputs(kernel, where)
+
+
+def _check_same_inputs(kernel: Kernel, where: str) -> None:
+  """With `x2 = x1`, `cov1` is the batch diagonal of `nngp`."""
+  if kernel.cov2 is not None:
+    return
+  try:
+    nngp, cov1 = np.asarray(kernel.nngp), np.asarray(kernel.cov1)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  diagonal = np.moveaxis(np.diagonal(nngp, axis1=0, axis2=1), -1, 0)
+  if not kernel.diagonal_batch:
+    cov1 = np.moveaxis(np.diagonal(cov1, axis1=0, axis2=1), -1, 0)
+  scale = np.max(np.abs(cov1)) if cov1.size else 0.0
+  if not np.allclose(diagonal, cov1, rtol=1e-5, atol=1e-6 * scale):
+    raise ValueError(
+        f"{where} returned a Kernel whose `cov1` differs from the diagonal "
+        "of `nngp` although x2 is x1: the rule changes one and not the "
+        "other. Apply the same formula to `nngp`, `cov1` and `cov2`.")
 
 
 def check_rule_output(rule: Callable[..., Any], module: Any,
