@@ -188,13 +188,14 @@ def test_resume_after_crash_is_identical(tmp_path, store_on_device):
   assert reports == [(total, total)]
 
 
-def test_unfinished_orbax_writes_are_ignored(tmp_path):
+def test_unfinished_writes_are_ignored_and_removed(tmp_path):
   directory = tmp_path / "tiles"
   ft.batch(rbf, 4, checkpoint_dir=directory)(X1, X2)
-  (directory / "tiles" / "tiles_00000000_00000000.orbax-checkpoint-tmp-1"
-   ).mkdir()
+  leftover = directory / "tiles" / "tile_00000000.npz.tmp-123-456"
+  leftover.write_bytes(b"PK\x03\x04 interrupted")
   assert_close(ft.batch(rbf, 4, checkpoint_dir=directory)(X1, X2),
                rbf(X1, X2))
+  assert not leftover.exists()
 
 
 def test_refuses_checkpoint_of_another_kernel(tmp_path):
