@@ -134,8 +134,12 @@ def test_pytree_inputs_and_tiled_keyword_pairs():
 def test_compiles_once_per_tile_shape():
   batched = ft.batch(rbf, 4)
   batched(X1, X2)
+  programs = batched._programs  # pylint: disable=protected-access
+  compiled = len(programs)
   batched(X1 + 1., X2)
-  assert len(batched._programs) == 1  # pylint: disable=protected-access
+  # A new wrapper of the same function (a rerun notebook cell) reuses them.
+  ft.batch(rbf, 4, checkpoint_dir=None)(X1, X2 - 1.)
+  assert len(programs) == compiled
 
 
 def test_bad_arguments():

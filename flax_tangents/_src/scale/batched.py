@@ -17,6 +17,7 @@ One call:
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable, Optional
 
@@ -118,8 +119,9 @@ class BatchedKernelFn:
     self.store_on_device = store_on_device
     self.checkpoint_dir = checkpoint_dir
     self.progress = progress
-    self._programs: dict[tuple, Callable[..., Any]] = {}
-    self._templates: dict[tuple, tile_outputs.OutputTemplate] = {}
+    # Shared by every ft.batch of the same kernel function, so that a new
+    # wrapper (a rerun notebook cell) neither recompiles nor retraces.
+    self._programs, self._templates, self._digests = _caches_for(kernel_fn)
     functools.update_wrapper(self, kernel_fn)
 
   # ------------------------------------------------------------------ call
@@ -155,7 +157,9 @@ class BatchedKernelFn:
     checkpoint, done = None, set()
     if self.checkpoint_dir is not None:
       checkpoint = tile_checkpoint.TileCheckpoint(
-          self.checkpoint_dir, self._fingerprint(call, x1, x2, plan))
+          self.checkpoint_dir, self._fingerprint(call, x1, x2, plan),
+          {"plan": plan.describe(),
+           "leaves": tile_outputs.describe_leaves(template)})
     try:
       if checkpoint is not None:
         expected = {assemble.leaf_name(k): (leaf.shape,
@@ -331,11 +335,22 @@ class BatchedKernelFn:
   def _computation(self, call: _Call, x1: Any, x2: Any, b: int) -> str:
     """Digest of the per-tile program: what the kernel function computes."""
     kind = DIAG if call.symmetric else FULL
+    specs = self._tile_specs(call, x1, x2, b)
     abstract_dynamic = [jax.ShapeDtypeStruct(np.shape(d), _dtype(d))
                         for d in call.dynamic]
-    return fingerprint_lib.computation_identity(
-        self._one_tile(call, kind), *self._tile_specs(call, x1, x2, b),
-        abstract_dynamic)
+    key = call.program_key(kind)
+    if key is not None:
+      # Cached like the compiled program it describes (`jax.jit` too
+      # assumes a function computes what it computed when first traced).
+      key += (jax.tree.structure(specs), tuple(jax.tree.leaves(specs)),
+              tuple(abstract_dynamic))
+      if key in self._digests:
+        return self._digests[key]
+    digest = fingerprint_lib.computation_identity(
+        self._one_tile(call, kind), *specs, abstract_dynamic)
+    if key is not None:
+      self._digests[key] = digest
+    return digest
 
   def _fingerprint(self, call: _Call, x1: Any, x2: Any,
                    plan: TilePlan) -> dict[str, str]:
@@ -352,6 +367,25 @@ class BatchedKernelFn:
         "other arguments": digest(list(call.static)),
         "tiled arguments": digest(call.tiled),
     }
+
+
+_MAX_SHARED_CACHES = 16
+_SHARED_CACHES: collections.OrderedDict[Any, tuple[dict, dict, dict]] = (
+    collections.OrderedDict())
+
+
+def _caches_for(kernel_fn: Callable[..., Any]) -> tuple[dict, dict, dict]:
+  """Compiled programs, templates and digests of `kernel_fn`'s tiles."""
+  try:
+    caches = _SHARED_CACHES.pop(kernel_fn, None)
+  except TypeError:  # Unhashable: caches of its own.
+    return {}, {}, {}
+  if caches is None:
+    caches = ({}, {}, {})
+  _SHARED_CACHES[kernel_fn] = caches  # Most recently used last.
+  while len(_SHARED_CACHES) > _MAX_SHARED_CACHES:
+    _SHARED_CACHES.popitem(last=False)
+  return caches
 
 
 def _dtype(leaf: Any) -> Any:

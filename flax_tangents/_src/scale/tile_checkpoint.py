@@ -3,6 +3,7 @@
 Layout of a checkpoint directory:
 
     fingerprint.json       what the tiles were computed for
+    layout.json            the tiling and the output arrays of each tile
     lock                   held (flock) by the process computing into it
     tiles/tile_<id>.npz    one file per finished tile (see `tile_files`)
 
@@ -59,6 +60,7 @@ __all__ = ["CheckpointInUseError", "CheckpointMismatchError",
            "CheckpointWriteError", "TileCheckpoint"]
 
 _FINGERPRINT_FILE = "fingerprint.json"
+LAYOUT_FILE = "layout.json"
 _LOCK_FILE = "lock"
 # Tiles restored per group handed to the assembler (bounds host memory).
 _RESTORE_GROUP = 64
@@ -88,6 +90,8 @@ class TileCheckpoint:
     directory: the checkpoint directory (created if missing). Under
       multi-host it must be on a file system all processes share.
     fingerprint: named digests of what is computed (see `fingerprint`).
+    layout: how tiles form the kernel (the tiling and the output arrays),
+      written for readers such as `ft.predict.TiledKernel`.
 
   Raises:
     CheckpointMismatchError: if `directory` was written for another
@@ -97,7 +101,8 @@ class TileCheckpoint:
   """
 
   def __init__(self, directory: str | os.PathLike,
-               fingerprint: dict[str, str]):
+               fingerprint: dict[str, str],
+               layout: Optional[dict[str, Any]] = None):
     self.directory = os.path.abspath(os.fspath(directory))
     self.tiles_directory = os.path.join(self.directory, "tiles")
     self._lock_file = None
@@ -106,6 +111,8 @@ class TileCheckpoint:
     try:
       self._lock()
       self._check_or_write_fingerprint(fingerprint)
+      if layout is not None:
+        self._write_layout(layout)
       if devices.is_primary_process() and self._lock_file is not None:
         for leftover in tile_files.temporary_files(self.tiles_directory):
           _remove(leftover)
@@ -192,11 +199,8 @@ class TileCheckpoint:
       return
     failure = ""
     if devices.is_primary_process():
-      temporary = path + ".tmp"
       try:
-        with open(temporary, "w") as f:
-          json.dump(fingerprint, f, indent=1, sort_keys=True)
-        os.replace(temporary, path)  # Atomic: never a half-written file.
+        _write_json(path, fingerprint)
       except OSError as error:
         failure = (f"checkpoint_dir {self.directory!r} cannot be written "
                    f"({error}); choose a writable location, or pass "
@@ -204,6 +208,15 @@ class TileCheckpoint:
     failure = devices.gather_strings(failure)[0]
     if failure:
       raise CheckpointWriteError(errno.EACCES, failure)
+
+  def _write_layout(self, layout: dict[str, Any]) -> None:
+    path = os.path.join(self.directory, LAYOUT_FILE)
+    if devices.is_primary_process() and not os.path.exists(path):
+      try:
+        _write_json(path, layout)
+      except OSError:
+        pass  # Read-only and finished: readers need it, computing does not.
+    devices.sync("flax_tangents_layout_written")
 
   # ------------------------------------------------------------- reading
 
@@ -382,6 +395,13 @@ def _local_tiles(leaf: Any) -> Iterator[tuple[int, np.ndarray]]:
     start = shard.index[0].start or 0
     for offset, tile in enumerate(np.asarray(shard.data)):
       yield start + offset, tile
+
+
+def _write_json(path: str, contents: Any) -> None:
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(contents, f, indent=1, sort_keys=True)
+  os.replace(temporary, path)  # Atomic: never a half-written file.
 
 
 def _remove(path: str) -> None:
