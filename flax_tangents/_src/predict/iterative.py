@@ -104,10 +104,11 @@ def gradient_descent_mse(k_train_train, y_train, learning_rate, diag_reg,
     times = jnp.asarray(t.reshape(-1) * learning_rate / normalization,
                         system.dtype)
     functions = []
-    if want_train:
-      functions.append(lambda lam: jnp.exp(-times[:, None] * lam[None]))
-    if want_test:
-      functions.append(lambda lam: linalg.phi1(lam, times))
+    if want_train:  # exp(-t lam), lam of shape (m, c)
+      functions.append(lambda lam: jnp.exp(-times[:, None, None] * lam[None]))
+    if want_test:  # (1 - exp(-t lam)) / lam
+      functions.append(lambda lam: jax.vmap(
+          lambda l: linalg.phi1(l, times), in_axes=1, out_axes=2)(lam))
     try:
       results, info["finite t"] = system.functions(residual_0, functions,
                                                    "finite t")

@@ -19,6 +19,7 @@ kernels. Progress and resumable state go through callbacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -183,8 +184,8 @@ def lanczos_functions(
   Args:
     matmul: `V -> A V` for a symmetric positive semi-definite `A`.
     v: the vectors, `(n, c)`.
-    functions: maps from eigenvalues `(m,)` to values `(T, m)` (several
-      times at once); each result is then `(T, n, c)`.
+    functions: maps from eigenvalues `(m, c)` to values `(T, m, c)`
+      (several times at once); each result is then `(T, n, c)`.
     tol: relative change between checks at which to stop.
     maxiter: the largest Krylov dimension.
     check_every: iterations between convergence checks.
@@ -196,92 +197,120 @@ def lanczos_functions(
 
   Raises:
     ConvergenceError: if the results still change by more than `tol` after
-      `maxiter` iterations.
+    `maxiter` iterations.
   """
   n, c = v.shape
+  limit = min(maxiter, n)
   norms = _column_norms(v)
-  q = v / jnp.where(norms > 0, norms, 1.)[None]
-  basis = [q]
-  alphas, betas = [], []
-  previous = None
-  change = np.inf
-  a_norm = 0.
-  for k in range(1, min(maxiter, n) + 1):
-    w = matmul(basis[-1])
-    alpha, w = _lanczos_orthogonalize(w, basis[-1], basis[-2]
-                                      if len(basis) > 1 else None,
-                                      betas[-1] if betas else None)
-    w = _reorthogonalize(w, jnp.stack(basis))
-    beta = _column_norms(w)
-    alphas.append(alpha)
-    a_norm = max(a_norm, float(jnp.max(jnp.abs(alpha))))
-    # An exhausted Krylov space (beta ~ 0) ends that column exactly; its
-    # next vectors are zero, which decouples them from the result.
-    small = beta <= 1e3 * jnp.finfo(w.dtype).eps * max(a_norm, 1e-300)
-    betas.append(jnp.where(small, 0., beta))
-    basis.append(jnp.where(small[None], 0., w / jnp.where(small, 1.,
-                                                           beta)[None]))
-    done = bool(jnp.all(small)) or k == min(maxiter, n)
-    if k % check_every and not done:
+  # Buffers grow by doubling, so each compiled step is reused.
+  capacity = min(limit, 16)
+  basis = jnp.zeros((capacity + 1, n, c), v.dtype).at[0].set(
+      v / jnp.where(norms > 0, norms, 1.)[None])
+  alphas = jnp.zeros((capacity, c), v.dtype)
+  betas = jnp.zeros((capacity, c), v.dtype)
+  previous, change, a_norm = None, np.inf, jnp.zeros((), v.dtype)
+  for k in range(limit):
+    if k == capacity:
+      capacity = min(2 * capacity, limit)
+      basis, alphas, betas = _grow(basis, alphas, betas, capacity)
+    w = matmul(_row(basis, k))
+    basis, alphas, betas, a_norm, exhausted = _lanczos_step(
+        basis, alphas, betas, w, k, a_norm)
+    exhausted = bool(exhausted)
+    m = k + 1
+    if m % check_every and not exhausted and m < limit:
       continue
-    coefficients = _tridiagonal_functions(jnp.stack(alphas),
-                                          jnp.stack(betas[:-1]) if k > 1
-                                          else jnp.zeros((0, c), w.dtype),
-                                          functions, norms)
+    coefficients = _coefficients(alphas, betas, m, functions, norms)
     if previous is not None:
       change = _relative_change(coefficients, previous)
     previous = coefficients
     if on_iteration is not None:
-      on_iteration(k, change)
-    if change <= tol or bool(jnp.all(small)):
-      stacked = jnp.stack(basis[:k])  # (k, n, c)
-      return [jnp.einsum("kic,tkc->tic", stacked, coef, precision=_HIGHEST)
-              for coef in coefficients], k, (0. if bool(jnp.all(small))
-                                              else change)
+      on_iteration(m, change)
+    if change <= tol or exhausted:
+      results = [_combine(basis, coef) for coef in coefficients]
+      return results, m, 0. if exhausted else change
   raise ConvergenceError(
       f"The Lanczos method on {what} still changed by {change:.3g} "
-      f"(relative) after {k} iterations, above the tolerance {tol:g}. Raise "
-      "maxiter or diag_reg, or ask for smaller times t.")
+      f"(relative) after {limit} iterations, above the tolerance {tol:g}. "
+      "Raise maxiter or diag_reg, or ask for smaller times t.")
 
 
 @jax.jit
-def _lanczos_orthogonalize(w, q, q_previous, beta_previous):
+def _row(basis, k):
+  return basis[k]
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _grow(basis, alphas, betas, capacity):
+  extra = capacity - alphas.shape[0]
+  return (jnp.pad(basis, ((0, extra), (0, 0), (0, 0))),
+          jnp.pad(alphas, ((0, extra), (0, 0))),
+          jnp.pad(betas, ((0, extra), (0, 0))))
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+def _lanczos_step(basis, alphas, betas, w, k, a_norm):
+  """One step: `q_{k+1}` from `w = A q_k`, fully reorthogonalized."""
+  q = basis[k]
+  q_previous = jnp.where(k > 0, basis[jnp.maximum(k - 1, 0)], 0.)
+  beta_previous = jnp.where(k > 0, betas[jnp.maximum(k - 1, 0)], 0.)
   alpha = jnp.sum(q * w, axis=0)
-  w = w - alpha[None] * q
-  if q_previous is not None:
-    w = w - beta_previous[None] * q_previous
-  return alpha, w
+  w = w - alpha[None] * q - beta_previous[None] * q_previous
+  used = (jnp.arange(basis.shape[0]) <= k)[:, None]
+  for _ in range(2):  # Twice is enough (Giraud et al. 2005).
+    overlaps = jnp.einsum("kic,ic->kc", basis, w, precision=_HIGHEST)
+    w = w - jnp.einsum("kic,kc->ic", basis, jnp.where(used, overlaps, 0.),
+                       precision=_HIGHEST)
+  beta = _column_norms(w)
+  a_norm = jnp.maximum(a_norm, jnp.max(jnp.abs(alpha)))
+  # An exhausted Krylov space ends that column exactly; its next vectors
+  # are zero, which decouples them from the result.
+  small = beta <= 1e3 * jnp.finfo(w.dtype).eps * jnp.maximum(
+      a_norm, jnp.finfo(w.dtype).tiny)
+  beta = jnp.where(small, 0., beta)
+  q_next = jnp.where(small[None], 0., w / jnp.where(small, 1., beta)[None])
+  return (basis.at[k + 1].set(q_next), alphas.at[k].set(alpha),
+          betas.at[k].set(beta), a_norm, jnp.all(small))
 
 
 @jax.jit
-def _reorthogonalize(w, basis):
-  # Twice is enough (Giraud et al. 2005, "twice is enough").
-  for _ in range(2):
-    w = w - jnp.einsum("kic,kc->ic", basis,
-                       jnp.einsum("kic,ic->kc", basis, w, precision=_HIGHEST),
-                       precision=_HIGHEST)
-  return w
+def _tridiagonal_eigh(alphas, betas, m):
+  """Eigenvalues and eigenvectors of each column's tridiagonal `T_m`,
+  padded with a decoupled zero block to the buffers' size."""
+  capacity = alphas.shape[0]
+  alphas = jnp.where((jnp.arange(capacity) < m)[:, None], alphas, 0.)
+  off = jnp.where((jnp.arange(capacity - 1) < m - 1)[:, None], betas[:-1],
+                  0.)
 
-
-def _tridiagonal_functions(alphas, betas, functions, norms):
-  """`||v|| f(T) e_1` per column for the Lanczos tridiagonal `T`."""
-  def one_column(alpha, beta, norm):
+  def one(alpha, beta):
     t = jnp.diag(alpha) + jnp.diag(beta, 1) + jnp.diag(beta, -1)
-    theta, s = jnp.linalg.eigh(t)
-    theta = jnp.maximum(theta, 0.)  # A is PSD; below 0 is rounding.
-    return [norm * jnp.einsum("km,tm->tk", s, f(theta) * s[0][None])
-            for f in functions]  # each (T, k)
-  results = jax.vmap(one_column, in_axes=(1, 1, 0), out_axes=-1)(
-      alphas, betas, norms)
-  return results  # each (T, k, c)
+    return jnp.linalg.eigh(t)
+  theta, s = jax.vmap(one, in_axes=(1, 1), out_axes=-1)(alphas, off)
+  return jnp.maximum(theta, 0.), s  # (m, c), (m, m, c); A is PSD.
+
+
+def _coefficients(alphas, betas, m, functions, norms):
+  """`||v|| f(T) e_1` per column, for each function: `(T, capacity, c)`."""
+  theta, s = _tridiagonal_eigh(alphas, betas, m)
+  first = s[0]  # (m, c): first components of the eigenvectors
+  return [norms[None, None] * jnp.einsum("kmc,tmc->tkc", s,
+                                         f(theta) * first[None],
+                                         precision=_HIGHEST)
+          for f in functions]
+
+
+@jax.jit
+def _combine(basis, coefficients):
+  return jnp.einsum("kic,tkc->tic", basis[:-1], coefficients,
+                    precision=_HIGHEST)
 
 
 def _relative_change(current, previous) -> float:
   worst = 0.
   for now, before in zip(current, previous):
-    k_before = before.shape[1]
-    padded = jnp.pad(before, ((0, 0), (0, now.shape[1] - k_before), (0, 0)))
-    difference = jnp.linalg.norm(now - padded, axis=1)
+    extra = now.shape[1] - before.shape[1]
+    before = jnp.pad(before, ((0, 0), (0, extra), (0, 0)))
+    difference = jnp.linalg.norm(now - before, axis=1)
     size = jnp.linalg.norm(now, axis=1)
     ratio = jnp.where(size > 0, difference / jnp.where(size > 0, size, 1.),
                       0.)
