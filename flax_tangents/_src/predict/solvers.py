@@ -266,9 +266,9 @@ class IterativeSystem:
                                           f"CG {label}", self.tol)
 
     def on_iteration(state, residual):
-      reporter.iteration(state.iteration, residual)
-      if store is not None:
+      if store is not None:  # Saved first: a crash then loses nothing.
         store.save(state, self._preconditioner)
+      reporter.iteration(state.iteration, residual)
 
     try:
       x, state, residual = krylov.conjugate_gradients(

@@ -84,8 +84,8 @@ class TiledKernel:
     self.batch_size = self.plan.batch_size
     self.symmetric = self.plan.symmetric
     self.tiles_directory = os.path.join(self.directory, "tiles")
-    self._expected = {self.leaf_name: (tuple(leaf["shape"]),
-                                       self.dtype.name)}
+    self._expected = {f"leaf{k}": (tuple(other["shape"]), other["dtype"])
+                      for k, other in enumerate(layout["leaves"])}
 
   def _select(self, leaves: list[dict[str, Any]],
               get: Optional[str]) -> tuple[int, dict[str, Any]]:
