@@ -40,15 +40,25 @@ from flax_tangents._src.predict.gradient_descent import max_learning_rate
 from flax_tangents._src.predict.inference import Gaussian
 from flax_tangents._src.predict.inference import gp_inference
 from flax_tangents._src.predict.inference import gradient_descent_mse_ensemble
+from flax_tangents._src.predict.krylov import ConvergenceError
 from flax_tangents._src.predict.linalg import NotPSDError
+from flax_tangents._src.predict.solvers import CG
+from flax_tangents._src.predict.solvers import DENSE_MAX_N
+from flax_tangents._src.predict.solvers import SolveInfo
+from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
 __all__ = (
+    "CG",
+    "ConvergenceError",
+    "DENSE_MAX_N",
     "Gaussian",
     "IllConditionedWarning",
     "NotPSDError",
     "ODEState",
     "PredictFn",
     "PredictFnODE",
+    "SolveInfo",
+    "TiledKernel",
     "gp_inference",
     "gradient_descent",
     "gradient_descent_mse",

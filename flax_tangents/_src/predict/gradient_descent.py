@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.predict import checks
+from flax_tangents._src.predict import iterative
 from flax_tangents._src.predict import linalg
+from flax_tangents._src.predict import solvers
+from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
 ArrayOrScalar = Union[None, int, float, jax.Array, np.ndarray]
 Axes = linalg.Axes
@@ -61,6 +64,8 @@ def gradient_descent_mse(
     diag_reg: float = 0.,
     diag_reg_absolute_scale: bool = False,
     trace_axes: Axes = (-1,),
+    *,
+    solver: solvers.SolverArg = "auto",
 ) -> PredictFn:
   r"""Predicts gradient flow on the mean squared error, in closed form.
 
@@ -88,13 +93,21 @@ def gradient_descent_mse(
       for `diag_reg` times the mean diagonal of `k_train_train`.
     trace_axes: axes of the outputs along which the kernel is the identity
       (absent from the kernels); must match how the kernel was computed.
+    solver: `'dense'` (factorize the whole kernel on one device),
+      `'cg'` or `ft.predict.CG(...)` (Krylov methods on the kernel as an
+      operator, never gathered: conjugate gradients for `t=None`, Lanczos
+      for finite `t`; `k_train_train` may then be sharded over a mesh or a
+      `ft.predict.TiledKernel` on disk), or `'auto'`: `'cg'` for a
+      `TiledKernel` or an `(N, N)` kernel with `N > 10000`, else `'dense'`.
 
   Returns:
     `predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)`
     returning train outputs, test outputs, or both (when both `fx_train_0` and
     `fx_test_0` are given) at times `t` (any shape; leading output axes) or at
     `t=None` (infinite time). `fx_train_0=None` means predictions on the test
-    set only, with zero initial train outputs.
+    set only, with zero initial train outputs. With an iterative solver,
+    `predict_fn.solve_info` maps each solve to its `ft.predict.SolveInfo`
+    (iterations, residual, tolerance, preconditioner, time).
 
   Raises:
     NotPSDError: (from `predict_fn`) if `k_train_train` is not positive
@@ -122,9 +135,15 @@ def gradient_descent_mse(
   checks.check_diag_reg(diag_reg)
   checks.check_learning_rate(learning_rate)
   y_train = jnp.asarray(y_train)
-  k_train_train = jnp.asarray(k_train_train)
+  if not isinstance(k_train_train, (TiledKernel, jax.Array)):
+    k_train_train = jnp.asarray(k_train_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
   layout.check_train_kernel(k_train_train, "k_train_train")
+  config = solvers.resolve(solver, k_train_train, len(layout.kept_axes))
+  if config is not None:
+    return iterative.gradient_descent_mse(
+        k_train_train, y_train, learning_rate, diag_reg,
+        diag_reg_absolute_scale, layout, config)
   normalization = y_train.size
 
   @functools.lru_cache(1)

@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.predict import checks
+from flax_tangents._src.predict import iterative
 from flax_tangents._src.predict import linalg
+from flax_tangents._src.predict import solvers
+from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
 Axes = linalg.Axes
 Get = Union[None, str, Sequence[str]]
@@ -69,15 +72,30 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray))
 
 
-def _kernel_of(k: Any, g: str, name: str) -> jax.Array:
+def _kernel_of(k: Any, g: str, name: str) -> Any:
   """`k` if it is an array, else its `g` field (a `Kernel` or namedtuple)."""
+  if isinstance(k, TiledKernel):
+    return k
   if _is_array(k):
     return jnp.asarray(k)
   value = getattr(k, g, None)
   if value is None:
     raise ValueError(f"{name} has no {g!r} kernel; pass a Kernel or a "
                      f"namedtuple with a {g!r} field.")
-  return jnp.asarray(value)
+  return value if isinstance(value, TiledKernel) else jnp.asarray(value)
+
+
+def _representative(k: Any) -> Any:
+  """One train kernel of `k` (to choose the solver by its size)."""
+  if isinstance(k, (TiledKernel, jax.Array, np.ndarray)):
+    return k
+  if isinstance(k, _LazyTrainKernels):
+    return None  # Computed on demand: stays dense.
+  for g in ("ntk", "nngp"):
+    value = getattr(k, g, None)
+    if value is not None:
+      return value
+  return None
 
 
 _solve_jit = jax.jit(linalg.cho_solve)
@@ -93,6 +111,8 @@ def gp_inference(
     diag_reg: float = 0.,
     diag_reg_absolute_scale: bool = False,
     trace_axes: Axes = (-1,),
+    *,
+    solver: solvers.SolverArg = "auto",
 ):
   r"""Exact Gaussian-process "posterior" with the NNGP, NTK or NTKGP.
 
@@ -116,6 +136,12 @@ def gp_inference(
     diag_reg_absolute_scale: `True` for `diag_reg` in absolute units, `False`
       for `diag_reg` times the kernel's mean diagonal.
     trace_axes: output axes along which the kernels are the identity.
+    solver: `'dense'` (Cholesky on one device), `'cg'` or
+      `ft.predict.CG(...)` (preconditioned conjugate gradients on the kernel
+      as an operator, never gathered; the train kernels may then be sharded
+      over a mesh or `ft.predict.TiledKernel`s on disk), or `'auto'`:
+      `'cg'` for a `TiledKernel` or an `(N, N)` kernel with `N > 10000`,
+      else `'dense'`.
 
   Returns:
     `predict_fn(get=None, k_test_train=None, k_test_test=None)`. `get` is
@@ -124,7 +150,8 @@ def gp_inference(
     a `Gaussian(mean, covariance)` when `k_test_test` is given (its `nngp`,
     or `ntk` for `'ntkgp'`). The NTK covariance needs both kernels in
     `k_train_train` and `k_test_train`. `k_test_train=None` gives train-set
-    outputs, `N(y_train, 0)`.
+    outputs, `N(y_train, 0)`. With an iterative solver,
+    `predict_fn.solve_info` maps each solve to its `ft.predict.SolveInfo`.
 
   Raises:
     NotPSDError: (from `predict_fn`) if a train kernel is not numerically
@@ -147,6 +174,19 @@ def gp_inference(
   checks.check_diag_reg(diag_reg)
   y_train = jnp.asarray(y_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
+  representative = _representative(k_train_train)
+  config = None
+  if representative is not None:
+    config = solvers.resolve(solver, representative, len(layout.kept_axes))
+  elif solver not in ("auto", "dense", None):
+    raise ValueError("gp_inference: an iterative solver needs the train "
+                     "kernels as arrays or TiledKernels.")
+  if config is not None:
+    layout.check_train_kernel(representative, "k_train_train")
+    return iterative.gp_inference(k_train_train, y_train, diag_reg,
+                                  diag_reg_absolute_scale, layout, config,
+                                  _kernel_of, _canonicalize_get, _package,
+                                  Gaussian)
 
   @functools.lru_cache(None)
   def factor(g: str) -> jax.Array:
