@@ -373,3 +373,16 @@ def test_fit_module_matches_recipe():
   nnx.update(model, direct.variables)
   np.testing.assert_allclose(model(x1), direct.network.fx_train[-1],
                              rtol=1e-12)
+
+
+def test_batch_of_module_kernel_and_its_checkpoints(tmp_path):
+  model, x1, x2 = make("tiny_eval")
+  x = jnp.concatenate([x1, x2])
+  ntk_fn = ft.empirical_ntk_fn(model)
+  batched = ft.batch(ntk_fn, 2, checkpoint_dir=str(tmp_path), progress=False)
+  np.testing.assert_allclose(batched(x, None), ntk_fn(x, None), rtol=1e-12)
+  # Tiles written for the module's state are not reused for another state
+  # (the module's state, RNG keys included, is in the fingerprint).
+  model.head.kernel[...] = 2. * model.head.kernel[...]
+  with pytest.raises(Exception, match="different kernel_fn"):
+    batched(x, None)
