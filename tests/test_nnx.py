@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import flax_tangents as ft
+from flax_tangents.batching import CheckpointMismatchError
 
 Impl = ft.NtkImplementation
 IMPLEMENTATIONS = (Impl.JACOBIAN_CONTRACTION, Impl.NTK_VECTOR_PRODUCTS,
@@ -384,5 +385,5 @@ def test_batch_of_module_kernel_and_its_checkpoints(tmp_path):
   # Tiles written for the module's state are not reused for another state
   # (the module's state, RNG keys included, is in the fingerprint).
   model.head.kernel[...] = 2. * model.head.kernel[...]
-  with pytest.raises(Exception, match="different kernel_fn"):
+  with pytest.raises(CheckpointMismatchError, match="different kernel_fn"):
     batched(x, None)
