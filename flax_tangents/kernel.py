@@ -248,92 +248,57 @@ class Kernel:
   def dot_general(self, other1: Optional[jax.typing.ArrayLike],
                   other2: Optional[jax.typing.ArrayLike], is_lhs: bool,
                   dimension_numbers: Any) -> "Kernel":
-    """Covariances after contracting spatial axes with fixed arrays.
+    """Covariances after `lax.dot_general` with fixed arrays (NT's method).
 
-    Describes `y = lax.dot_general(x, other, dimension_numbers)` (or with the
-    operands swapped when `is_lhs=False`) where only spatial axes of the
-    activations `x` are contracted, its batch and channel axes stay free, and
-    `y`'s axes are then ordered batch, remaining spatial axes of `x`, free
-    axes of `other`, channels (the layout every `Kernel` uses). `other1` acts
-    on the first batch and `other2` on the second. Full spatial covariances
-    are needed.
+    Describes `y = lax.dot_general(other, x, dimension_numbers)` when
+    `is_lhs` (the fixed array is the left operand), else
+    `lax.dot_general(x, other, dimension_numbers)`, where `x` are the
+    activations `(N, *spatial, C)`. `other1` acts on the first batch and
+    `other2` on the second. Any spatial axes and the batch axis may be
+    contracted or be dot batch dimensions; the channel axis may not (it is
+    the infinite one). `y`'s axes are ordered as this library keeps all
+    activations: batch first, then the other axes in `lax.dot_general`'s
+    order, channels last (as `ftn.DotGeneral` does in the finite network).
+    Contracting the batch axis leaves a unit batch axis, the kernel of the
+    single combination `sum_n other[n] x[n]`.
+
+    Contracting spatial axes needs full spatial covariances
+    (`diagonal_spatial=False`), contracting the batch axis full batch
+    covariances (`diagonal_batch=False`); dot batch dimensions and free
+    axes of `other` work with diagonal layouts too.
 
     Args:
       other1: the fixed operand for the first batch; `None` uses `other2`.
       other2: the fixed operand for the second batch; `None` uses `other1`.
-      is_lhs: whether the activations are the left operand of `dot_general`.
+      is_lhs: whether the fixed operand is the left one of `dot_general`.
       dimension_numbers: `((lhs_contracting, rhs_contracting), (lhs_batch,
-        rhs_batch))` as for `jax.lax.dot_general`; batch dimensions must be
-        empty.
+        rhs_batch))` as for `jax.lax.dot_general`.
 
     Returns:
       The kernel of `y`.
 
     Raises:
-      ValueError: if a batch or channel axis is contracted, batch dimensions
-        are given, or the kernel keeps only spatial diagonals.
+      ValueError: if the channel axis is contracted or batched, sizes do not
+        match, or the kernel's layout lacks the covariances needed.
+      NotImplementedError: for a kernel carrying masks.
 
     >>> import numpy as np
     >>> import flax_tangents as ft
     >>> x = np.random.RandomState(0).randn(2, 5, 3)   # (N, length, C)
     >>> pool = np.ones((5, 1)) / 5                    # mean over length
-    >>> k = ft.Kernel.from_inputs(x).dot_general(pool, None, True,
+    >>> k = ft.Kernel.from_inputs(x).dot_general(pool, None, False,
     ...                                          (((1,), (0,)), ((), ())))
     >>> k.nngp.shape, k.shape1
     ((2, 2, 1, 1), (2, 1, 3))
     """
+    from flax_tangents._src.analytic import dot_general  # avoid cycle
+
     if other1 is None and other2 is None:
       return self
     other1 = jnp.asarray(other2 if other1 is None else other1)
     other2 = jnp.asarray(other1 if other2 is None else other2)
-    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
-    if tuple(lhs_b) or tuple(rhs_b):
-      raise ValueError("Kernel.dot_general supports no batch dimensions.")
-    x_c, o_c = (lhs_c, rhs_c) if is_lhs else (rhs_c, lhs_c)
-    n_x = len(self.shape1)
-    x_c = [a % n_x for a in x_c]
-    o_c = [a % other1.ndim for a in o_c]
-    if any(a in (0, n_x - 1) for a in x_c):
-      raise ValueError(
-          "Kernel.dot_general may contract only spatial axes; the batch axis "
-          "(0) and the channel axis (-1) must stay free.")
-    if self.diagonal_spatial:
-      raise ValueError("Kernel.dot_general needs full spatial covariances "
-                       "(`diagonal_spatial=False`).")
-    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    left = {a: next(letters) for a in range(1, n_x - 1)}
-    right = {a: next(letters) for a in range(1, n_x - 1)}
-    o_free = [a for a in range(other1.ndim) if a not in o_c]
-    o_left = {a: next(letters) for a in o_free}
-    o_right = {a: next(letters) for a in o_free}
-    for xa, oa in zip(x_c, o_c):
-      o_left[oa], o_right[oa] = left[xa], right[xa]
-    x_free = [a for a in range(1, n_x - 1) if a not in x_c]
-    out_spatial = "".join(left[a] + right[a] for a in x_free)
-    out_spatial += "".join(o_left[a] + o_right[a] for a in o_free)
-    spec1 = "".join(o_left[a] for a in range(other1.ndim))
-    spec2 = "".join(o_right[a] for a in range(other1.ndim))
-    cov_in = "".join(left[a] + right[a] for a in range(1, n_x - 1))
-
-    def contract(cov, n_batch, left_operand, right_operand):
-      if cov is None:
-        return None
-      batch = "XY"[:n_batch]
-      return jnp.einsum(f"{spec1},{batch}{cov_in},{spec2}->{batch}"
-                        f"{out_spatial}", left_operand, cov, right_operand,
-                        precision=jax.lax.Precision.HIGHEST)
-
-    def new_shape(shape):
-      return ((shape[0],) + tuple(shape[a] for a in x_free) +
-              tuple(other1.shape[a] for a in o_free) + (shape[-1],))
-
-    n_cov_batch = 1 if self.diagonal_batch else 2
-    return self.replace(
-        nngp=contract(self.nngp, 2, other1, other2),
-        ntk=contract(self.ntk, 2, other1, other2),
-        cov1=contract(self.cov1, n_cov_batch, other1, other1),
-        cov2=contract(self.cov2, n_cov_batch, other2, other2),
-        shape1=new_shape(self.shape1), shape2=new_shape(self.shape2))
+    return dot_general.kernel_dot_general(self, other1, other2, is_lhs,
+                                          dimension_numbers)
 
   # ---------------------------------------------------------- composition
 

@@ -184,29 +184,30 @@ def test_x1_is_x2_usable_under_tracing():
 @pytest.mark.parametrize("is_lhs", [True, False])
 def test_dot_general_matches_transformed_inputs(is_lhs):
   # The kernel of inputs contracted with fixed arrays equals the kernel of
-  # the contracted inputs, computed directly.
+  # the contracted inputs, computed directly. As in NT, `is_lhs` says that
+  # the fixed array is the left operand.
   other1 = RNG.randn(4, 2, 6)   # contracts the width axis (size 4)
   other2 = RNG.randn(4, 2, 6)
-  numbers = (((2,), (0,)), ((), ())) if is_lhs else (((0,), (2,)), ((), ()))
+  numbers = (((0,), (2,)), ((), ())) if is_lhs else (((2,), (0,)), ((), ()))
 
   def transform(x, other):
-    if is_lhs:   # (N, H, C, 2, 6) -> (N, H, 2, 6, C)
-      return jnp.moveaxis(jax.lax.dot_general(x, other, numbers), 2, -1)
-    # (2, 6, N, H, C) -> (N, H, 2, 6, C)
-    return jnp.transpose(jax.lax.dot_general(other, x, numbers),
-                         (2, 3, 0, 1, 4))
+    if is_lhs:   # (2, 6, N, H, C) -> (N, 2, 6, H, C): lax order, batch first
+      return jnp.moveaxis(jax.lax.dot_general(other, x, numbers), 2, 0)
+    # (N, H, C, 2, 6) -> (N, H, 2, 6, C)
+    return jnp.moveaxis(jax.lax.dot_general(x, other, numbers), 2, -1)
 
   kernel = ft.Kernel.from_inputs(IMAGES1, IMAGES2).dot_general(
       other1, other2, is_lhs, numbers)
   direct = ft.Kernel.from_inputs(transform(IMAGES1, other1),
                                  transform(IMAGES2, other2))
-  assert kernel.shape1 == direct.shape1 == (2, 3, 2, 6, 5)
+  assert kernel.shape1 == direct.shape1 == (
+      (2, 2, 6, 3, 5) if is_lhs else (2, 3, 2, 6, 5))
   np.testing.assert_allclose(kernel.nngp, direct.nngp, rtol=1e-10)
   np.testing.assert_allclose(kernel.cov1, direct.cov1, rtol=1e-10)
   np.testing.assert_allclose(kernel.cov2, direct.cov2, rtol=1e-10)
 
 
 def test_dot_general_refuses_channel_contraction():
-  with pytest.raises(ValueError, match="only spatial axes"):
+  with pytest.raises(ValueError, match="channel axis"):
     ft.Kernel.from_inputs(IMAGES1).dot_general(
-        np.ones(5), None, True, (((3,), (0,)), ((), ())))
+        np.ones(5), None, False, (((3,), (0,)), ((), ())))

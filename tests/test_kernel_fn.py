@@ -187,15 +187,15 @@ class MismatchedBranches(nn.Module):
      r"PlainRelu passed a Kernel to a plain function.*ftn.Relu"),
     (OwnParameter(), ft.KernelRuleError,
      r"OwnParameter has no infinite-width kernel rule.*register_kernel_rule"),
-    (nn.Sequential([ftn.Dense(3), nn.BatchNorm(use_running_average=True)]),
-     ft.KernelRuleError, r"'layers_1' of type flax.linen.normalization"
-     r".BatchNorm has no infinite-width kernel rule"),
+    (nn.Sequential([ftn.Dense(3), nn.PReLU()]),
+     ft.KernelRuleError, r"'layers_1' of type flax.linen.activation"
+     r".PReLU has no infinite-width kernel rule"),
     (nn.Sequential([ftn.Relu()]), ValueError, r"raw inputs.*not Gaussian"),
     (nn.Sequential([ftn.Dense(3), ftn.Relu(), ftn.Erf()]), ValueError,
      r"Erf is applied to the output of a nonlinearity"),
     (MismatchedBranches(), ValueError,
      r"FanInSum: branch 1 has activations of shape \(4, 4\)"),
-], ids=["plain_function", "own_parameter", "stock_batchnorm",
+], ids=["plain_function", "own_parameter", "stock_prelu",
         "relu_on_inputs", "erf_after_relu", "mismatched_branches"])
 def test_errors_name_cause_and_fix(model, error, message):
   with pytest.raises(error, match=message):
