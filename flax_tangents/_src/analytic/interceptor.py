@@ -8,19 +8,15 @@ modules composed of ruled modules need nothing. No parameters are created.
 
 from __future__ import annotations
 
-import collections
-import functools
-import inspect
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_tangents._src.analytic import call_args
-from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import front_end
 from flax_tangents._src.analytic import inputs
 from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import registry
@@ -32,8 +28,7 @@ from flax_tangents.kernel import Kernel
 
 __all__ = ["kernel_fn"]
 
-Get = Union[None, str, Sequence[str]]
-_KERNEL_FIELDS = tuple(Kernel.__dataclass_fields__)
+Get = front_end.Get
 
 # Stock Flax modules that only call their submodules: entered as user modules.
 _TRANSPARENT_STOCK_MODULES = (nn.Sequential,)
@@ -88,20 +83,12 @@ def _setup(next_fun: Callable[..., Any], module: nn.Module) -> Any:
     raise _no_rule_error(module) from e
 
 
-@functools.lru_cache(maxsize=None)
-def _call_signature(module_type: type) -> Optional[inspect.Signature]:
-  try:
-    return inspect.signature(module_type.__call__)
-  except (TypeError, ValueError):
-    return None
-
-
 def _check_call(module: nn.Module, args: tuple[Any, ...],
                 kwargs: dict[str, Any]) -> None:
   """Refuses a call that the finite module would refuse (unknown kwargs)."""
   if not kwargs:
     return
-  signature = _call_signature(type(module))
+  signature = front_end.call_signature(type(module))
   if signature is None:
     return
   try:
@@ -163,187 +150,14 @@ def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
     raise
 
 
-def _first_callee(model: nn.Module) -> Any:
-  """The module (or function) that receives `model.apply`'s arguments."""
-  target = model
-  while isinstance(target, nn.Sequential) and target.layers:
-    target = target.layers[0]
-  return target
-
-
-def _signature(target: Any) -> Optional[inspect.Signature]:
-  if isinstance(target, nn.Module):
-    return _call_signature(type(target))
-  try:
-    return inspect.signature(target)
-  except (TypeError, ValueError):
-    return None
-
-
-def _route_kwargs(model: nn.Module, kwargs: dict[str, Any]
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Splits keyword arguments into those for `model.apply` and the offered.
-
-  See `call_args`: an argument named by the `__call__` that `model.apply`
-  reaches (through `nn.Sequential`, its first layer's) goes there, as in
-  the finite network; the others are offered to every rule.
-  """
-  target = _first_callee(model)
-  signature = _signature(target)
-  if isinstance(target, nn.Sequential) or signature is None:
-    return {}, dict(kwargs)
-  parameters = list(signature.parameters.values())
-  if any(p.kind == p.VAR_KEYWORD for p in parameters):
-    return dict(kwargs), {}  # The user's `__call__` forwards them itself.
-  skip = 1 if isinstance(target, nn.Module) else 0
-  named = {p.name for p in parameters[skip + 1:]
-           if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
-  passed = {k: v for k, v in kwargs.items() if k in named}
-  offered = {k: v for k, v in kwargs.items() if k not in named}
-  return passed, offered
-
-
-def _positional(model: nn.Module, inputs: Any) -> tuple[Any, ...]:
-  """`model.apply`'s positional arguments for `inputs`.
-
-  A tuple or list goes as one argument (NT's NTTree inputs), unless the
-  receiving `__call__` requires that many positional arguments; then it is
-  unpacked, as `nn.Sequential` unpacks a tuple between layers.
-  """
-  if not isinstance(inputs, (tuple, list)):
-    return (inputs,)
-  target = _first_callee(model)
-  signature = _signature(target)
-  if signature is None:
-    return (inputs,)
-  skip = 1 if isinstance(target, nn.Module) else 0
-  required = [p for p in list(signature.parameters.values())[skip:]
-              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-              and p.default is p.empty]
-  if len(required) >= 2 and len(required) == len(inputs):
-    return tuple(inputs)
-  return (inputs,)
-
-
 def _run_model(model: nn.Module, inputs: Any, passed: dict[str, Any],
                offered: dict[str, Any]) -> Any:
   """Runs `model` on input kernels; every offered argument must be used."""
   with call_args.offering(offered) as ledger, lineage.run():
     with nn.intercept_methods(_interceptor):
-      output = model.apply({}, *_positional(model, inputs), **passed)
+      output = model.apply({}, *front_end.positional(model, inputs), **passed)
   call_args.check_all_used(ledger, type(model).__name__)
   return output
-
-
-@functools.lru_cache(maxsize=None)
-def _namedtuple(fields: tuple[str, ...]) -> type:
-  return collections.namedtuple("Kernel", fields)
-
-
-def _canonical_get(get: Get) -> Optional[tuple[str, ...]]:
-  if get is None:
-    return None
-  fields = (get,) if isinstance(get, str) else tuple(get)
-  for field in fields:
-    if field not in _KERNEL_FIELDS:
-      raise ValueError(
-          f"`get` names unknown field {field!r}; choose from "
-          f"{_KERNEL_FIELDS}, e.g. get=('nngp', 'ntk').")
-  return fields
-
-
-def _select(output: Any, get: Get) -> Any:
-  fields = _canonical_get(get)
-  if fields is None:
-    return output
-
-  def pick(k: Any) -> Any:
-    if not isinstance(k, Kernel):
-      return k
-    if isinstance(get, str):
-      return getattr(k, get)
-    return _namedtuple(fields)(*(getattr(k, f) for f in fields))
-
-  return jax.tree.map(pick, output, is_leaf=_is_kernel)
-
-
-def _structure_key(tree: Any) -> Optional[tuple[Any, ...]]:
-  """A hashable key of `tree` with arrays replaced by shapes and dtypes."""
-  def spec(x):
-    if isinstance(x, (jax.Array, np.ndarray)):
-      return ("array", tuple(x.shape), str(x.dtype))
-    return x
-  leaves, treedef = jax.tree.flatten(tree)
-  key = (treedef, tuple(spec(x) for x in leaves))
-  try:
-    hash(key)
-  except TypeError:
-    return None
-  return key
-
-
-def _check_model(model: Any) -> None:
-  """Refuses what is not a Linen module, with the fix."""
-  if isinstance(model, nn.Module):
-    return
-  owner = getattr(model, "__self__", None)
-  if isinstance(owner, nn.Module):
-    raise TypeError(
-        f"ft.kernel_fn takes the module itself, not its method "
-        f"`{getattr(model, '__name__', 'method')}`: write "
-        "`ft.kernel_fn(model)`. (For the finite-width kernel of "
-        "`model.apply`, use `ft.empirical_kernel_fn(model.apply)`.)")
-  raise TypeError(
-      f"ft.kernel_fn expects a flax.linen.Module built from layers with "
-      f"kernel rules, got {type(model).__name__}. For any function "
-      "`f(params, x)` use `ft.empirical_kernel_fn(f)` (finite width) or "
-      "`ft.monte_carlo_kernel_fn`.")
-
-
-def _check_diagonal_arg(name: str, value: Any) -> None:
-  if value is not None and not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"`{name}` must be True, False or None (the cheapest "
-                    f"layout the model allows), got {value!r}.")
-
-
-def _choose_layout(recorded: requirements.Recording, spatial_output: bool,
-                   diagonal_batch: Optional[bool],
-                   diagonal_spatial: Optional[bool]) -> tuple[bool, bool]:
-  """The covariance layout: the cheapest one, or the one asked for.
-
-  Raises:
-    ValueError: if the layout asked for lacks covariances a layer needs.
-  """
-  needs_batch = sorted(set(recorded.full_batch))
-  needs_spatial = sorted(set(recorded.full_spatial))
-  if diagonal_batch and needs_batch:
-    raise ValueError(
-        f"diagonal_batch=True was asked for, but {', '.join(needs_batch)} "
-        "need covariances between different inputs in `cov1`/`cov2`. Omit "
-        "`diagonal_batch` (or pass False).")
-  if diagonal_spatial and needs_spatial:
-    raise ValueError(
-        f"diagonal_spatial=True was asked for, but {', '.join(needs_spatial)}"
-        " need covariances between different locations. Omit "
-        "`diagonal_spatial` (or pass False).")
-  auto_batch = not needs_batch
-  auto_spatial = not needs_spatial and not spatial_output
-  return (auto_batch if diagonal_batch is None else bool(diagonal_batch),
-          auto_spatial if diagonal_spatial is None else bool(diagonal_spatial))
-
-
-def _check_kernel_layout(kernels: list[Kernel],
-                         diagonal_batch: Optional[bool],
-                         diagonal_spatial: Optional[bool]) -> None:
-  for kernel in kernels:
-    for name, asked in (("diagonal_batch", diagonal_batch),
-                        ("diagonal_spatial", diagonal_spatial)):
-      if asked is not None and bool(asked) != getattr(kernel, name):
-        raise ValueError(
-            f"{name}={asked} was asked for, but the Kernel passed in has "
-            f"{name}={getattr(kernel, name)}; its layout is fixed. Build it "
-            f"with `{name}={asked}` (e.g. `ft.Kernel.from_inputs(x, {name}="
-            f"{asked})`), or omit `{name}`.")
 
 
 def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
@@ -409,21 +223,21 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
   >>> nngp.shape, ntk.shape
   ((3, 2), (3, 2))
   """
-  _check_model(model)
+  front_end.check_model(model)
   layout_cache: dict[Any, tuple[requirements.Recording, bool]] = {}
 
   def requirement_pass(x1, x2, passed, offered, compute_ntk):
     spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
     specs = (jax.tree.map(spec, x1),
              None if x2 is None else jax.tree.map(spec, x2))
-    kwargs_key = _structure_key((passed, offered))
-    key = (_structure_key(specs), compute_ntk, kwargs_key)
+    kwargs_key = front_end.structure_key((passed, offered))
+    key = (front_end.structure_key(specs), compute_ntk, kwargs_key)
     cacheable = kwargs_key is not None and key[0] is not None
     if cacheable and key in layout_cache:
       return layout_cache[key]
 
     def probe(a, b):
-      kernels = _input_kernels(a, b, diagonal_batch=False,
+      kernels = front_end.input_kernels(a, b, diagonal_batch=False,
                                diagonal_spatial=False, compute_ntk=compute_ntk)
       return _run_model(model, kernels, passed, offered)
 
@@ -438,47 +252,36 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
                  diagonal_batch: Optional[bool] = None,
                  diagonal_spatial: Optional[bool] = None,
                  **kwargs: Any) -> Any:
-    _check_diagonal_arg("diagonal_batch", diagonal_batch)
-    _check_diagonal_arg("diagonal_spatial", diagonal_spatial)
-    passed, offered = _route_kwargs(model, {**apply_kwargs, **kwargs})
-    fields = _canonical_get(get)
+    front_end.check_diagonal_arg("diagonal_batch", diagonal_batch)
+    front_end.check_diagonal_arg("diagonal_spatial", diagonal_spatial)
+    passed, offered = front_end.route_kwargs(model, {**apply_kwargs, **kwargs})
+    fields = front_end.canonical_get(get)
     compute_ntk = fields is None or "ntk" in fields
     given_kernels = _kernels_in(x1_or_kernel)
     if given_kernels:
       if x2 is not None:
         raise ValueError("Pass either a Kernel or inputs x1 (and x2), not "
                          "a Kernel and x2.")
-      _check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
+      front_end.check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
 
       def with_ntk(k):
         if isinstance(k, Kernel) and compute_ntk and k.ntk is None:
           return k.replace(ntk=jnp.zeros_like(k.nngp))
         return k
       kernels = jax.tree.map(with_ntk, x1_or_kernel, is_leaf=_is_kernel)
-      return _select(_run_model(model, kernels, passed, offered), get)
+      return front_end.select(_run_model(model, kernels, passed, offered), get)
 
     x1, x2 = inputs.input_leaves(x1_or_kernel, x2)
     inputs.check_finite_inputs(x1, x2)
     recorded, spatial_output = requirement_pass(x1, x2, passed, offered,
                                                 compute_ntk)
-    layout = _choose_layout(recorded, spatial_output, diagonal_batch,
+    layout = front_end.choose_layout(recorded, spatial_output, diagonal_batch,
                             diagonal_spatial)
-    kernels = _input_kernels(x1, x2, diagonal_batch=layout[0],
+    kernels = front_end.input_kernels(x1, x2, diagonal_batch=layout[0],
                              diagonal_spatial=layout[1],
                              compute_ntk=compute_ntk)
-    output = _select(_run_model(model, kernels, passed, offered), get)
+    output = front_end.select(_run_model(model, kernels, passed, offered), get)
     inputs.check_finite_output(output, x1, x2)
     return output
 
   return kernel_fn_
-
-
-def _input_kernels(x1: Any, x2: Any, **layout: bool) -> Any:
-  """One input kernel per array of `x1` (paired with `x2`'s)."""
-  if not inputs.is_tree(x1):
-    return covariance.inputs_to_kernel(x1, x2, **layout)
-  if x2 is None:
-    return jax.tree.map(
-        lambda a: covariance.inputs_to_kernel(a, None, **layout), x1)
-  return jax.tree.map(
-      lambda a, b: covariance.inputs_to_kernel(a, b, **layout), x1, x2)
