@@ -29,6 +29,18 @@ from flax_tangents.kernel import Kernel
 __all__ = ["kernel_fn"]
 
 Get = front_end.Get
+# The front end's helpers, under the names this module's code uses.
+_call_signature = front_end.call_signature
+_canonical_get = front_end.canonical_get
+_check_diagonal_arg = front_end.check_diagonal_arg
+_check_kernel_layout = front_end.check_kernel_layout
+_check_model = front_end.check_model
+_choose_layout = front_end.choose_layout
+_input_kernels = front_end.input_kernels
+_positional = front_end.positional
+_route_kwargs = front_end.route_kwargs
+_select = front_end.select
+_structure_key = front_end.structure_key
 
 # Stock Flax modules that only call their submodules: entered as user modules.
 _TRANSPARENT_STOCK_MODULES = (nn.Sequential,)
@@ -88,7 +100,7 @@ def _check_call(module: nn.Module, args: tuple[Any, ...],
   """Refuses a call that the finite module would refuse (unknown kwargs)."""
   if not kwargs:
     return
-  signature = front_end.call_signature(type(module))
+  signature = _call_signature(type(module))
   if signature is None:
     return
   try:
@@ -155,7 +167,7 @@ def _run_model(model: nn.Module, inputs: Any, passed: dict[str, Any],
   """Runs `model` on input kernels; every offered argument must be used."""
   with call_args.offering(offered) as ledger, lineage.run():
     with nn.intercept_methods(_interceptor):
-      output = model.apply({}, *front_end.positional(model, inputs), **passed)
+      output = model.apply({}, *_positional(model, inputs), **passed)
   call_args.check_all_used(ledger, type(model).__name__)
   return output
 
@@ -223,21 +235,21 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
   >>> nngp.shape, ntk.shape
   ((3, 2), (3, 2))
   """
-  front_end.check_model(model)
+  _check_model(model)
   layout_cache: dict[Any, tuple[requirements.Recording, bool]] = {}
 
   def requirement_pass(x1, x2, passed, offered, compute_ntk):
     spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
     specs = (jax.tree.map(spec, x1),
              None if x2 is None else jax.tree.map(spec, x2))
-    kwargs_key = front_end.structure_key((passed, offered))
-    key = (front_end.structure_key(specs), compute_ntk, kwargs_key)
+    kwargs_key = _structure_key((passed, offered))
+    key = (_structure_key(specs), compute_ntk, kwargs_key)
     cacheable = kwargs_key is not None and key[0] is not None
     if cacheable and key in layout_cache:
       return layout_cache[key]
 
     def probe(a, b):
-      kernels = front_end.input_kernels(a, b, diagonal_batch=False,
+      kernels = _input_kernels(a, b, diagonal_batch=False,
                                diagonal_spatial=False, compute_ntk=compute_ntk)
       return _run_model(model, kernels, passed, offered)
 
@@ -252,35 +264,35 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
                  diagonal_batch: Optional[bool] = None,
                  diagonal_spatial: Optional[bool] = None,
                  **kwargs: Any) -> Any:
-    front_end.check_diagonal_arg("diagonal_batch", diagonal_batch)
-    front_end.check_diagonal_arg("diagonal_spatial", diagonal_spatial)
-    passed, offered = front_end.route_kwargs(model, {**apply_kwargs, **kwargs})
-    fields = front_end.canonical_get(get)
+    _check_diagonal_arg("diagonal_batch", diagonal_batch)
+    _check_diagonal_arg("diagonal_spatial", diagonal_spatial)
+    passed, offered = _route_kwargs(model, {**apply_kwargs, **kwargs})
+    fields = _canonical_get(get)
     compute_ntk = fields is None or "ntk" in fields
     given_kernels = _kernels_in(x1_or_kernel)
     if given_kernels:
       if x2 is not None:
         raise ValueError("Pass either a Kernel or inputs x1 (and x2), not "
                          "a Kernel and x2.")
-      front_end.check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
+      _check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
 
       def with_ntk(k):
         if isinstance(k, Kernel) and compute_ntk and k.ntk is None:
           return k.replace(ntk=jnp.zeros_like(k.nngp))
         return k
       kernels = jax.tree.map(with_ntk, x1_or_kernel, is_leaf=_is_kernel)
-      return front_end.select(_run_model(model, kernels, passed, offered), get)
+      return _select(_run_model(model, kernels, passed, offered), get)
 
     x1, x2 = inputs.input_leaves(x1_or_kernel, x2)
     inputs.check_finite_inputs(x1, x2)
     recorded, spatial_output = requirement_pass(x1, x2, passed, offered,
                                                 compute_ntk)
-    layout = front_end.choose_layout(recorded, spatial_output, diagonal_batch,
+    layout = _choose_layout(recorded, spatial_output, diagonal_batch,
                             diagonal_spatial)
-    kernels = front_end.input_kernels(x1, x2, diagonal_batch=layout[0],
+    kernels = _input_kernels(x1, x2, diagonal_batch=layout[0],
                              diagonal_spatial=layout[1],
                              compute_ntk=compute_ntk)
-    output = front_end.select(_run_model(model, kernels, passed, offered), get)
+    output = _select(_run_model(model, kernels, passed, offered), get)
     inputs.check_finite_output(output, x1, x2)
     return output
 
