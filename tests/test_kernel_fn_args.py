@@ -4,6 +4,7 @@
 from typing import Any
 
 import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
@@ -14,6 +15,11 @@ from flax_tangents._src.analytic import covariance
 RNG = np.random.RandomState(0)
 X1, X2 = RNG.randn(4, 6), RNG.randn(3, 6)
 SEQ1, SEQ2 = RNG.randn(3, 5, 2), RNG.randn(2, 5, 2)
+
+
+def _jitted(model):
+  return jax.jit(ft.kernel_fn(model), static_argnames=(
+      "get", "diagonal_batch", "diagonal_spatial"))
 
 
 class Net(nn.Module):
@@ -68,8 +74,8 @@ def test_pattern_reaches_an_aggregate_inside_sequential():
       h = ftn.Relu()(ftn.Conv(3, (2,), padding="SAME")(x))
       return ftn.Dense(2)(ftn.Aggregate()(h, pattern=pattern))
 
-  offered = ft.kernel_fn(seq)(SEQ1, None, pattern=pattern)
-  explicit = ft.kernel_fn(Explicit())(SEQ1, None, pattern=pattern)
+  offered = _jitted(seq)(SEQ1, None, pattern=pattern)
+  explicit = _jitted(Explicit())(SEQ1, None, pattern=pattern)
   np.testing.assert_allclose(offered.ntk, explicit.ntk, rtol=1e-12)
 
 
@@ -84,20 +90,19 @@ def test_call_a_finite_layer_would_refuse_is_refused():
 
 
 def test_diagonal_arguments_take_effect():
-  flat = nn.Sequential([ftn.Conv(3, (2,)), ftn.Relu(), ftn.Flatten(),
-                        ftn.Dense(1)])
-  cheap = ft.kernel_fn(flat)(SEQ1, SEQ2)
-  full = ft.kernel_fn(flat)(SEQ1, SEQ2, diagonal_spatial=False,
-                            diagonal_batch=False)
+  flat = _jitted(nn.Sequential([ftn.Conv(3, (2,)), ftn.Relu(),
+                                 ftn.Flatten(), ftn.Dense(1)]))
+  cheap = flat(SEQ1, SEQ2)
+  full = flat(SEQ1, SEQ2, diagonal_spatial=False, diagonal_batch=False)
   assert cheap.diagonal_spatial and cheap.diagonal_batch
   assert not full.diagonal_spatial and not full.diagonal_batch
   assert full.cov1.shape == (3, 3)
   np.testing.assert_allclose(full.nngp, cheap.nngp, rtol=1e-12)
   np.testing.assert_allclose(np.diagonal(full.cov1), cheap.cov1, rtol=1e-12)
   # Spatial outputs: diagonal_spatial=True keeps only location variances.
-  conv = nn.Sequential([ftn.Conv(3, (2,)), ftn.Erf()])
-  diagonal = ft.kernel_fn(conv)(SEQ1, SEQ2, "nngp", diagonal_spatial=True)
-  whole = ft.kernel_fn(conv)(SEQ1, SEQ2, "nngp")
+  conv = _jitted(nn.Sequential([ftn.Conv(3, (2,)), ftn.Erf()]))
+  diagonal = conv(SEQ1, SEQ2, "nngp", diagonal_spatial=True)
+  whole = conv(SEQ1, SEQ2, "nngp")
   np.testing.assert_allclose(diagonal, np.einsum("abss->abs", whole),
                              rtol=1e-12)
 

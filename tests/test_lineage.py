@@ -104,11 +104,11 @@ def test_inputs_plus_an_affine_branch_is_exact():
 
 def test_one_non_centred_branch_agrees_with_monte_carlo():
   expected = ft.kernel_fn(ReluPlusDense())(X1, X2)
-  nngp, ntk = sample_kernels_projected(ReluPlusDense(512), X1, X2,
-                                       jax.random.key(1), 200)
+  nngp, ntk = sample_kernels_projected(ReluPlusDense(256), X1, X2,
+                                       jax.random.key(1), 128)
   # Two hidden layers: an O(1/width) bias on top of the sampling error.
-  assert_mc_close(nngp, expected.nngp, n_se=5.0, bias=0.02)
-  assert_mc_close(ntk, expected.ntk, n_se=5.0, bias=0.02)
+  assert_mc_close(nngp, expected.nngp, n_se=5.0, bias=0.03)
+  assert_mc_close(ntk, expected.ntk, n_se=5.0, bias=0.03)
 
 
 def test_independent_factors_multiply():

@@ -185,7 +185,8 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
   Args:
     model: a Linen module built from layers with kernel rules.
     **apply_kwargs: keyword arguments for every call (as if passed to each
-      call of the kernel function).
+      call of the kernel function, which may override them), including
+      `diagonal_batch`/`diagonal_spatial`.
 
   Returns:
     `kernel_fn(x1_or_kernel, x2=None, get=None, *, diagonal_batch=None,
@@ -236,6 +237,9 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
   ((3, 2), (3, 2))
   """
   _check_model(model)
+  # Front-end arguments given here are defaults of every call.
+  front_defaults = {k: apply_kwargs.pop(k) for k in list(apply_kwargs)
+                    if k in call_args.front_end_args()}
   layout_cache: dict[Any, tuple[requirements.Recording, bool]] = {}
 
   def requirement_pass(x1, x2, passed, offered, compute_ntk):
@@ -264,6 +268,10 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
                  diagonal_batch: Optional[bool] = None,
                  diagonal_spatial: Optional[bool] = None,
                  **kwargs: Any) -> Any:
+    if diagonal_batch is None:
+      diagonal_batch = front_defaults.get("diagonal_batch")
+    if diagonal_spatial is None:
+      diagonal_spatial = front_defaults.get("diagonal_spatial")
     _check_diagonal_arg("diagonal_batch", diagonal_batch)
     _check_diagonal_arg("diagonal_spatial", diagonal_spatial)
     passed, offered = _route_kwargs(model, {**apply_kwargs, **kwargs})
