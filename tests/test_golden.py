@@ -12,8 +12,6 @@ CASES = load_cases()
 # Golden cases whose layers or arguments are not built yet, each with the
 # reason. They are strict xfails: the row must go when the case passes.
 PENDING: dict[str, str] = {
-    "index_batch_slice_spatial":
-        "Index on the batch axis and the golden builder's idx form (issue 10.4)",
     "aggregate_1d_dense":
         "Aggregate pattern pairs from golden2 (issue 10.5)",
     "aggregate_1d_sparse":
@@ -22,10 +20,6 @@ PENDING: dict[str, str] = {
         "Aggregate pattern pairs from golden2 (issue 10.5)",
     "aggregate_2d_axis2_sparse":
         "Aggregate(implementation='SPARSE') (issue 10.5)",
-    "concat_spatial_axis":
-        "FanInConcat along a spatial axis (issue 10.4)",
-    "concat_batch_axis":
-        "FanInConcat along the batch axis (issue 10.4)",
     "attn_pos_sum":
         "GlobalSelfAttention positional embeddings (issue 10.2)",
     "attn_pos_sum_val_decay":

@@ -45,8 +45,17 @@ def _concat_rule(module: "FanInConcat", kernels: Sequence[Kernel],
 class FanInConcat(nn.Module):
   """Concatenates a list of branches along `axis` (channels by default).
 
+  Along the channel axis the kernel is the channel-weighted mean of the
+  branches' kernels. Along the batch axis or a spatial axis it is NT's
+  block concatenation: the branches' kernels on the diagonal blocks and
+  zero between branches, which needs every branch to end in its own affine
+  layer (independent zero-mean Gaussians; others raise `ValueError`).
+  Concatenating along the batch axis puts branch `i`'s copy of input `n` at
+  row `i * N + n`, for `x1` and `x2` alike (`ft.batch` refuses such
+  models: tiles of the batch would not be independent).
+
   Attributes:
-    axis: the concatenation axis; kernels support the channel axis only.
+    axis: the concatenation axis of the `(N, *spatial, C)` activations.
 
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import dot_general as dot_math
+from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents.kernel import Kernel
 
@@ -42,6 +43,9 @@ def _dot_general_rule(module: "DotGeneral", kernel: Kernel,
     covariance.require_spatial_covariances(kernel, "DotGeneral")
   if layout.contracts_batch:
     covariance.require_batch_covariances(kernel, "DotGeneral")
+  if layout.contracts_batch or 0 in layout.x_batch:
+    # Outputs depend on other inputs, or on an input's position.
+    requirements.record_batch_mixing("DotGeneral")
   return kernel.dot_general(other, other, is_lhs, module.dimension_numbers)
 
 

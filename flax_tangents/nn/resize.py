@@ -27,8 +27,11 @@ class ImageResize(nn.Module):
   """Resizes spatial axes with `jax.image.resize` (NT's `ImageResize`).
 
   `shape` has one entry per axis of the input `(N, *spatial, C)`; `-1` keeps
-  an axis as it is. The batch and channel entries must be `-1` (or the
-  current size): the infinite-width kernel cannot resize channels.
+  an axis as it is. The channel entry must be `-1` (or the current size):
+  the infinite-width kernel cannot resize channels. Resizing the batch axis
+  interpolates between inputs (`x1` and `x2` each to `shape[0]` inputs), as
+  in NT; its kernel needs full batch covariances (found automatically)
+  unless the method is `'nearest'`, and `ft.batch` refuses it.
 
   Resizing is linear along each spatial axis, so the kernel rule applies the
   interpolation matrix `M` of `jax.image.resize` as `M (x) M` to each pair
@@ -74,10 +77,12 @@ class Index(nn.Module):
   """Indexes spatial axes, `x[idx]` (NT's `Index`).
 
   `idx` is a basic NumPy index of ints, slices and at most one `...`, most
-  easily written with `numpy.s_` (NT's `stax.Slice`). The batch and channel
-  axes must be kept whole (`:`); an integer removes its spatial axis. Only
-  locations are selected, so the rule works on kernels with full or
-  diagonal spatial covariances alike.
+  easily written with `numpy.s_` (NT's `stax.Slice`). The channel axis must
+  be kept whole (`:`); an integer removes its spatial axis. A slice of the
+  batch axis selects the same inputs of `x1` and of `x2` (as NT; an integer
+  there is refused, as in NT, since every activation keeps a batch axis),
+  and `ft.batch` refuses it. Only locations and inputs are selected, so the
+  rule works on kernels with full or diagonal covariances alike.
 
   Attributes:
     idx: the index, e.g. `np.s_[:, 1:3, ::2]` or `np.s_[:, 0, ...]`.

@@ -15,8 +15,8 @@ import dataclasses
 import threading
 from typing import Iterator, Optional
 
-__all__ = ["Recording", "record_full_batch", "record_full_spatial",
-           "recording"]
+__all__ = ["Recording", "record_batch_mixing", "record_full_batch",
+           "record_full_spatial", "recording"]
 
 
 @dataclasses.dataclass
@@ -24,6 +24,10 @@ class Recording:
   """Layers that asked for full covariances during a requirement pass."""
   full_spatial: list[str] = dataclasses.field(default_factory=list)
   full_batch: list[str] = dataclasses.field(default_factory=list)
+  # Layers whose outputs for one input depend on other inputs (concatenating,
+  # selecting or mixing along the batch axis): tiles of such a kernel are
+  # not tiles of the whole, so `ft.batch` refuses them.
+  batch_mixing: list[str] = dataclasses.field(default_factory=list)
 
 
 _state = threading.local()
@@ -37,11 +41,15 @@ def _active() -> Optional[Recording]:
 def recording() -> Iterator[Recording]:
   """Collects requirements of the rules run inside the context."""
   previous = _active()
-  _state.recording = Recording()
+  current = _state.recording = Recording()
   try:
-    yield _state.recording
+    yield current
   finally:
     _state.recording = previous
+    if previous is not None:
+      # Mixing inputs is a property of the network, whatever the layout:
+      # an enclosing recording (ft.batch's) learns of it too.
+      previous.batch_mixing.extend(current.batch_mixing)
 
 
 def record_full_spatial(layer: str) -> None:
@@ -56,3 +64,10 @@ def record_full_batch(layer: str) -> None:
   active = _active()
   if active is not None:
     active.full_batch.append(layer)
+
+
+def record_batch_mixing(layer: str) -> None:
+  """Notes that `layer` mixes, selects or concatenates along the batch axis."""
+  active = _active()
+  if active is not None:
+    active.batch_mixing.append(layer)
