@@ -18,6 +18,8 @@ from flax_tangents._src.empirical.implementation import NtkImplementation
 from flax_tangents._src.scale.sampling import MonteCarloSampler
 from flax_tangents._src.scale.sampling import canonicalize_n_samples
 from flax_tangents.batching import _mesh_from_device_count
+from flax_tangents.typing import MonteCarloKernelFn
+from flax_tangents.typing import VMapAxes
 
 __all__ = ["monte_carlo_kernel_fn"]
 
@@ -59,9 +61,9 @@ def monte_carlo_kernel_fn(
     trace_axes: Sequence[int] = (-1,),
     diagonal_axes: Sequence[int] = (),
     implementation: Union[int, NtkImplementation] = _DEFAULT_IMPLEMENTATION,
-    vmap_axes: Any = None,
+    vmap_axes: VMapAxes = None,
     device_count: Optional[int] = None,
-):
+) -> MonteCarloKernelFn:
   """Returns a Monte Carlo estimator of the NNGP and NTK of a Flax model.
 
   Sample `s` is the network `model.init(k_s, x1[:1])` with

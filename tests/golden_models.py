@@ -160,5 +160,22 @@ def build_layers(specs: Sequence[Sequence[Any]]) -> list[nn.Module]:
   return [build_layer(s) for s in specs]
 
 
+class GraphSerial(nn.Module):
+  """Layers in sequence, the call's `pattern` going to every Aggregate.
+
+  (`nn.Sequential` passes call keywords to its first layer only.)
+  """
+  layers: Sequence[nn.Module]
+
+  def __call__(self, x, pattern=None):
+    for layer in self.layers:
+      x = (layer(x, pattern=pattern) if isinstance(layer, ftn.Aggregate)
+           else layer(x))
+    return x
+
+
 def build_model(case: dict[str, Any]) -> nn.Module:
-  return nn.Sequential(build_layers(case["layers"]))
+  layers = build_layers(case["layers"])
+  if any(isinstance(layer, ftn.Aggregate) for layer in layers):
+    return GraphSerial(layers)
+  return nn.Sequential(layers)

@@ -12,14 +12,6 @@ CASES = load_cases()
 # Golden cases whose layers or arguments are not built yet, each with the
 # reason. They are strict xfails: the row must go when the case passes.
 PENDING: dict[str, str] = {
-    "aggregate_1d_dense":
-        "Aggregate pattern pairs from golden2 (issue 10.5)",
-    "aggregate_1d_sparse":
-        "Aggregate(implementation='SPARSE') (issue 10.5)",
-    "aggregate_2d_axis2_dense":
-        "Aggregate pattern pairs from golden2 (issue 10.5)",
-    "aggregate_2d_axis2_sparse":
-        "Aggregate(implementation='SPARSE') (issue 10.5)",
     "attn_pos_sum":
         "GlobalSelfAttention positional embeddings (issue 10.2)",
     "attn_pos_sum_val_decay":

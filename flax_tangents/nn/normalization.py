@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -11,10 +11,9 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents.kernel import Kernel
+from flax_tangents.typing import Axes
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
-
-Axes = Union[int, Sequence[int]]
 
 
 def _canonical_axes(axis: Axes, ndim: int) -> tuple[int, ...]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import flax
 import flax.linen as nn
@@ -24,10 +24,11 @@ from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.errors import PlainFunctionError
 from flax_tangents.kernel import Kernel
+from flax_tangents.typing import AnalyticKernelFn
+from flax_tangents.typing import Get
 
 __all__ = ["kernel_fn"]
 
-Get = Union[None, str, Sequence[str]]
 _KERNEL_FIELDS = tuple(Kernel.__dataclass_fields__)
 
 # Stock Flax modules that only call their submodules: entered as user modules.
@@ -160,7 +161,7 @@ def _hashable(kwargs: dict[str, Any]) -> Optional[tuple[Any, ...]]:
     return None
 
 
-def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
+def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> AnalyticKernelFn:
   """The analytic NNGP / NTK function of `model`'s infinite-width limit.
 
   The model's own `__call__` runs on kernels instead of arrays: each module

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.predict import linalg
+from flax_tangents.typing import Get
 
 Axes = linalg.Axes
-Get = Union[None, str, Sequence[str]]
 
 
 class Gaussian(NamedTuple):
