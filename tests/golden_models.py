@@ -148,11 +148,10 @@ def build_layer(spec: Sequence[Any]) -> nn.Module:
       args["dimension_numbers"] = ((tuple(lc), tuple(rc)),
                                    (tuple(lb), tuple(rb)))
   if name == "Dropout":
-    mode = args.pop("mode", "train")
-    args["deterministic"] = mode != "train"
+    args.setdefault("mode", "train")
     # NT's `rate` is the probability of KEEPING a unit; Flax's (and
-    # ftn.Dropout's) is the probability of dropping one.
-    args["rate"] = 1.0 - args["rate"]
+    # ftn.Dropout's) `rate` is the probability of dropping one.
+    args["keep_rate"] = args.pop("rate")
   return getattr(ftn, name)(**args)
 
 

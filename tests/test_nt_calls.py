@@ -146,3 +146,25 @@ def test_monte_carlo_argument_errors():
   a = ft.monte_carlo_kernel_fn(model, key, 2, 0, None, True, ())(X1)
   b = ft.monte_carlo_kernel_fn(model, key, 2, trace_axes=())(X1)
   np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-12)
+
+
+def test_dropout_keep_rate_and_mode():
+  # NT's Dropout(0.8, mode='train') keeps units with probability 0.8.
+  base = [ftn.Dense(4, b_std=0.1), ftn.Relu()]
+  nt_style = nn.Sequential(base + [ftn.Dropout(keep_rate=0.8, mode="train"),
+                                   ftn.Dense(1)])
+  flax_style = nn.Sequential(base + [ftn.Dropout(rate=0.2,
+                                                 deterministic=False),
+                                     ftn.Dense(1)])
+  np.testing.assert_allclose(ft.kernel_fn(nt_style)(X1, None, "ntk"),
+                             ft.kernel_fn(flax_style)(X1, None, "ntk"),
+                             rtol=1e-12)
+  assert ftn.Dropout(keep_rate=0.8, mode="TEST").deterministic
+  with pytest.raises(TypeError, match="DROPPING"):
+    ftn.Dropout()
+  with pytest.raises(ValueError, match="disagree"):
+    ftn.Dropout(rate=0.8, keep_rate=0.8)
+  with pytest.raises(ValueError, match="contradicts"):
+    ftn.Dropout(rate=0.1, mode="train", deterministic=True)
+  with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    ftn.Dropout(keep_rate=0.0)
