@@ -7,10 +7,12 @@ from flax_tangents import checkpoint
 from flax_tangents import nn
 from flax_tangents import predict
 from flax_tangents import train
+from flax_tangents import typing
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.interceptor import kernel_fn
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.registry import register_kernel_rule
+from flax_tangents._src.analytic.registry import requires
 from flax_tangents._src.empirical.api import empirical_kernel_fn
 from flax_tangents._src.empirical.api import empirical_nngp_fn
 from flax_tangents._src.empirical.api import empirical_ntk_fn
@@ -41,6 +43,8 @@ __all__ = (
     "nn",
     "predict",
     "register_kernel_rule",
+    "requires",
     "taylor_expand",
     "train",
+    "typing",
 )

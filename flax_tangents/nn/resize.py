@@ -6,12 +6,16 @@ from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from flax_tangents._src.analytic import resize as resize_math
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents.kernel import Kernel
 
-__all__ = ["ImageResize", "Index"]
+__all__ = ["ImageResize", "Index", "Slice"]
+
+# NT's `stax.Slice[...]`: builds an index for `Index`, as `numpy.s_` does.
+Slice = np.s_
 
 
 def _resize_rule(module: "ImageResize", kernel: Kernel,
@@ -77,7 +81,8 @@ class Index(nn.Module):
   """Indexes spatial axes, `x[idx]` (NT's `Index`).
 
   `idx` is a basic NumPy index of ints, slices and at most one `...`, most
-  easily written with `numpy.s_` (NT's `stax.Slice`). The channel axis must
+  easily written with `ftn.Slice` (NT's `stax.Slice`; the same as
+  `numpy.s_`). The channel axis must
   be kept whole (`:`); an integer removes its spatial axis. A slice of the
   batch axis selects the same inputs of `x1` and of `x2` (as NT; an integer
   there is refused, as in NT, since every activation keeps a batch axis),
