@@ -187,3 +187,32 @@ def test_dtypes(dtype):
   assert k.dtype == dtype
   np.testing.assert_allclose(k, ft.kernel_fn(model)(x1, x2, "ntk"),
                              rtol=1e-5 if dtype == jnp.float32 else 1e-13)
+
+
+class _Repeated(nn.Module):
+  """`y + y + z`, `concat([y, y])` or `y * y` of Dense branches."""
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    y = ftn.Dense(4)(x)
+    if self.how == "sum":
+      return ftn.FanInSum()([y, ftn.Dense(4, W_std=0.5)(x), y])
+    if self.how == "prod":
+      return ftn.FanInProd()([y, y])
+    return ftn.FanInConcat(axis=-1)([y, y])
+
+
+def test_repeated_branches_are_correlated():
+  # 2 y + z with independent y ~ K and z ~ K / 4 has kernel 4 K + K / 4: a
+  # repeated branch is the same random variable, not an independent copy.
+  x = X1[:, 0]
+  base = ft.kernel_fn(ftn.Dense(4))(x, X2[:, 0])
+  k = ft.kernel_fn(_Repeated("sum"))(x, X2[:, 0])
+  np.testing.assert_allclose(k.nngp, 4.25 * base.nngp, rtol=1e-12)
+  np.testing.assert_allclose(k.ntk, 4.25 * base.ntk, rtol=1e-12)
+  np.testing.assert_allclose(
+      ft.kernel_fn(_Repeated("concat"))(x, X2[:, 0], "nngp"), base.nngp,
+      rtol=1e-12)
+  with pytest.raises(ValueError, match="Monomial"):
+    ft.kernel_fn(_Repeated("prod"))(x)

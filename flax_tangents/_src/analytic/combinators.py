@@ -48,9 +48,12 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
 
   Branches are taken to be uncorrelated, as they are when at most one of them
   is not preceded by a fresh (zero-mean, independent) affine layer: the
-  residual `x + conv(relu(x))` is the typical case.
+  residual `x + conv(relu(x))` is the typical case. A branch repeated as
+  the same kernel object (`y + y`) is fully correlated with itself: `m`
+  copies contribute `m**2` times its kernel.
   """
   _check_branches(kernels, "FanInSum")
+  kernels = _weighted_by_repeats(kernels)
   add = lambda values: functools.reduce(operator.add, values)
   first = kernels[0]
   return first.replace(
@@ -58,6 +61,18 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
       cov1=_combine(kernels, "cov1", add), cov2=_combine(kernels, "cov2", add),
       is_gaussian=all(k.is_gaussian for k in kernels),
       is_input=all(k.is_input for k in kernels))
+
+
+def _weighted_by_repeats(kernels: Sequence[Kernel]) -> list[Kernel]:
+  """One kernel per distinct object, scaled by its count squared."""
+  counts: dict[int, list] = {}
+  for k in kernels:
+    counts.setdefault(id(k), [k, 0])[1] += 1
+  scale = lambda x, c: None if x is None else x * c
+  return [k if m == 1 else k.replace(
+      nngp=scale(k.nngp, m * m), ntk=scale(k.ntk, m * m),
+      cov1=scale(k.cov1, m * m), cov2=scale(k.cov2, m * m))
+          for k, m in counts.values()]
 
 
 def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
@@ -180,6 +195,11 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
   `ntk = sum_i ntk_i prod_{j != i} nngp_j`. The product is not Gaussian.
   """
   _check_branches(kernels, "FanInProd")
+  if len({id(k) for k in kernels}) != len(kernels):
+    raise ValueError(
+        "FanInProd: a branch appears more than once (e.g. `y * y`); the "
+        "kernel of a power of one Gaussian is not the product of kernels. "
+        "Use `ftn.Monomial(2)` (or `ftn.Polynomial`) for powers.")
   mul = lambda values: functools.reduce(operator.mul, values)
 
   def product_rule_ntk() -> jax.Array:
