@@ -65,8 +65,11 @@ def test_arithmetic_refused_with_hint():
 
 def test_sum_of_kernels():
   kernel = ft.Kernel.from_inputs(IMAGES1, IMAGES2)
-  total = sum([kernel, kernel])
+  independent = kernel.replace()  # another branch with equal covariances
+  total = sum([kernel, independent])
   np.testing.assert_allclose(total.nngp, 2 * kernel.nngp)
+  # The same kernel object twice is one activation added to itself: 2 y.
+  np.testing.assert_allclose((kernel + kernel).nngp, 4 * kernel.nngp)
 
 
 @pytest.mark.parametrize("is_lhs", [True, False])

@@ -190,7 +190,8 @@ def _sparse_covariance(cov: jax.Array, edges_first, edges_second, *,
   else:
     flat = jax.vmap(lambda c, t, h: _sparse_axis(
         _sparse_axis(c, t, h, 0), t, h, 1))(flat, tails1, heads1)
-  return jnp.transpose(flat.reshape(moved.shape), np.argsort(perm))
+  return jnp.transpose(flat.reshape(moved.shape),
+                       tuple(int(i) for i in np.argsort(perm)))
 
 
 # -------------------------------------------------------------- the layer
@@ -223,7 +224,7 @@ def _patterns(kernel: Kernel, pattern: Any,
 def _aggregate_rule(module: "Aggregate", kernel: Kernel, *,
                     pattern: Any = None, **kwargs: Any) -> Kernel:
   del kwargs
-  layer = f"Aggregate(implementation={module.implementation.value!r})"
+  layer = f"Aggregate(implementation='{module.implementation}')"
   patterns = _patterns(kernel, pattern, layer)
   if patterns is None:
     return kernel
