@@ -206,6 +206,8 @@ class _Repeated(nn.Module):
 def test_repeated_branches_are_correlated():
   # 2 y + z with independent y ~ K and z ~ K / 4 has kernel 4 K + K / 4: a
   # repeated branch is the same random variable, not an independent copy.
+  # NT is wrong here: FanOut(2) >> parallel(Identity(), Identity()) >>
+  # FanInSum() gives 2 K, the kernel of two independent copies.
   x = X1[:, 0]
   base = ft.kernel_fn(ftn.Dense(4))(x, X2[:, 0])
   k = ft.kernel_fn(_Repeated("sum"))(x, X2[:, 0])

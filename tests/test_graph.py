@@ -126,6 +126,10 @@ def _random_edges(n_graphs, sizes, n_edges, n_pad, seed):
 @pytest.mark.parametrize("aggregate_axis,sizes", [
     (None, (5,)), ((2,), (4,)), ((1, 2), (3, 4))])
 def test_sparse_equals_dense(aggregate_axis, sizes):
+  # Padding edges have a negative tail or head coordinate; `_random_edges`
+  # drops both kinds from the dense graph. NT is wrong for a negative tail
+  # with a valid head: it reads the last vertex (JAX's negative indexing)
+  # and sends it to the head; here such an edge is padding, as documented.
   spatial = (5,) if len(sizes) == 1 and aggregate_axis is None else (3, 4)
   x1 = RNG.randn(3, *spatial, 2)
   x2 = RNG.randn(2, *spatial, 2)
