@@ -21,10 +21,13 @@ import numpy as np
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.scale.batched import BatchedKernelFn
 from flax_tangents._src.scale.progress import ProgressArg
+from flax_tangents._src.scale.tile_checkpoint import CheckpointInUseError
 from flax_tangents._src.scale.tile_checkpoint import CheckpointMismatchError
+from flax_tangents._src.scale.tile_checkpoint import CheckpointWriteError
 from flax_tangents._src.scale.tile_plan import leading_size
 
-__all__ = ["CheckpointMismatchError", "batch"]
+__all__ = ["CheckpointInUseError", "CheckpointMismatchError",
+           "CheckpointWriteError", "batch"]
 
 KernelFnT = TypeVar("KernelFnT", bound=Callable[..., Any])
 
@@ -83,11 +86,13 @@ def batch(kernel_fn: KernelFnT,
       sharded by rows, or columns, when the device count divides their
       number, else replicated), or gather tiles to host numpy arrays as they
       finish (`False`: the kernel can then exceed device memory).
-    checkpoint_dir: if given, finished tiles are written there with orbax,
-      and a rerun with the same arguments computes only the missing tiles.
-      A directory written for other inputs, tiling, `get`, kernel function
-      or parameters is refused. Under multi-host it must be shared. Needs a
-      positive `batch_size`.
+    checkpoint_dir: if given, finished tiles are written there (one file
+      per tile, by a background thread while the next round computes), and
+      a rerun with the same arguments computes only the missing tiles. A
+      directory written for other inputs, tiling, `get`, computation (the
+      kernel function's traced program) or parameters is refused. Damaged
+      tile files are reported and recomputed. Under multi-host it must be
+      shared. Needs a positive `batch_size`.
     progress: `True` shows tiles done and time left on stderr, `False`
       nothing, `None` shows it when stderr is a terminal; a callable is
       called as `progress(tiles_done, tiles_total)` after every round.
@@ -104,6 +109,11 @@ def batch(kernel_fn: KernelFnT,
       (when called) for a network that mixes inputs along the batch axis.
     CheckpointMismatchError: (when called) if `checkpoint_dir` holds tiles
       of another kernel.
+    CheckpointInUseError: (when called) if another computation is writing
+      into `checkpoint_dir`.
+    CheckpointWriteError: (when called) if tiles are missing and
+      `checkpoint_dir` is not writable (raised before computing), or a write
+      fails (e.g. a full disk; what was written resumes).
     NotImplementedError: (when called) for a `Kernel` with
       `diagonal_batch=False`, or a `Kernel` passed instead of inputs.
 
@@ -172,16 +182,16 @@ def _refuse_batch_mixing(kernel_fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(kernel_fn)
   def refusing(*args: Any, **kwargs: Any) -> Any:
-    with requirements.recording() as recorded:
+    with requirements.watching_batch_mixing() as mixing:
       try:
         out = kernel_fn(*args, **kwargs)
       except Exception as e:  # pylint: disable=broad-except
         # A tile's batch size may itself break such a layer; say why.
-        if recorded.batch_mixing:
-          raise _mixing_error(recorded.batch_mixing) from e
+        if mixing:
+          raise _mixing_error(mixing) from e
         raise
-    if recorded.batch_mixing:
-      raise _mixing_error(recorded.batch_mixing)
+    if mixing:
+      raise _mixing_error(mixing)
     return out
 
   return refusing

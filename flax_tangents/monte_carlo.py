@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import jax
 from jax.sharding import Mesh
 
+from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical.api import empirical_kernel_fn
 from flax_tangents._src.empirical.implementation import NtkImplementation
 from flax_tangents._src.scale.sampling import MonteCarloSampler
@@ -80,8 +81,13 @@ def monte_carlo_kernel_fn(
   `_j_rules`, `_s_rules`, `_fwd` are not accepted.
 
   Args:
-    model: a Flax Linen module (anything with `init` and `apply`); or NT's
-      `init_fn`, followed by `apply_fn` in place of `key`.
+    model: a Flax Linen module (anything with `init` and `apply`), or for
+      Flax NNX a factory `make(rngs) -> nnx.Module` such as
+      `lambda rngs: MyModel(..., rngs=rngs)`: sample `s` is
+      `make(rngs=nnx.Rngs(k_s))`, and only its `nnx.Param` variables are
+      differentiated. (An `nnx.Module` instance is refused: it is one
+      network, and the distribution of networks is its constructor's.) Or
+      NT's `init_fn`, followed by `apply_fn` in place of `key`.
     key: the random key the samples derive from.
     n_samples: number of networks; or a list/tuple of counts, in which case
       the kernel function returns a generator yielding the estimate after
@@ -112,7 +118,7 @@ def monte_carlo_kernel_fn(
   Raises:
     TypeError, ValueError: for an `n_samples` that is not positive
       integers, too many or repeated arguments, or both `mesh` and
-      `device_count`.
+      `device_count`; TypeError for an `nnx.Module` instance.
 
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
@@ -165,6 +171,7 @@ def monte_carlo_kernel_fn(
 def _monte_carlo_kernel_fn(model, key, n_samples, batch_size, mesh,
                            store_on_device, trace_axes, diagonal_axes,
                            implementation, vmap_axes):
+  model = nnx_adapter.as_sampler_model(model)
   counts, generator = canonicalize_n_samples(n_samples)
   if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
       or batch_size < 0):

@@ -204,17 +204,18 @@ class _Repeated(nn.Module):
 
 
 def test_repeated_branches_are_correlated():
-  # 2 y + z with independent y ~ K and z ~ K / 4 has kernel 4 K + K / 4: a
-  # repeated branch is the same random variable, not an independent copy.
-  # NT is wrong here: FanOut(2) >> parallel(Identity(), Identity()) >>
-  # FanInSum() gives 2 K, the kernel of two independent copies.
+  # A repeated branch is the same random variable, not an independent copy:
+  # concat([y, y]) along channels has y's kernel, and along a spatial axis
+  # full cross-blocks (test_concat_of_one_branch_with_itself); sums and
+  # products of a branch with itself are refused. NT is wrong here:
+  # FanOut(2) >> parallel(Identity(), Identity()) >> FanInSum() gives 2 K,
+  # the kernel of two independent copies, where 2 y has 4 K.
   x = X1[:, 0]
   base = ft.kernel_fn(ftn.Dense(4))(x, X2[:, 0])
-  k = ft.kernel_fn(_Repeated("sum"))(x, X2[:, 0])
-  np.testing.assert_allclose(k.nngp, 4.25 * base.nngp, rtol=1e-12)
-  np.testing.assert_allclose(k.ntk, 4.25 * base.ntk, rtol=1e-12)
   np.testing.assert_allclose(
       ft.kernel_fn(_Repeated("concat"))(x, X2[:, 0], "nngp"), base.nngp,
       rtol=1e-12)
-  with pytest.raises(ValueError, match="Monomial"):
+  with pytest.raises(ValueError, match="added to itself"):
+    ft.kernel_fn(_Repeated("sum"))(x)
+  with pytest.raises(ValueError, match="multiplied by itself"):
     ft.kernel_fn(_Repeated("prod"))(x)

@@ -15,8 +15,9 @@ import dataclasses
 import threading
 from typing import Iterator, Optional
 
-__all__ = ["Recording", "record_batch_mixing", "record_full_batch",
-           "record_full_spatial", "recording"]
+__all__ = ["Recording", "is_recording", "record_batch_mixing",
+           "record_full_batch", "record_full_spatial", "recording",
+           "watching_batch_mixing"]
 
 
 @dataclasses.dataclass
@@ -24,10 +25,6 @@ class Recording:
   """Layers that asked for full covariances during a requirement pass."""
   full_spatial: list[str] = dataclasses.field(default_factory=list)
   full_batch: list[str] = dataclasses.field(default_factory=list)
-  # Layers whose outputs for one input depend on other inputs (concatenating,
-  # selecting or mixing along the batch axis): tiles of such a kernel are
-  # not tiles of the whole, so `ft.batch` refuses them.
-  batch_mixing: list[str] = dataclasses.field(default_factory=list)
 
 
 _state = threading.local()
@@ -37,19 +34,20 @@ def _active() -> Optional[Recording]:
   return getattr(_state, "recording", None)
 
 
+def is_recording() -> bool:
+  """Whether a requirement pass is running (only shapes matter then)."""
+  return _active() is not None
+
+
 @contextlib.contextmanager
 def recording() -> Iterator[Recording]:
   """Collects requirements of the rules run inside the context."""
   previous = _active()
-  current = _state.recording = Recording()
+  _state.recording = Recording()
   try:
-    yield current
+    yield _state.recording
   finally:
     _state.recording = previous
-    if previous is not None:
-      # Mixing inputs is a property of the network, whatever the layout:
-      # an enclosing recording (ft.batch's) learns of it too.
-      previous.batch_mixing.extend(current.batch_mixing)
 
 
 def record_full_spatial(layer: str) -> None:
@@ -66,8 +64,30 @@ def record_full_batch(layer: str) -> None:
     active.full_batch.append(layer)
 
 
+@contextlib.contextmanager
+def watching_batch_mixing() -> Iterator[list[str]]:
+  """Collects the layers run inside that combine inputs along the batch axis.
+
+  Separate from `recording` (which marks a shapes-only requirement pass):
+  `ft.batch` watches real passes, whose kernels must be computed in full.
+  """
+  previous = getattr(_state, "batch_mixing", None)
+  current: list[str] = []
+  _state.batch_mixing = current
+  try:
+    yield current
+  finally:
+    _state.batch_mixing = previous
+    if previous is not None:
+      previous.extend(current)
+
+
 def record_batch_mixing(layer: str) -> None:
-  """Notes that `layer` mixes, selects or concatenates along the batch axis."""
-  active = _active()
-  if active is not None:
-    active.batch_mixing.append(layer)
+  """Notes that `layer` concatenates, selects or mixes along the batch axis.
+
+  The kernel of a tile of such a layer's inputs is not a tile of its
+  kernel, so `ft.batch` refuses models containing one.
+  """
+  watched = getattr(_state, "batch_mixing", None)
+  if watched is not None:
+    watched.append(layer)
