@@ -6,7 +6,6 @@ from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from flax_tangents._src.analytic import resize as resize_math
 from flax_tangents._src.analytic.registry import kernel_rule
@@ -14,8 +13,23 @@ from flax_tangents.kernel import Kernel
 
 __all__ = ["ImageResize", "Index", "Slice"]
 
-# NT's `stax.Slice[...]`: builds an index for `Index`, as `numpy.s_` does.
-Slice = np.s_
+
+
+class _Slice:
+  """NT's `stax.Slice`: `ftn.Slice[...]` returns the index it is given.
+
+  The same as `numpy.s_`, for writing indices of `ftn.Index`.
+
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.Slice[:, 1:3, ...]
+  (slice(None, None, None), slice(1, 3, None), Ellipsis)
+  """
+
+  def __getitem__(self, idx: Any) -> Any:
+    return idx
+
+
+Slice = _Slice()
 
 
 def _resize_rule(module: "ImageResize", kernel: Kernel,
