@@ -150,3 +150,22 @@ def test_enums():
     ftn.GlobalSelfAttention(2, 2, 2, 1, attention_mechanism="tanh")
   with pytest.raises(ValueError, match="padding"):
     ft.kernel_fn(ftn.Conv(2, (2,), padding="full"))(IMAGES1)
+
+
+class _ConcatThenRelu(nn.Module):
+  """Channel concatenation of unequal branches (a mixture), then Relu."""
+  stabilize: bool
+
+  @nn.compact
+  def __call__(self, x):
+    y = ftn.FanInConcat()([ftn.Dense(3)(x), ftn.Dense(5, W_std=3.0)(x)])
+    return ftn.Dense(1)(ftn.Relu(do_stabilize=self.stabilize)(y))
+
+
+def test_do_stabilize_on_a_mixture():
+  # After a channel concatenation each branch's units have their own
+  # kernel; stabilizing must rescale each of them consistently.
+  want = ft.kernel_fn(_ConcatThenRelu(False))(X1, X2)
+  got = ft.kernel_fn(_ConcatThenRelu(True))(X1, X2)
+  np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-13)
+  np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-13)
