@@ -62,14 +62,6 @@ PENDING: dict[str, str] = {
         "GlobalSelfAttention positional embeddings (issue 10.2)",
     "attn_pos_concat_val_decay":
         "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "mask_conv1d_relu_gap":
-        "masking with mask_constant (issue 10.1)",
-    "mask_attention_softmax":
-        "masking with mask_constant (issue 10.1)",
-    "mask_avgpool":
-        "masking with mask_constant (issue 10.1)",
-    "mask_flatten":
-        "masking with mask_constant (issue 10.1)",
 }
 
 

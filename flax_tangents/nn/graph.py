@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["Aggregate"]
@@ -157,6 +158,7 @@ class Aggregate(nn.Module):
   aggregate_axis: Axes = None
   implementation: str = "DENSE"
 
+  @supports_masking()
   def __call__(self, x: jax.Array,
                pattern: Optional[jax.Array] = None) -> jax.Array:
     _check_implementation(self.implementation)

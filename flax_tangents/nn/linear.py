@@ -8,8 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn._parameterization import affine_params
 
@@ -55,6 +57,7 @@ class Dense(nn.Module):
   parameterization: str = "ntk"
   param_dtype: Any = jnp.float32
 
+  @supports_masking(lambda self, mask, shape: masking.collapse_channels(mask))
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     fan_in = x.shape[-1]

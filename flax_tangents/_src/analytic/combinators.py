@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 
+from flax_tangents._src.analytic import masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["fan_in_concat", "fan_in_prod", "fan_in_sum"]
@@ -41,6 +42,12 @@ def _combine(kernels: Sequence[Kernel], field: str, fn) -> jax.Array:
   return None if any(v is None for v in values) else fn(values)
 
 
+def _summed_masks(kernels: Sequence[Kernel]) -> dict[str, Any]:
+  """Masks of a sum or product: padding where every branch is."""
+  return dict(mask1=masking.sum_masks([k.mask1 for k in kernels]),
+              mask2=masking.sum_masks([k.mask2 for k in kernels]))
+
+
 def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   """Kernel of the sum of branches.
 
@@ -55,7 +62,7 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
       nngp=_combine(kernels, "nngp", add), ntk=_combine(kernels, "ntk", add),
       cov1=_combine(kernels, "cov1", add), cov2=_combine(kernels, "cov2", add),
       is_gaussian=all(k.is_gaussian for k in kernels),
-      is_input=all(k.is_input for k in kernels))
+      is_input=all(k.is_input for k in kernels), **_summed_masks(kernels))
 
 
 def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
@@ -88,7 +95,11 @@ def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
       cov2=_combine(kernels, "cov2", weighted),
       shape1=first.shape1[:-1] + (total,), shape2=first.shape2[:-1] + (total,),
       is_gaussian=all(k.is_gaussian for k in kernels),
-      is_input=all(k.is_input for k in kernels))
+      is_input=all(k.is_input for k in kernels),
+      mask1=masking.concat_masks([k.mask1 for k in kernels],
+                                 [k.shape1 for k in kernels], axis),
+      mask2=masking.concat_masks([k.mask2 for k in kernels],
+                                 [k.shape2 for k in kernels], axis))
 
 
 def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
@@ -113,4 +124,5 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
   return first.replace(
       nngp=_combine(kernels, "nngp", mul), ntk=product_rule_ntk(),
       cov1=_combine(kernels, "cov1", mul), cov2=_combine(kernels, "cov2", mul),
-      is_gaussian=False, is_input=all(k.is_input for k in kernels))
+      is_gaussian=False, is_input=all(k.is_input for k in kernels),
+      **_summed_masks(kernels))

@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.errors import PlainFunctionError
+from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents.kernel import Kernel
 
 __all__ = ["kernel_fn"]
@@ -104,6 +106,25 @@ def _run_model(model: nn.Module, kernel: Kernel,
     return model.apply({}, kernel, **call_kwargs)
 
 
+def _masked_input(x: Any, mask_constant: Any
+                  ) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+  """`(x with padding zeroed, mask)` of an input array or `MaskedArray`."""
+  if x is None:
+    return None, None
+  if isinstance(x, MaskedArray):
+    if mask_constant is not None:
+      raise ValueError("Pass either MaskedArray inputs or mask_constant, "
+                       "not both.")
+    value = jnp.asarray(x.masked_value)
+    mask = None if x.mask is None else jnp.asarray(x.mask, bool)
+    if mask is not None and mask.ndim != value.ndim:
+      mask = jnp.broadcast_to(mask, value.shape)
+    return masking.zero_masked(value, mask), mask
+  x = jnp.asarray(x)
+  mask = masking.from_mask_constant(x, mask_constant)
+  return masking.zero_masked(x, mask), mask
+
+
 def _check_inputs(x1: jax.Array, x2: Optional[jax.Array]) -> None:
   """Refuses NaN or infinite inputs when their values are known."""
   for name, x in (("x1", x1), ("x2", x2)):
@@ -180,8 +201,12 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
     arrays of shape `(N, *spatial, C)`; `x2=None` means `x2 = x1`. Passing an
     `ft.Kernel` instead of `x1` continues from that kernel (composition).
     `get` is a field name (returns an array), a tuple of names (returns a
-    namedtuple), or `None` (returns the `ft.Kernel`). `kwargs` are passed to
-    the model's `__call__` as well. The function is jit-able (mark `get`
+    namedtuple), or `None` (returns the `ft.Kernel`). `mask_constant=c`
+    treats input entries equal to `c` (NaN: NaNs) as padding, as Neural
+    Tangents does: they read as zeros, masks follow every layer, and pooling,
+    attention and layer norm skip padded locations (variable-length
+    sequences); `ft.MaskedArray` inputs carry their masks instead. The other
+    `kwargs` are passed to the model's `__call__` as well. The function is jit-able (mark `get`
     static) and differentiable in the inputs.
 
   Raises:
@@ -229,7 +254,8 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
 
   def kernel_fn_(x1_or_kernel: Union[jax.typing.ArrayLike, Kernel],
                  x2: Optional[jax.typing.ArrayLike] = None,
-                 get: Get = None, **kwargs: Any) -> Any:
+                 get: Get = None, *, mask_constant: Any = None,
+                 **kwargs: Any) -> Any:
     call_kwargs = {**apply_kwargs, **kwargs}
     fields = _canonical_get(get)
     compute_ntk = fields is None or "ntk" in fields
@@ -237,18 +263,25 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
       if x2 is not None:
         raise ValueError("Pass either a Kernel or inputs x1 (and x2), not "
                          "a Kernel and x2.")
+      if mask_constant is not None:
+        raise ValueError(
+            "mask_constant masks entries of input arrays; a Kernel carries "
+            "its masks in mask1/mask2 (see `Kernel.mask`).")
       kernel = x1_or_kernel
       if compute_ntk and kernel.ntk is None:
         kernel = kernel.replace(ntk=jnp.zeros_like(kernel.nngp))
+      kernel = masking.remask(kernel, "the Kernel passed in")
     else:
-      x1 = jnp.asarray(x1_or_kernel)
-      x2 = None if x2 is None else jnp.asarray(x2)
+      (x1, mask1), (x2, mask2) = (
+          _masked_input(x, mask_constant) for x in (x1_or_kernel, x2))
       _check_inputs(x1, x2)
       diagonal_batch, diagonal_spatial = layout(x1, x2, call_kwargs,
                                                 compute_ntk)
       kernel = covariance.inputs_to_kernel(
           x1, x2, diagonal_batch=diagonal_batch,
           diagonal_spatial=diagonal_spatial, compute_ntk=compute_ntk)
+      if mask1 is not None or mask2 is not None:
+        kernel = kernel.replace(mask1=mask1, mask2=mask2)
     return _select(_run_model(model, kernel, call_kwargs), get)
 
   return kernel_fn_

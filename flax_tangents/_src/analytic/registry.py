@@ -74,9 +74,16 @@ def kernel_rule(rule: KernelRule) -> Callable[[ModuleT], ModuleT]:
 
 
 def find_rule(module_type: type) -> Optional[KernelRule]:
-  """The rule for `module_type`, looked up along its method resolution order."""
+  """The rule for `module_type`, looked up along its method resolution order.
+
+  The rule returned restores zero covariances at padding after it runs and
+  refuses masks that no longer fit (see `masking.with_masks`), so no rule
+  needs to remask by itself.
+  """
+  from flax_tangents._src.analytic import masking  # avoid import cycle
+
   for base in module_type.__mro__:
     rule = _RULES.get(base)
     if rule is not None:
-      return rule
+      return masking.with_masks(rule)
   return None
