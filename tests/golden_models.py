@@ -64,6 +64,13 @@ class Concat(nn.Module):
 
 _TUPLE_ARGS = ("kernel_size", "strides", "window_shape")
 
+# GlobalSelfAttention's pos_emb_decay_fn, named in cases.json (README).
+DECAY_FNS = {
+    "exp_neg": lambda d: np.exp(-d),
+    "exp_neg_half": lambda d: np.exp(-d / 2),
+    "inv_1p": lambda d: 1 / (1 + d),
+}
+
 
 def build_layer(spec: Sequence[Any]) -> nn.Module:
   name, args = spec
@@ -79,6 +86,8 @@ def build_layer(spec: Sequence[Any]) -> nn.Module:
   for key in _TUPLE_ARGS:
     if key in args and args[key] is not None:
       args[key] = tuple(args[key])
+  if isinstance(args.get("pos_emb_decay_fn"), str):
+    args["pos_emb_decay_fn"] = DECAY_FNS[args["pos_emb_decay_fn"]]
   if "coef" in args:
     args["coef"] = tuple(args["coef"])
   if name == "Dropout":

@@ -54,14 +54,6 @@ PENDING: dict[str, str] = {
         "do_stabilize on the ReLU family (issue 10.6)",
     "relu_stabilize_conv_x2none":
         "do_stabilize on the ReLU family (issue 10.6)",
-    "attn_pos_sum":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_sum_val_decay":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_concat":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_concat_val_decay":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
 }
 
 
