@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import masking
 
-__all__ = ["MaskedArray", "split", "supports_masking", "unmask_fn"]
+__all__ = ["MaskedArray", "MaybeMasked", "split", "supports_masking",
+           "unmask_fn"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,9 @@ class MaskedArray:
 jax.tree_util.register_dataclass(
     MaskedArray, data_fields=["masked_value", "mask"], meta_fields=[])
 
+# What a layer returns: an array, or a `MaskedArray` for masked inputs.
+MaybeMasked = Union[jax.Array, MaskedArray]
+
 
 def split(x: Any) -> tuple[Any, Optional[jax.Array], bool]:
   """`(values with padding zeroed, mask, whether x was a MaskedArray)`."""
@@ -116,8 +120,8 @@ def split(x: Any) -> tuple[Any, Optional[jax.Array], bool]:
 
 
 def supports_masking(
-    out_mask: Optional[Callable[[Any, jax.Array, tuple[int, ...]],
-                                jax.Array]] = None):
+    out_mask: Optional[Callable[[Any, jax.Array, Sequence[int]],
+                                Optional[jax.Array]]] = None):
   """Decorates a layer's `__call__(self, x, ...)` to accept a `MaskedArray`.
 
   The wrapped call zeroes the padding of `x`, runs on the plain array and

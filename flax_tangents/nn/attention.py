@@ -18,6 +18,7 @@ from flax_tangents._src.analytic.attention import attention_kernel
 from flax_tangents._src.analytic.attention import mask_keys
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import MaybeMasked
 from flax_tangents._src.masked_array import split
 from flax_tangents.kernel import Kernel
 
@@ -152,15 +153,15 @@ class GlobalSelfAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
     _check(self)
-    x, mask, was_masked = split(x)
-    if x.ndim < 3:
+    value, mask, was_masked = split(x)
+    if value.ndim < 3:
       raise ValueError(
           "GlobalSelfAttention needs inputs of shape (N, *spatial, C) with "
-          f"at least one spatial (token) axis; got shape {x.shape}.")
-    n, spatial, n_in = x.shape[0], x.shape[1:-1], x.shape[-1]
-    tokens = x.reshape(n, math.prod(spatial), n_in)
+          f"at least one spatial (token) axis; got shape {value.shape}.")
+    n, spatial, n_in = value.shape[0], value.shape[1:-1], value.shape[-1]
+    tokens = value.reshape(n, math.prod(spatial), n_in)
     key_inputs, value_inputs = self._embed(tokens, spatial, mask)
     normal = nn.initializers.normal(1.0)
     qk_shape = (self.n_heads, key_inputs.shape[-1], self.n_chan_key)

@@ -65,7 +65,8 @@ class _ConvBase(nn.Module):
                                           strides)
     return kernel_size, strides, pads, circular
 
-  def output_mask(self, mask: jax.Array, shape: Sequence[int]) -> jax.Array:
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
     """A location is padding iff its receptive field's centre is (as NT)."""
     kernel_size, strides, pads, circular = self.geometry(shape[1:-1])
     return masking.window_mask(masking.collapse_channels(mask), kernel_size,
@@ -183,7 +184,7 @@ def _conv_transpose_rule(module: "ConvTranspose", kernel: Kernel,
 
 
 def _transpose_output_mask(module: "ConvTranspose", mask: jax.Array,
-                           shape: Sequence[int]) -> jax.Array:
+                           shape: Sequence[int]) -> Optional[jax.Array]:
   kernel_size, strides, _, _ = module.geometry(shape[1:-1])
   return masking.transpose_window_mask(mask, kernel_size, strides,
                                        module.padding.upper())

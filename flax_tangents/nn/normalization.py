@@ -12,6 +12,7 @@ from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import MaybeMasked
 from flax_tangents._src.masked_array import split
 from flax_tangents.kernel import Kernel
 
@@ -128,11 +129,11 @@ class LayerNorm(nn.Module):
   axis: Axes = -1
   eps: float = 1e-12
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x, mask, was_masked = split(x)
-    axes = _canonical_axes(self.axis, x.ndim)
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
+    value, mask, was_masked = split(x)
+    axes = _canonical_axes(self.axis, value.ndim)
     # Statistics over unpadded entries only.
-    mean = masking.masked_mean(x, mask, axes, keepdims=True)
-    var = masking.masked_mean((x - mean)**2, mask, axes, keepdims=True)
-    y = (x - mean) / jnp.sqrt(var + self.eps)
+    mean = masking.masked_mean(value, mask, axes, keepdims=True)
+    var = masking.masked_mean((value - mean)**2, mask, axes, keepdims=True)
+    y = (value - mean) / jnp.sqrt(var + self.eps)
     return MaskedArray(y, mask) if was_masked else y

@@ -16,6 +16,7 @@ from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.spatial import global_pool_kernel
 from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import MaybeMasked
 from flax_tangents._src.masked_array import split
 from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
@@ -51,7 +52,8 @@ class _Pool(nn.Module):
     """`None` (sum), `'window'` or `'edges'` (see `pool_covariance`)."""
     return None
 
-  def output_mask(self, mask: jax.Array, shape: Sequence[int]) -> jax.Array:
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
     """A pooled location is padding iff its window's centre is (as NT)."""
     window, strides, pads, circular = self.geometry(shape[1:-1])
     return masking.window_mask(mask, window, strides, pads, circular)
@@ -174,10 +176,10 @@ class GlobalAvgPool(nn.Module):
   (2, 3)
   """
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x, mask, was_masked = split(x)
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
+    value, mask, was_masked = split(x)
     # Padded locations are skipped (NT's masked mean).
-    y = masking.masked_mean(x, mask, _spatial_axes(x))
+    y = masking.masked_mean(value, mask, _spatial_axes(value))
     if not was_masked:
       return y
     return MaskedArray(y, masking.global_mask(mask, "GlobalAvgPool"))
@@ -193,9 +195,9 @@ class GlobalSumPool(nn.Module):
   Array([16., 16., 16.], dtype=float...)
   """
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x, mask, was_masked = split(x)
-    y = jnp.sum(x, axis=_spatial_axes(x))
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
+    value, mask, was_masked = split(x)
+    y = jnp.sum(value, axis=_spatial_axes(value))
     if not was_masked:
       return y
     return MaskedArray(y, masking.global_mask(mask, "GlobalSumPool"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -59,7 +59,8 @@ class ImageResize(nn.Module):
   antialias: bool = True
   precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
 
-  def output_mask(self, mask: jax.Array, shape: Sequence[int]) -> jax.Array:
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
     """Padding iff made of padding only (as NT)."""
     return masking.resize_mask(
         mask, resize_math.resolve_resize_shape(self.shape, shape,
@@ -103,7 +104,8 @@ class Index(nn.Module):
 
   idx: Any
 
-  def output_mask(self, mask: jax.Array, shape: Sequence[int]) -> jax.Array:
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
     """The mask is indexed like its entries."""
     return masking.index_mask(mask, resize_math.normalize_index(
         self.idx, shape, type(self).__name__))

@@ -27,7 +27,8 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
                   spatial_map: Optional[Callable[[jax.Array, int],
                                                  jax.Array]] = None,
                   shape1: tuple[int, ...], shape2: tuple[int, ...],
-                  mask_map: Optional[Callable[[jax.Array], jax.Array]] = None
+                  mask_map: Optional[Callable[[jax.Array],
+                                              Optional[jax.Array]]] = None
                   ) -> Kernel:
   """Kernel after `W x + b` with i.i.d. Gaussian `W`, `b`.
 

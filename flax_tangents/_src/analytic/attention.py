@@ -132,7 +132,10 @@ def _embedded(kernel: Kernel, mix: positional.PositionalMix,
       kernel, masking.collapse_channels(masks1),
       masking.collapse_channels(masks2), layer)
   pair_mask = {"nngp": mask12, "ntk": mask12, "cov1": mask11, "cov2": mask22}
-  zipped_R = _from_flat(jnp.asarray(R, kernel.nngp.dtype), 0, spatial)
+  dtype = jnp.result_type(*(getattr(kernel, name) for name in
+                            ("nngp", "cov1") if getattr(kernel, name)
+                            is not None))
+  zipped_R = _from_flat(jnp.asarray(R, dtype), 0, spatial)
   for name in ("nngp", "ntk", "cov1", "cov2"):
     value = getattr(kernel, name)
     if value is None:

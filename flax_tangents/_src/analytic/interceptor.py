@@ -107,10 +107,8 @@ def _run_model(model: nn.Module, kernel: Kernel,
 
 
 def _masked_input(x: Any, mask_constant: Any
-                  ) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+                  ) -> tuple[jax.Array, Optional[jax.Array]]:
   """`(x with padding zeroed, mask)` of an input array or `MaskedArray`."""
-  if x is None:
-    return None, None
   if isinstance(x, MaskedArray):
     if mask_constant is not None:
       raise ValueError("Pass either MaskedArray inputs or mask_constant, "
@@ -272,8 +270,9 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
         kernel = kernel.replace(ntk=jnp.zeros_like(kernel.nngp))
       kernel = masking.remask(kernel, "the Kernel passed in")
     else:
-      (x1, mask1), (x2, mask2) = (
-          _masked_input(x, mask_constant) for x in (x1_or_kernel, x2))
+      x1, mask1 = _masked_input(x1_or_kernel, mask_constant)
+      x2, mask2 = (None, None) if x2 is None else _masked_input(
+          x2, mask_constant)
       _check_inputs(x1, x2)
       diagonal_batch, diagonal_spatial = layout(x1, x2, call_kwargs,
                                                 compute_ntk)

@@ -21,7 +21,7 @@ Every function of a mask returns `None` for a `None` mask (nothing masked).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 Mask = Optional[jax.Array]
+MaybeArray = TypeVar("MaybeArray", bound=Optional[jax.Array])
 
 
 # ------------------------------------------------------------------ inputs
@@ -76,14 +77,24 @@ def from_mask_constant(x: jax.Array, mask_constant: Any) -> Mask:
   return x == constant
 
 
-def zero_masked(x: jax.Array, mask: Mask) -> jax.Array:
-  """`x` with masked entries replaced by zeros."""
-  if mask is None:
+def zero_masked(x: MaybeArray, mask: Mask) -> MaybeArray:
+  """`x` with masked entries replaced by zeros (`None` stays `None`)."""
+  if mask is None or x is None:
     return x
   return jnp.where(mask, jnp.zeros((), x.dtype), x)
 
 
 # ------------------------------------------------------- mask propagation
+
+
+@overload
+def collapse_channels(mask: None) -> None:
+  ...
+
+
+@overload
+def collapse_channels(mask: jax.Array) -> jax.Array:
+  ...
 
 
 def collapse_channels(mask: Mask) -> Mask:
@@ -175,7 +186,7 @@ def sum_masks(masks: Sequence[Mask]) -> Mask:
 
   `None` (a branch without a mask) is skipped, as in Neural Tangents.
   """
-  present = [m for m in masks if m is not None]
+  present: list[jax.Array] = [m for m in masks if m is not None]
   if not present:
     return None
   return functools.reduce(jnp.logical_and, present)
@@ -195,10 +206,10 @@ def concat_masks(masks: Sequence[Mask], shapes: Sequence[Sequence[int]],
   ndim = len(shapes[0])
   axis %= ndim
   if axis == ndim - 1 and all(m is None or m.shape[-1] == 1 for m in masks):
-    if any(m is None for m in masks):
-      shape = tuple(shapes[0][:-1]) + (1,)
-      return jnp.zeros(shape, bool)
-    return functools.reduce(jnp.logical_and, masks)
+    present: list[jax.Array] = [m for m in masks if m is not None]
+    if len(present) < len(masks):
+      return jnp.zeros(tuple(shapes[0][:-1]) + (1,), bool)
+    return functools.reduce(jnp.logical_and, present)
   full = []
   for m, shape in zip(masks, shapes):
     target = tuple(shape)
@@ -229,9 +240,9 @@ def resize_mask(mask: Mask, shape: Sequence[int], method: Any,
   if mask is None:
     return None
   shape = tuple(shape[:-1]) + (mask.shape[-1],)
-  real = jax.image.resize((~mask).astype(jnp.float32), shape, method=method,
-                          antialias=antialias)
-  return ~(real != 0)
+  real = jax.image.resize(jnp.logical_not(mask).astype(jnp.float32), shape,
+                          method=method, antialias=antialias)
+  return real == 0
 
 
 def masked_mean(x: jax.Array, mask: Mask, axes: Sequence[int],
@@ -291,10 +302,13 @@ def pair_masks(kernel: Kernel, mask1: Mask, mask2: Mask, layer: str
     mask2 = mask1
   if mask1 is None and mask2 is None:
     return None, None, None
-  loc1 = (jnp.zeros(kernel.shape1[:-1], bool) if mask1 is None
-          else location_mask(mask1, layer))
-  loc2 = (jnp.zeros(kernel.shape2[:-1], bool) if mask2 is None
-          else location_mask(mask2, layer))
+
+  def locations(mask: Mask, shape: tuple[int, ...]) -> jax.Array:
+    loc = location_mask(mask, layer)
+    return jnp.zeros(shape[:-1], bool) if loc is None else loc
+
+  loc1, loc2 = locations(mask1, kernel.shape1), locations(mask2,
+                                                          kernel.shape2)
   ds = kernel.diagonal_spatial
   full_batch = not kernel.diagonal_batch
   mask11 = _outer(loc1, loc1, batch_pair=full_batch, diagonal_spatial=ds)
@@ -316,16 +330,13 @@ def mask_kernel(kernel: Kernel, mask1: Mask, mask2: Mask,
   if mask12 is None:
     return out
   return out.replace(nngp=zero_masked(kernel.nngp, mask12),
-                     ntk=None if kernel.ntk is None else zero_masked(
-                         kernel.ntk, mask12),
+                     ntk=zero_masked(kernel.ntk, mask12),
                      cov1=zero_masked(kernel.cov1, mask11),
-                     cov2=None if kernel.cov2 is None else zero_masked(
-                         kernel.cov2, mask22))
+                     cov2=zero_masked(kernel.cov2, mask22))
 
 
 def map_masks(kernel_out: Kernel, kernel_in: Kernel,
-              fn: Callable[[jax.Array, tuple[int, ...]], jax.Array]
-              ) -> Kernel:
+              fn: Callable[[jax.Array, tuple[int, ...]], Mask]) -> Kernel:
   """`kernel_out` with the masks `fn(mask, input_shape)` of `kernel_in`'s."""
   mask1, mask2 = kernel_in.mask1, kernel_in.mask2
   return kernel_out.replace(
