@@ -45,7 +45,9 @@ class MaskedArray:
   >>> x = jnp.array([[[1.], [2.], [-9.]]])           # length 2, padded to 3
   >>> xm = ft.MaskedArray.from_mask_constant(x, -9.)
   >>> ftn.GlobalAvgPool().apply({}, xm).masked_value   # mean of 1 and 2
-  Array([[1.5]], dtype=float32)
+  Array([[1.5]], dtype=float...)
+  >>> ft.kernel_fn(ftn.GlobalAvgPool())(x, get='nngp', mask_constant=-9.)
+  Array([[2.25]], dtype=float...)
   """
 
   masked_value: jax.Array
@@ -148,8 +150,21 @@ def supports_masking(
 def unmask_fn(fn: Callable[..., Any]) -> Callable[..., Any]:
   """`fn` with every `MaskedArray` it returns replaced by its unmasked values.
 
-  NT's `unmask_fn`: e.g. `ft.unmask_fn(model.apply)` is a plain `f(params,
-  x)` for `ft.empirical_kernel_fn`, given masked inputs.
+  NT's `unmask_fn`: e.g. the empirical kernels of a network on padded
+  inputs, whose outputs at padding are zeros.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import flax.linen as nn
+  >>> import flax_tangents as ft
+  >>> from flax_tangents import nn as ftn
+  >>> model = nn.Sequential([ftn.Dense(8), ftn.Relu(), ftn.Dense(1)])
+  >>> x = jnp.array([[[1.], [2.], [-9.]]])           # padding: -9
+  >>> f = ft.unmask_fn(lambda params, x: model.apply(
+  ...     params, ft.MaskedArray.from_mask_constant(x, -9.)))
+  >>> params = model.init(jax.random.key(0), x)
+  >>> ntk = ft.empirical_ntk_fn(f)(x, None, params)   # (1, 1, 3, 3)
+  >>> float(ntk[0, 0, 2, 2]), float(ntk[0, 0, 0, 2])  # padding: no gradient
+  (0.0, 0.0)
   """
 
   @functools.wraps(fn)
