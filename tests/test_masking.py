@@ -114,6 +114,19 @@ def test_mask_constant_nan_masked_arrays_and_kernel_masks_agree():
   np.testing.assert_allclose(kernel_fn(k, get="ntk"), expected, rtol=1e-9)
 
 
+def test_gradients_are_finite_and_zero_at_padding():
+  # Padded entries read as zeros (zero variance below the nonlinearity):
+  # the kernel is differentiable, and padding does not influence it.
+  model = nn.Sequential([ftn.Conv(4, (2,), padding="SAME"), ftn.Relu(),
+                         ftn.GlobalAvgPool(), ftn.Dense(1)])
+  kernel_fn = ft.kernel_fn(model)
+  x = _padded([3, 1], 4, 2, 15)
+  grad = jax.grad(lambda x: kernel_fn(x, None, "ntk",
+                                      mask_constant=PAD).sum())(x)
+  assert np.all(np.isfinite(grad))
+  assert np.all(grad[x == PAD] == 0) and np.any(grad[x != PAD] != 0)
+
+
 def test_global_average_pool_closed_form():
   # Dense then GlobalAvgPool: the mean of W^2 x1.x2 / C + b^2 over pairs of
   # unpadded locations; a sequence that is all padding gives zeros.
@@ -239,6 +252,24 @@ def test_finite_and_kernel_masks_agree(layer):
     pairs = np.broadcast_to(pairs, k.nngp.shape)
     assert np.any(pairs) == np.any(pad)
     assert np.all(np.asarray(k.nngp)[pairs] == 0)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+def test_window_mask_is_the_centre_of_the_window(padding):
+  # Neural Tangents' rule, written out: output t reads the input mask at
+  # s t - pad_low + (k - 1) // 2.
+  from flax_tangents._src.analytic import masking  # the shared mask maps
+  rng = np.random.RandomState(16)
+  for size in (5, 6):
+    for k in range(1, 4):
+      for s in range(1, 4):
+        mask = rng.rand(2, size, 1) < 0.5
+        (lo, hi), = jax.lax.padtype_to_pads((size,), (k,), (s,), padding)
+        out = (size + lo + hi - k) // s + 1
+        expected = mask[:, [s * t - lo + (k - 1) // 2 for t in range(out)]]
+        got = masking.window_mask(jnp.asarray(mask), (k,), (s,),
+                                  ((lo, hi),), False)
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_kernel_mask_and_transpose():

@@ -137,9 +137,8 @@ def window_mask(mask: Mask, window: Sequence[int], strides: Sequence[int],
   widths = [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)]
   mask = jnp.pad(mask, widths, mode="wrap" if circular else "constant")
   index = [slice(None)]
-  for axis, (k, s, (lo, hi)) in enumerate(zip(window, strides, pads),
-                                          start=1):
-    out = (mask.shape[axis] - k) // s + 1
+  for axis, (k, s) in enumerate(zip(window, strides), start=1):
+    out = (mask.shape[axis] - k) // s + 1  # the padded window count
     start = (k - 1) // 2
     index.append(slice(start, start + s * (out - 1) + 1, s))
   return mask[tuple(index) + (slice(None),)]
