@@ -32,16 +32,15 @@ def _jit(model):
 
 class _Residual(nn.Module):
   @nn.compact
-  def __call__(self, x):
-    y = ftn.Relu()(ftn.Dense(6, b_std=0.2)(x))
-    return x + ftn.Conv(6, (2,), padding="SAME", W_std=0.8)(y)
+  def __call__(self, x):  # x: the output of an affine layer (Gaussian)
+    return x + ftn.Conv(6, (2,), padding="SAME", W_std=0.8)(ftn.Relu()(x))
 
 
 def _sequence_model(pos_emb_decay_fn=lambda d: np.exp(-d / 2)):
   """The layers that mask, in a model for variable-length sequences."""
   return nn.Sequential([
-      ftn.Conv(6, (3,), padding="SAME", W_std=1.2, b_std=0.3), ftn.Relu(),
-      _Residual(),
+      ftn.Conv(6, (3,), padding="SAME", W_std=1.2, b_std=0.3), _Residual(),
+      ftn.Relu(),
       ftn.GlobalSelfAttention(6, 4, 4, 2, b_std=0.2, pos_emb_type="SUM",
                               val_pos_emb=True,
                               pos_emb_decay_fn=pos_emb_decay_fn),

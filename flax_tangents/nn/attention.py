@@ -16,6 +16,9 @@ from flax_tangents._src.analytic.attention import flat_key_mask
 from flax_tangents._src.analytic.attention import attention_fn
 from flax_tangents._src.analytic.attention import attention_kernel
 from flax_tangents._src.analytic.attention import mask_keys
+from flax_tangents._src.analytic.enums import AttentionMechanism
+from flax_tangents._src.analytic.enums import PositionalEmbedding
+from flax_tangents._src.analytic.enums import canonicalize_fields
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents._src.masked_array import MaybeMasked
@@ -35,7 +38,7 @@ def _check(module: "GlobalSelfAttention") -> None:
 
 def _name(module: "GlobalSelfAttention") -> str:
   return (f"GlobalSelfAttention(n_heads={module.n_heads}, "
-          f"attention_mechanism={module.attention_mechanism!r})")
+          f"attention_mechanism='{module.attention_mechanism}')")
 
 
 def _attention_rule(module: "GlobalSelfAttention", kernel: Kernel,
@@ -107,8 +110,10 @@ class GlobalSelfAttention(nn.Module):
     W_query_std: query weight scale.
     W_out_std: output weight scale.
     b_std: bias scale; `None` means no bias.
-    attention_mechanism: `'SOFTMAX'`, `'IDENTITY'`, `'ABS'` or `'RELU'`.
-    pos_emb_type: `'NONE'`, `'SUM'` or `'CONCAT'` (case-insensitive).
+    attention_mechanism: an `ftn.AttentionMechanism`, or its name in any
+      case: `'SOFTMAX'`, `'IDENTITY'`, `'ABS'` or `'RELU'`.
+    pos_emb_type: an `ftn.PositionalEmbedding`, or its name in any case:
+      `'NONE'`, `'SUM'` or `'CONCAT'`.
     pos_emb_p_norm: the power `p` of the distances between locations.
     pos_emb_decay_fn: the covariance of embeddings as a function of the
       distance (applied to a NumPy array of distances; must give a positive
@@ -151,6 +156,12 @@ class GlobalSelfAttention(nn.Module):
   W_pos_emb_std: float = 1.0
   val_pos_emb: bool = False
   param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Strings in any case (or NT's enum members) become enum members.
+    canonicalize_fields(self, attention_mechanism=AttentionMechanism,
+                        pos_emb_type=PositionalEmbedding)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: MaybeMasked) -> MaybeMasked:

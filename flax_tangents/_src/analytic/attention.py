@@ -19,6 +19,7 @@ import numpy as np
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import positional
+from flax_tangents._src.analytic.enums import AttentionMechanism
 from flax_tangents._src.analytic.positional import POSITIONAL_EMBEDDINGS
 from flax_tangents.kernel import Kernel
 
@@ -41,10 +42,7 @@ def attention_fn(mechanism: str) -> Callable[[jax.Array], jax.Array]:
       "ABS": jnp.abs,
       "RELU": jax.nn.relu,
   }
-  if mechanism not in fns:
-    raise ValueError(f"attention_mechanism={mechanism!r} is not one of "
-                     f"{ATTENTION_MECHANISMS}.")
-  return fns[mechanism]
+  return fns[AttentionMechanism.parse(mechanism, "attention_mechanism")]
 
 
 def mask_keys(logits: jax.Array, key_mask: Optional[jax.Array],
@@ -204,6 +202,7 @@ def attention_kernel(kernel: Kernel, *, n_chan_out: int, QK_std: float,
       `'IDENTITY'` (no closed form is known).
   """
   fn = attention_fn(mechanism)
+  mechanism = AttentionMechanism.parse(mechanism, "attention_mechanism")
   n_spatial = covariance.spatial_ndim(kernel)
   if n_spatial < 1:
     raise ValueError(

@@ -8,7 +8,7 @@ conventions are Neural Tangents 0.6.5's:
 
 - every layer reads masked entries of its inputs as zeros. The finite layers
   zero them (`zero_masked`); kernels keep zero covariances there (`remask`
-  runs after every rule, see `with_masks`);
+  runs after every rule, see `remask_output`);
 - layers that average or attend over locations skip masked ones (global
   average pooling, layer norm over spatial axes, attention: masked keys get
   no weight);
@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence, TypeVar, overload
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src.analytic import mixtures
 from flax_tangents.kernel import Kernel
 
 __all__ = [
@@ -44,9 +45,9 @@ __all__ = [
     "remask",
     "resize_mask",
     "sum_masks",
+    "remask_output",
     "transpose_window_mask",
     "window_mask",
-    "with_masks",
     "zero_masked",
 ]
 
@@ -364,7 +365,8 @@ def remask(kernel: Kernel, layer: str) -> Kernel:
 
   Checks that the masks fit the kernel's activations; masks that differ
   between channels (raw inputs, `Flatten`) are left alone, since the kernel
-  already averages each channel's zeros.
+  already averages each channel's zeros. `ft.kernel_fn` runs it after every
+  rule (see `remask_output`), so no rule needs to remask by itself.
 
   Raises:
     NotImplementedError: for masks whose shape does not fit (a rule that
@@ -377,19 +379,17 @@ def remask(kernel: Kernel, layer: str) -> Kernel:
   mask1, mask2 = kernel.mask1, kernel.mask2
   if any(m is not None and m.shape[-1] != 1 for m in (mask1, mask2)):
     return kernel
-  return mask_kernel(kernel, mask1, mask2, layer)
+  out = mask_kernel(kernel, mask1, mask2, layer)
+  parts = mixtures.parts_of(kernel)
+  if parts is None:
+    return out
+  # A mixture's parts are the kernels of its branches, remasked by their own
+  # rules: keep them (`replace` drops them).
+  return mixtures.with_parts(out, parts, kernel._assembly)  # pylint: disable=protected-access
 
 
-def with_masks(rule: Callable[..., Any]) -> Callable[..., Any]:
-  """Wraps a kernel rule so that its output kernels are remasked."""
-
-  @functools.wraps(rule)
-  def masked_rule(module: Any, *args: Any, **kwargs: Any) -> Any:
-    out = rule(module, *args, **kwargs)
-    layer = type(module).__name__
-    return jax.tree.map(
-        lambda k: remask(k, layer) if isinstance(k, Kernel) else k, out,
-        is_leaf=lambda k: isinstance(k, Kernel))
-
-  return masked_rule
-
+def remask_output(output: Any, layer: str) -> Any:
+  """`remask` of every kernel a rule returned (run after each rule)."""
+  return jax.tree.map(
+      lambda k: remask(k, layer) if isinstance(k, Kernel) else k, output,
+      is_leaf=lambda k: isinstance(k, Kernel))

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from flax_tangents._src.analytic.enums import PositionalEmbedding
+
 __all__ = ["POSITIONAL_EMBEDDINGS", "PositionalMix", "embedding_factor",
            "location_covariance", "positional_mix"]
 
@@ -28,11 +30,7 @@ POSITIONAL_EMBEDDINGS = ("NONE", "SUM", "CONCAT")
 
 
 def _canonical(pos_emb_type: Any) -> str:
-  name = getattr(pos_emb_type, "value", pos_emb_type)
-  if not isinstance(name, str) or name.upper() not in POSITIONAL_EMBEDDINGS:
-    raise ValueError(f"pos_emb_type={pos_emb_type!r} is not one of "
-                     f"{POSITIONAL_EMBEDDINGS}.")
-  return name.upper()
+  return PositionalEmbedding.parse(pos_emb_type, "pos_emb_type").value
 
 
 @functools.lru_cache(maxsize=64)
