@@ -279,6 +279,8 @@ def test_kernel_mask_and_transpose():
   assert masked.nngp.sum() == k.nngp.sum() - (2 * 2 * 6 - 1) * 1.0
   moved = masked.transpose((1, 0))
   assert moved.mask1.shape == (2, 2, 3, 1) and moved.mask1[1, 1, 2, 0]
+  indexed = masked[1:, 1:, 1]          # Kernel indexing moves masks too
+  np.testing.assert_array_equal(indexed.mask1[..., 0], [[False, True]])
 
 
 def test_errors():
