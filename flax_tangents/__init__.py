@@ -20,6 +20,8 @@ from flax_tangents._src.empirical.api import empirical_ntk_vp_fn
 from flax_tangents._src.empirical.implementation import NtkImplementation
 from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.empirical.linearize import taylor_expand
+from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import unmask_fn
 from flax_tangents.batching import batch
 from flax_tangents.kernel import Kernel
 from flax_tangents.monte_carlo import monte_carlo_kernel_fn
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Kernel",
     "KernelRuleError",
+    "MaskedArray",
     "NtkImplementation",
     "batch",
     "checkpoint",
@@ -47,4 +50,5 @@ __all__ = (
     "taylor_expand",
     "train",
     "typing",
+    "unmask_fn",
 )

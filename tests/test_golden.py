@@ -12,22 +12,6 @@ CASES = load_cases()
 # Golden cases whose layers or arguments are not built yet, each with the
 # reason. They are strict xfails: the row must go when the case passes.
 PENDING: dict[str, str] = {
-    "attn_pos_sum":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_sum_val_decay":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_concat":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_concat_val_decay":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "mask_conv1d_relu_gap":
-        "masking with mask_constant (issue 10.1)",
-    "mask_attention_softmax":
-        "masking with mask_constant (issue 10.1)",
-    "mask_avgpool":
-        "masking with mask_constant (issue 10.1)",
-    "mask_flatten":
-        "masking with mask_constant (issue 10.1)",
 }
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["Dropout", "dropout_kernel"]
@@ -207,3 +208,9 @@ class Dropout(nn.Dropout):
                          f"deterministic={self.deterministic}.")
       object.__setattr__(self, "deterministic", deterministic)
     super().__post_init__()
+
+  @supports_masking()
+  def __call__(self, inputs: jax.Array, deterministic: Optional[bool] = None,
+               rng: Optional[jax.Array] = None) -> jax.Array:
+    # Only adds `MaskedArray` inputs (padding stays zero, masks unchanged).
+    return super().__call__(inputs, deterministic=deterministic, rng=rng)

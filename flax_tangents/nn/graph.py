@@ -15,6 +15,7 @@ from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.enums import AggregateImplementation
 from flax_tangents._src.analytic.enums import canonicalize_fields
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 from flax_tangents.typing import Axes
 
@@ -323,6 +324,7 @@ class Aggregate(nn.Module):
     """The dense adjacency tensor of a DENSE `pattern` (via `to_dense`)."""
     return pattern if self.to_dense is None else self.to_dense(pattern)
 
+  @supports_masking()
   def __call__(self, x: jax.Array,
                pattern: Optional[jax.Array] = None) -> jax.Array:
     if pattern is None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import resize as resize_math
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["ImageResize", "Index", "Slice"]
@@ -35,9 +37,10 @@ Slice = _Slice()
 def _resize_rule(module: "ImageResize", kernel: Kernel,
                  **kwargs: Any) -> Kernel:
   del kwargs
-  return resize_math.resize_kernel(kernel, module.shape, method=module.method,
-                                   antialias=module.antialias,
-                                   layer=type(module).__name__)
+  out = resize_math.resize_kernel(kernel, module.shape, method=module.method,
+                                  antialias=module.antialias,
+                                  layer=type(module).__name__)
+  return masking.map_masks(out, kernel, module.output_mask)
 
 
 @kernel_rule(_resize_rule)
@@ -77,6 +80,15 @@ class ImageResize(nn.Module):
   antialias: bool = True
   precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
 
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
+    """Padding iff made of padding only (as NT)."""
+    return masking.resize_mask(
+        mask, resize_math.resolve_resize_shape(self.shape, shape,
+                                               type(self).__name__),
+        self.method, self.antialias)
+
+  @supports_masking(output_mask)
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = resize_math.resolve_resize_shape(self.shape, x.shape,
                                              type(self).__name__)
@@ -87,7 +99,8 @@ class ImageResize(nn.Module):
 
 def _index_rule(module: "Index", kernel: Kernel, **kwargs: Any) -> Kernel:
   del kwargs
-  return resize_math.index_kernel(kernel, module.idx, type(module).__name__)
+  out = resize_math.index_kernel(kernel, module.idx, type(module).__name__)
+  return masking.map_masks(out, kernel, module.output_mask)
 
 
 @kernel_rule(_index_rule)
@@ -115,6 +128,13 @@ class Index(nn.Module):
 
   idx: Any
 
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
+    """The mask is indexed like its entries."""
+    return masking.index_mask(mask, resize_math.normalize_index(
+        self.idx, shape, type(self).__name__))
+
+  @supports_masking(output_mask)
   def __call__(self, x: jax.Array) -> jax.Array:
     return x[resize_math.normalize_index(self.idx, x.shape,
                                          type(self).__name__)]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import requirements
 from flax_tangents.kernel import Kernel
@@ -44,6 +45,12 @@ def _combine(kernels: Sequence[Kernel], field: str, fn) -> jax.Array:
   return None if any(v is None for v in values) else fn(values)
 
 
+def _summed_masks(kernels: Sequence[Kernel]) -> dict[str, Any]:
+  """Masks of a sum or product: padding where every branch is."""
+  return dict(mask1=masking.sum_masks([k.mask1 for k in kernels]),
+              mask2=masking.sum_masks([k.mask2 for k in kernels]))
+
+
 def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   """Kernel of the sum of branches.
 
@@ -76,7 +83,7 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   return first.replace(
       nngp=_combine(kernels, "nngp", add), ntk=_combine(kernels, "ntk", add),
       cov1=_combine(kernels, "cov1", add), cov2=_combine(kernels, "cov2", add),
-      is_gaussian=True, is_input=False)
+      is_gaussian=True, is_input=False, **_summed_masks(kernels))
 
 
 def _not_centred_message(kernel: Kernel, index: int, layer: str) -> str:
@@ -108,7 +115,11 @@ def channel_average(kernels: Sequence[Kernel]) -> Kernel:
       cov1=_combine(kernels, "cov1", weighted),
       cov2=_combine(kernels, "cov2", weighted),
       shape1=first.shape1[:-1] + (total,), shape2=first.shape2[:-1] + (total,),
-      is_gaussian=False, is_input=all(k.is_input for k in kernels))
+      is_gaussian=False, is_input=all(k.is_input for k in kernels),
+      mask1=masking.concat_masks([k.mask1 for k in kernels],
+                                 [k.shape1 for k in kernels], -1),
+      mask2=masking.concat_masks([k.mask2 for k in kernels],
+                                 [k.shape2 for k in kernels], -1))
 
 
 def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
@@ -213,7 +224,11 @@ def _block_concat(kernels: Sequence[Kernel], axis: int) -> Kernel:
       nngp=concat("nngp"), ntk=concat("ntk"), cov1=concat("cov1"),
       cov2=concat("cov2"), shape1=new_shape(lambda k: k.shape1),
       shape2=new_shape(lambda k: k.shape2), is_gaussian=True,
-      is_input=False)
+      is_input=False,
+      mask1=masking.concat_masks([k.mask1 for k in kernels],
+                                 [k.shape1 for k in kernels], axis),
+      mask2=masking.concat_masks([k.mask2 for k in kernels],
+                                 [k.shape2 for k in kernels], axis))
 
 
 def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
@@ -258,7 +273,8 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
   out = first.replace(
       nngp=_combine(kernels, "nngp", mul), ntk=product_rule_ntk(),
       cov1=_combine(kernels, "cov1", mul), cov2=_combine(kernels, "cov2", mul),
-      is_gaussian=False, is_input=all(k.is_input for k in kernels))
+      is_gaussian=False, is_input=all(k.is_input for k in kernels),
+      **_summed_masks(kernels))
   if uneven and not out.is_input:
     out = mixtures.mark_mixed(out)
   return out
