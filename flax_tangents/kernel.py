@@ -306,10 +306,12 @@ class Kernel:
     Returns:
       The kernel of `y`.
 
+    Padding masks (`mask1`, `mask2`) follow NT's rule: an output entry is
+    padding iff no real input entry reaches it with a non-zero weight.
+
     Raises:
       ValueError: if the channel axis is contracted or batched, sizes do not
         match, or the kernel's layout lacks the covariances needed.
-      NotImplementedError: for a kernel carrying masks.
 
     >>> import numpy as np
     >>> import flax_tangents as ft
