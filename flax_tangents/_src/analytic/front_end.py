@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import inputs
 from flax_tangents._src.analytic import requirements
 from flax_tangents.kernel import Kernel
+from flax_tangents.typing import Get
 
 __all__ = [
     "call_signature",
@@ -36,7 +37,6 @@ __all__ = [
     "structure_key",
 ]
 
-Get = Union[None, str, Sequence[str]]
 _KERNEL_FIELDS = tuple(Kernel.__dataclass_fields__)
 
 

@@ -19,16 +19,22 @@ from flax_tangents._src.analytic import call_args
 from flax_tangents._src.analytic import front_end
 from flax_tangents._src.analytic import inputs
 from flax_tangents._src.analytic import lineage
+from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import rule_checks
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.errors import PlainFunctionError
+from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents.kernel import Kernel
+from flax_tangents.typing import AnalyticKernelFn
+from flax_tangents.typing import Get
 
 __all__ = ["kernel_fn"]
 
-Get = front_end.Get
+call_args.register_front_end_arg("mask_constant")  # taken by `kernel_fn_`
+
 # The front end's helpers, under the names this module's code uses.
 _call_signature = front_end.call_signature
 _canonical_get = front_end.canonical_get
@@ -133,7 +139,7 @@ def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
       with lineage.layer(module.path):
         output = rule(module, *args, **call_args.rule_kwargs(rule, kwargs))
       rule_checks.check_rule_output(rule, module, output)
-      return output
+      return masking.remask_output(output, type(module).__name__)
     return next_fun(*args, **kwargs)
   except PlainFunctionError as e:
     raise KernelRuleError(
@@ -172,7 +178,7 @@ def _run_model(model: nn.Module, inputs: Any, passed: dict[str, Any],
   return output
 
 
-def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
+def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> AnalyticKernelFn:
   """The analytic NNGP / NTK function of `model`'s infinite-width limit.
 
   The model's own `__call__` runs on kernels instead of arrays: each module
@@ -190,7 +196,7 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
 
   Returns:
     `kernel_fn(x1_or_kernel, x2=None, get=None, *, diagonal_batch=None,
-    diagonal_spatial=None, **kwargs)`.
+    diagonal_spatial=None, mask_constant=None, **kwargs)`.
 
     - `x1`, `x2`: arrays of shape `(N, *spatial, C)`; `x2=None` means
       `x2 = x1`. For a model whose `__call__` takes a tuple, list or dict of
@@ -202,6 +208,11 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
     - `diagonal_batch`, `diagonal_spatial`: NT's layout arguments. `None`
       chooses the cheapest layout the model allows; `False` forces full
       covariances; `True` is refused if a layer needs full covariances.
+    - `mask_constant`: NT's masking. Input entries equal to it (NaN: NaN
+      entries) are padding: they read as zeros, masks follow every layer,
+      and pooling, attention and layer norm skip padded locations
+      (variable-length sequences). `ft.MaskedArray` inputs carry their
+      masks instead.
     - `kwargs`: an argument that the model's `__call__` names goes there
       (for `nn.Sequential`: if its first layer names it, as Flax does); any
       other is offered to every layer whose rule names it, as NT passes
@@ -267,11 +278,13 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
   def kernel_fn_(x1_or_kernel: Any, x2: Any = None, get: Get = None, *,
                  diagonal_batch: Optional[bool] = None,
                  diagonal_spatial: Optional[bool] = None,
-                 **kwargs: Any) -> Any:
+                 mask_constant: Any = None, **kwargs: Any) -> Any:
     if diagonal_batch is None:
       diagonal_batch = front_defaults.get("diagonal_batch")
     if diagonal_spatial is None:
       diagonal_spatial = front_defaults.get("diagonal_spatial")
+    if mask_constant is None:
+      mask_constant = front_defaults.get("mask_constant")
     _check_diagonal_arg("diagonal_batch", diagonal_batch)
     _check_diagonal_arg("diagonal_spatial", diagonal_spatial)
     passed, offered = _route_kwargs(model, {**apply_kwargs, **kwargs})
@@ -283,15 +296,24 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
         raise ValueError("Pass either a Kernel or inputs x1 (and x2), not "
                          "a Kernel and x2.")
       _check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
+      if mask_constant is not None:
+        raise ValueError(
+            "mask_constant masks entries of input arrays; a Kernel carries "
+            "its masks in mask1/mask2 (see `Kernel.mask`).")
 
       def with_ntk(k):
         if isinstance(k, Kernel) and compute_ntk and k.ntk is None:
-          return k.replace(ntk=jnp.zeros_like(k.nngp))
+          k = mixtures.map_units(  # Keeps a mixture's parts.
+              k, lambda part: part.replace(ntk=jnp.zeros_like(part.nngp)))
+        if isinstance(k, Kernel):
+          k = masking.remask(k, "the Kernel passed in")
         return k
       kernels = jax.tree.map(with_ntk, x1_or_kernel, is_leaf=_is_kernel)
       return _select(_run_model(model, kernels, passed, offered), get)
 
-    x1, x2 = inputs.input_leaves(x1_or_kernel, x2)
+    (x1, masks1), (x2, masks2) = (_masked_inputs(x, mask_constant)
+                                  for x in (x1_or_kernel, x2))
+    x1, x2 = inputs.input_leaves(x1, x2)
     inputs.check_finite_inputs(x1, x2)
     recorded, spatial_output = requirement_pass(x1, x2, passed, offered,
                                                 compute_ntk)
@@ -300,8 +322,53 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
     kernels = _input_kernels(x1, x2, diagonal_batch=layout[0],
                              diagonal_spatial=layout[1],
                              compute_ntk=compute_ntk)
+    kernels = _with_masks(kernels, masks1, masks2)
     output = _select(_run_model(model, kernels, passed, offered), get)
     inputs.check_finite_output(output, x1, x2)
     return output
 
   return kernel_fn_
+
+
+def _masked_inputs(x: Any, mask_constant: Any
+                   ) -> tuple[Any, list[Optional[jax.Array]]]:
+  """Inputs with padding zeroed, and the masks of their array leaves.
+
+  Padding is given by `mask_constant` (entries equal to it) or by
+  `ft.MaskedArray` leaves; masks come in the order of `jax.tree.leaves`.
+  """
+  if x is None:
+    return None, []
+  leaves, tree = jax.tree.flatten(
+      x, is_leaf=lambda a: isinstance(a, MaskedArray))
+  values, masks = [], []
+  for leaf in leaves:
+    if isinstance(leaf, MaskedArray):
+      if mask_constant is not None:
+        raise ValueError("Pass either MaskedArray inputs or mask_constant, "
+                         "not both.")
+      value = jnp.asarray(leaf.masked_value)
+      mask = None if leaf.mask is None else jnp.broadcast_to(
+          jnp.asarray(leaf.mask, bool), value.shape)
+    elif mask_constant is None or isinstance(leaf, Kernel):
+      value, mask = leaf, None
+    else:
+      value = jnp.asarray(leaf)
+      mask = masking.from_mask_constant(value, mask_constant)
+    values.append(masking.zero_masked(value, mask))
+    masks.append(mask)
+  return jax.tree.unflatten(tree, values), masks
+
+
+def _with_masks(kernels: Any, masks1: list[Optional[jax.Array]],
+                masks2: list[Optional[jax.Array]]) -> Any:
+  """Input kernels with their masks (in the order of the inputs' leaves)."""
+  if not any(m is not None for m in masks1 + masks2):
+    return kernels
+  leaves, tree = jax.tree.flatten(kernels, is_leaf=_is_kernel)
+  masks2 = masks2 or [None] * len(leaves)
+  leaves = [k.replace(mask1=m1, mask2=m2)
+            for k, m1, m2 in zip(leaves, masks1, masks2)]
+  return jax.tree.unflatten(tree, leaves)
+
+
