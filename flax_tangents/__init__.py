@@ -18,6 +18,7 @@ from flax_tangents._src.empirical.api import empirical_ntk_vp_fn
 from flax_tangents._src.empirical.implementation import NtkImplementation
 from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.empirical.linearize import taylor_expand
+from flax_tangents._src.empirical.plan import empirical_ntk_plan
 from flax_tangents.batching import batch
 from flax_tangents.kernel import Kernel
 from flax_tangents.monte_carlo import monte_carlo_kernel_fn
@@ -33,6 +34,7 @@ __all__ = (
     "empirical_kernel_fn",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
+    "empirical_ntk_plan",
     "empirical_ntk_vp_fn",
     "kernel_fn",
     "kernel_rule",
