@@ -95,9 +95,9 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
     c1: `d f(x1) / d stop` of `chain1`: leading output axes, then
       `chain1.stop_labels`.
     c2: the same for `x2` and `chain2`.
-    factors1: run-time values of `chain1.factors` for `x1` (arrays, or
-      `(idx, valid)` for index factors), with a leading batch axis when
-      `batch1` is not empty.
+    factors1: for each of `chain1.factors`, `(value, batched)`: its value
+      for `x1` (an array, or `(idx, valid)` for an index factor) and whether
+      it has a leading per-example axis (lettered `batch1`).
     factors2: the same for `x2` and `chain2`.
     c_letters1: letters of `c1`'s output axes.
     c_letters2: letters of `c2`'s output axes.
@@ -138,8 +138,9 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
       c_letters1 + subscript(chain1.stop_labels, 0),
       c_letters2 + subscript(chain2.stop_labels, 1)
   ]
-  values = (factors1, factors2)
-  batches = (batch1, batch2)
+  values = ([v for v, _ in factors1], [v for v, _ in factors2])
+  batches = ([batch1 if b else "" for _, b in factors1],
+             [batch2 if b else "" for _, b in factors2])
   # An index factor on each side over the same parameter axis: a Gram of
   # index equalities instead of two one-hot tensors.
   fusable = _fusable_targets(plan, chain1) & _fusable_targets(plan, chain2)
@@ -148,10 +149,10 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
            for chain in chains]
   for target in sorted(fusable):
     i, k = fused[0][target], fused[1][target]
-    (idx1, valid1), (idx2, valid2) = factors1[i], factors2[k]
+    (idx1, valid1), (idx2, valid2) = values[0][i], values[1][k]
     operands.append(_gram(idx1, valid1, idx2, valid2, dtype))
-    specs.append(batch1 + subscript(chain1.factors[i].labels, 0) + batch2 +
-                 subscript(chain2.factors[k].labels, 1))
+    specs.append(batches[0][i] + subscript(chain1.factors[i].labels, 0) +
+                 batches[1][k] + subscript(chain2.factors[k].labels, 1))
   for side, chain in enumerate(chains):
     for i, factor in enumerate(chain.factors):
       if i in fused[side].values():
@@ -160,13 +161,13 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
         idx, valid = values[side][i]
         operands.append(
             _one_hot(idx, valid, plan.sizes[factor.target],
-                     bool(batches[side]), dtype))
-        specs.append(batches[side] +
+                     bool(batches[side][i]), dtype))
+        specs.append(batches[side][i] +
                      subscript(factor.labels + (factor.target,), side))
       else:
         value = jnp.asarray(values[side][i])
         operands.append(value.astype(dtype))
-        specs.append(batches[side] + subscript(factor.labels, side))
+        specs.append(batches[side][i] + subscript(factor.labels, side))
 
   # Labels summed out along a chain that no operand mentions contribute
   # their size (once for a parameter label, once per input otherwise).
@@ -182,7 +183,9 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
         scale *= plan.sizes[label]
 
   spec = ",".join(specs) + "->" + out_letters
-  result = jnp.einsum(spec, *operands, optimize="optimal" if len(operands) <= 6
-                      else "greedy", precision=lax.Precision.HIGHEST,
+  optimize = ("optimal" if len(operands) <= 6 else
+              "dp" if len(operands) <= 16 else "greedy")
+  result = jnp.einsum(spec, *operands, optimize=optimize,
+                      precision=lax.Precision.HIGHEST,
                       preferred_element_type=dtype)
   return result * scale if scale != 1 else result

@@ -152,7 +152,8 @@ class _Side:
     """`(C, factors)`: `C[out][stop address]`, factor values per chain.
 
     The factor values are, per plan (None for unused leaves), one list per
-    chain of the values of its factors.
+    chain of `(value, batched)` per factor: `batched` when the value has a
+    leading per-example axis (with `vmap_axes`).
     """
     program = self.program
     active = [p for p in plans if p is not None]
@@ -168,30 +169,78 @@ class _Side:
       if self.diag_outs is not None:
         return self._diagonal_arrays(plans, chains, stop_vars, taps, locate)
 
-    def one_batch(x_value, kw_arrays):
+    def evaluate(x_value, kw_arrays, deltas):
       args = (list(param_leaves) + jax.tree.leaves(x_value) +
               list(kw_arrays))
-
-      def forward(deltas):
-        env, tapped = ir.evaluate_with_taps(program, args,
-                                            dict(zip(stop_vars, deltas)),
-                                            taps)
-        read = functools.partial(ir.read_atom, env)
-        outs = [read(a) for a in program.outputs]
-        return outs, locate(read, tapped)
-
-      jac, factor_values = jax.jacrev(forward, has_aux=True)(
-          _zeros(program, stop_vars))
-      return jac, factor_values
+      env, tapped = ir.evaluate_with_taps(program, args,
+                                          dict(zip(stop_vars, deltas)), taps)
+      read = functools.partial(ir.read_atom, env)
+      return [read(a) for a in program.outputs], locate(read, tapped)
 
     if self.vmap_axes is None:
-      jac, factor_values = one_batch(self._x, self._kw_arrays)
-    else:
-      jac, factor_values = jax.vmap(
-          one_batch, in_axes=(self._x_axes, self._kw_axes))(self._x,
-                                                            self._kw_arrays)
+      jac, factor_values = jax.jacrev(
+          lambda d: evaluate(self._x, self._kw_arrays, d), has_aux=True)(
+              _zeros(program, stop_vars))
+      c = [dict(zip(stop_vars, per_out)) for per_out in jac]
+      return c, _per_plan(plans, _unbatched(factor_values))
+
+    def one_example(x_value, kw_arrays):
+      return jax.jacrev(lambda d: evaluate(x_value, kw_arrays, d)[0])(
+          _zeros(program, stop_vars))
+
+    jac = jax.vmap(one_example, in_axes=(self._x_axes, self._kw_axes))(
+        self._x, self._kw_arrays)
     c = [dict(zip(stop_vars, per_out)) for per_out in jac]
+    factor_values = self._example_factors(
+        lambda x_value, kw_arrays: evaluate(x_value, kw_arrays, [])[1])
     return c, _per_plan(plans, factor_values)
+
+  def _example_factors(self, factors):
+    """Factor values per example, without a batch axis where they have none.
+
+    A factor that does not depend on the example (a weight, a constant) is
+    computed once: under `jax.vmap` it would be copied for every example.
+
+    Returns:
+      Per chain, per factor, `(value, batched)`.
+    """
+    x_leaves, x_tree = jax.tree.flatten(self._x)
+    none = lambda a: a is None  # noqa: E731
+    x_structs = jax.tree.unflatten(x_tree, [
+        _without_axis(l, a) for l, a in zip(
+            x_leaves, jax.tree.leaves(self._x_axes, is_leaf=none))])
+    kw_structs = [_without_axis(l, a)
+                  for l, a in zip(self._kw_arrays, self._kw_axes)]
+    x_structs = jax.tree.map(
+        lambda l: jax.ShapeDtypeStruct(np.shape(l), l.dtype), x_structs)
+    flat = lambda x_value, kw_arrays: jax.tree.leaves(  # noqa: E731
+        factors(x_value, kw_arrays))
+    program, _ = ir.flatten(flat, x_structs, kw_structs)
+    depends = planner.dependents(program, set(program.inputs))
+    out_axes = [0 if not isinstance(a, ir.Literal) and a in depends else None
+                for a in program.outputs]
+    values = jax.vmap(flat, in_axes=(self._x_axes, self._kw_axes),
+                      out_axes=out_axes)(self._x, self._kw_arrays)
+    tree = jax.tree.structure(jax.eval_shape(factors, x_structs, kw_structs))
+    values = jax.tree.unflatten(tree, values)
+    batched = jax.tree.unflatten(tree, [a == 0 for a in out_axes])
+    per_chain = []
+    for chain_values, chain_batched in zip(values, batched):
+      per_chain.append([
+          _batch_consistently(v, b, self._batch_size())
+          for v, b in zip(chain_values, chain_batched)])
+    return per_chain
+
+  def _batch_size(self) -> int:
+    none = lambda a: a is None  # noqa: E731
+    for leaf, a in zip(jax.tree.leaves(self._x),
+                       jax.tree.leaves(self._x_axes, is_leaf=none)):
+      if a is not None:
+        return np.shape(leaf)[a]
+    for leaf, a in zip(self._kw_arrays, self._kw_axes):
+      if a is not None:
+        return np.shape(leaf)[a]
+    raise ValueError("vmap_axes maps no input.")
 
   def _plan_diagonal(self, active, stop_vars) -> None:
     """Sets `diag_stops` and `diag_outs` where examples are independent.
@@ -263,6 +312,7 @@ class _Side:
 
     jac_diag, factor_values = jax.jacrev(summed, has_aux=True)(
         _zeros(program, diag))
+    factor_values = _unbatched(factor_values)
     c = [dict(zip(diag, per_out)) for per_out in jac_diag]
     if full:
       jac_full = jax.jacrev(lambda d: forward(_zeros(program, diag), d)[0])(
@@ -270,6 +320,24 @@ class _Side:
       for c_out, per_out in zip(c, jac_full):
         c_out.update(zip(full, per_out))
     return c, _per_plan(plans, factor_values)
+
+
+def _unbatched(chain_values):
+  """Factor values of the whole batch: `(value, False)` per factor."""
+  return [[(v, False) for v in values] for values in chain_values]
+
+
+def _batch_consistently(value, batched, size):
+  """`(value, batched)` of one factor; an index factor's arrays agree."""
+  if not isinstance(value, tuple):
+    return value, bool(batched)
+  flags = [b for v, b in zip(value, batched) if v is not None]
+  if all(flags) or not any(flags):
+    return value, bool(flags and flags[0])
+  value = tuple(None if v is None else v if b else
+                jnp.broadcast_to(v, (size,) + jnp.shape(v))
+                for v, b in zip(value, batched))
+  return value, True
 
 
 def _unique(items):

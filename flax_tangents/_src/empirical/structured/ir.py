@@ -274,7 +274,9 @@ def from_closed_jaxpr(closed: jex_core.ClosedJaxpr) -> FlatProgram:
 
 
 def evaluate(program: FlatProgram, args: Sequence[Any],
-             perturbations: dict[Any, Any]) -> dict[int, Any]:
+             perturbations: dict[Any, Any],
+             overrides: Optional[dict[str, Callable[..., Any]]] = None
+             ) -> dict[int, Any]:
   """Evaluates `program`, adding `perturbations[v]` to variable `v`.
 
   Args:
@@ -282,11 +284,13 @@ def evaluate(program: FlatProgram, args: Sequence[Any],
     args: values of `program.inputs`.
     perturbations: additive perturbations by variable id; the structured
       NTK differentiates with respect to them to get `d outputs / d v`.
+    overrides: by primitive name, `fn(equation, *operands)` computing the
+      (single) output of that primitive another way.
 
   Returns:
     The value of every variable, by id (perturbed values where perturbed).
   """
-  return evaluate_with_taps(program, args, perturbations, {})[0]
+  return evaluate_with_taps(program, args, perturbations, {}, overrides)[0]
 
 
 def address_aval(program: FlatProgram, address: Any
@@ -306,7 +310,8 @@ def address_aval(program: FlatProgram, address: Any
 
 def evaluate_with_taps(program: FlatProgram, args: Sequence[Any],
                        perturbations: dict[Any, Any],
-                       taps: dict[tuple[int, ...], list[Callable[..., Any]]]
+                       taps: dict[tuple[int, ...], list[Callable[..., Any]]],
+                       overrides: Optional[dict[str, Callable[..., Any]]] = None
                        ) -> tuple[dict[int, Any], dict[tuple[int, ...],
                                                       list[Any]]]:
   """`evaluate`, with perturbations and read-outs inside `scan` bodies.
@@ -319,6 +324,7 @@ def evaluate_with_taps(program: FlatProgram, args: Sequence[Any],
     taps: by loop path (the `scan` equation indices, outermost first),
       functions of a reader of that body's variables, evaluated at every
       iteration (factors of structured Jacobians computed in a body).
+    overrides: as for `evaluate` (outside loop bodies).
 
   Returns:
     `(env, tapped)`: the value of every variable of `program`, by id, and
@@ -353,6 +359,8 @@ def evaluate_with_taps(program: FlatProgram, args: Sequence[Any],
           nested_perturbations.get(index, {}), nested_taps.get(index, {}))
       tapped.update({(index,) + path: values
                      for path, values in inner.items()})
+    elif overrides and eqn.name in overrides:
+      outs = (overrides[eqn.name](eqn, *inputs),)
     else:
       bind_params = eqn.primitive.get_bind_params(eqn.params)
       outs = eqn.primitive.bind(*inputs, **bind_params)

@@ -27,6 +27,7 @@ is a plain Jacobian contraction. Each chain records why it stopped
 """
 
 import dataclasses
+import math
 from typing import Optional, Union
 
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ from flax_tangents._src.empirical.structured import ir
 from flax_tangents._src.empirical.structured import structure
 from flax_tangents._src.empirical.structured.rules import RULES
 
-__all__ = ["Chain", "LeafPlan", "plan_program", "root_plan"]
+__all__ = ["Chain", "LeafPlan", "dependents", "plan_program", "root_plan"]
 
 Address = Union[int, tuple]
 
@@ -104,7 +105,7 @@ def root_plan(program: ir.FlatProgram, leaf_var: int,
                   labels.sizes)
 
 
-def _dependents(program: ir.FlatProgram, sources: set[int]) -> set[int]:
+def dependents(program: ir.FlatProgram, sources: set[int]) -> set[int]:
   """Variables computed from any of `sources`."""
   reached = set(sources)
   for eqn in program.equations:
@@ -138,7 +139,7 @@ class _Scope:
   def __init__(self, program: ir.FlatProgram, data_sources: set[int],
                prefix: tuple[int, ...] = (), loop_labels: tuple[int, ...] = ()):
     self.program, self.prefix, self.loop_labels = program, prefix, loop_labels
-    self.data_vars = _dependents(program, data_sources)
+    self.data_vars = dependents(program, data_sources)
     self.consumers = program.consumers()
     self.output_vars = {a for a in program.outputs
                         if not isinstance(a, ir.Literal)}
@@ -152,7 +153,7 @@ class _Scope:
 
   def depends_on(self, origin: int) -> set[int]:
     if origin not in self._depends:
-      self._depends[origin] = _dependents(self.program, {origin})
+      self._depends[origin] = dependents(self.program, {origin})
     return self._depends[origin]
 
 
@@ -165,6 +166,15 @@ class _Walk:
   labels: tuple[int, ...]
   factors: tuple[structure.Factor, ...]
   dropped: tuple[int, ...]
+  mixed: int = -1  # Number of factors when the inputs were mixed in.
+
+
+# Past the inputs, a chain goes on only through these cheap structures (a
+# convolution's input Jacobian or a lookup's one-hot would be dense per
+# example), at most this many more factors, and without forking.
+_NOT_PAST_INPUTS = frozenset({"conv_general_dilated", "gather",
+                              "dynamic_slice", "scan"})
+_MAX_FACTORS_PAST_INPUTS = 8
 
 
 class _Planner:
@@ -181,14 +191,37 @@ class _Planner:
                   walk.dropped, reason)]
 
   def follow(self, walk: _Walk) -> list[Chain]:
-    """The chains from `walk.current` on (one per path to a stop)."""
+    """The chains from `walk.current` on (one per path to a stop).
+
+    Up to the first primitive that mixes in the inputs, the chain follows
+    every use of the value. From there on it may go on towards the outputs
+    through cheap structures (elementwise maps, sums, products with other
+    values): `d f / d y` is then measured further down, where the value is
+    smallest (at an output, not at all). The cut is placed at the smallest
+    value met.
+    """
     scope = walk.scope
+    cuts: list[_Walk] = []
     while True:
-      if walk.current in scope.data_vars or walk.current in scope.output_vars:
-        return self.stop(walk, None)
+      if walk.mixed < 0 and walk.current in scope.data_vars:
+        walk = dataclasses.replace(walk, mixed=len(walk.factors))
+      if walk.mixed >= 0:
+        cuts.append(walk)
+      if walk.current in scope.output_vars:
+        return self.cut(cuts) if cuts else self.stop(walk, None)
       uses = scope.consumers.get(walk.current, [])
       if not uses:
         return []  # An unused value contributes nothing.
+      if walk.mixed >= 0:
+        if (len(uses) > 1 or len(walk.factors) - walk.mixed >=
+            _MAX_FACTORS_PAST_INPUTS or scope.program.equations[
+                uses[0][0]].name in _NOT_PAST_INPUTS):
+          return self.cut(cuts)
+        step = self.step(walk, uses[0])
+        if not isinstance(step, _Walk):
+          return self.cut(cuts)
+        walk = step
+        continue
       if len(uses) > 1:
         return self.fork(walk, uses)
       step = self.step(walk, uses[0])
@@ -197,6 +230,13 @@ class _Planner:
       if isinstance(step, list):  # Entered a loop body.
         return step
       walk = step
+
+  def cut(self, cuts: list[_Walk]) -> list[Chain]:
+    """Stops at the smallest of the values met past the inputs."""
+    def size(walk):
+      return math.prod(walk.scope.program.shapes[walk.current])
+    best = min(range(len(cuts)), key=lambda i: (size(cuts[i]), -i))
+    return self.stop(cuts[best], None)
 
   def fork(self, walk: _Walk, uses) -> list[Chain]:
     self.forked = True
@@ -245,7 +285,8 @@ class _Planner:
       self.root = result.out_labels
     factors = tuple(self.in_scope(f, scope) for f in result.factors)
     return _Walk(scope, walk.origin, out_var, tuple(result.out_labels),
-                 walk.factors + factors, walk.dropped + tuple(result.dropped))
+                 walk.factors + factors, walk.dropped + tuple(result.dropped),
+                 walk.mixed)
 
   @staticmethod
   def in_scope(factor: structure.Factor, scope: _Scope) -> structure.Factor:
@@ -314,5 +355,5 @@ def plan_program(program: ir.FlatProgram, n_params: int
     One plan per parameter leaf, None for unused or non-float leaves.
   """
   param_vars = program.inputs[:n_params]
-  data_vars = _dependents(program, set(program.inputs[n_params:]))
+  data_vars = dependents(program, set(program.inputs[n_params:]))
   return [plan_leaf(program, v, data_vars) for v in param_vars]
