@@ -60,7 +60,7 @@ def _fusable_targets(plan: planner.LeafPlan,
 
 def _one_hot(idx, valid, size: int, batched: bool, dtype) -> jax.Array:
   del batched
-  hot = idx[..., None] == jnp.arange(size)
+  hot = idx[..., None] == jnp.arange(size).reshape((1,) * idx.ndim + (-1,))
   if valid is not None:
     hot = hot & valid[..., None]
   return hot.astype(dtype)
