@@ -11,6 +11,7 @@ from flax_tangents._src.analytic.elementwise import GaussianExpectation
 from flax_tangents._src.analytic.elementwise import derivative_in_covariance
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["Elementwise", "ElementwiseBase"]
@@ -20,7 +21,16 @@ def _elementwise_rule(module: "ElementwiseBase", kernel: Kernel,
                       **kwargs: Any) -> Kernel:
   del kwargs
   nngp_fn, d_nngp_fn = module.kernel_fns()
-  return elementwise_kernel(kernel, nngp_fn, d_nngp_fn, type(module).__name__)
+  try:
+    return elementwise_kernel(kernel, nngp_fn, d_nngp_fn,
+                              type(module).__name__)
+  except jax.errors.TracerArrayConversionError as e:
+    raise TypeError(
+        f"{type(module).__name__}: its `nngp_fn` (or `d_nngp_fn`) calls "
+        "NumPy on traced values. NumPy works in an eager call when it only "
+        "touches the variances (as on NT's Elementwise page); under "
+        "`jax.jit`/`grad`/`vmap`, and for the covariance argument (which "
+        "autodiff traces to derive the NTK), write it with `jax.numpy`.") from e
 
 
 @kernel_rule(_elementwise_rule)
@@ -39,6 +49,7 @@ class ElementwiseBase(nn.Module):
   def kernel_fns(self) -> tuple[GaussianExpectation, GaussianExpectation]:
     raise NotImplementedError
 
+  @supports_masking()
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.activation(x)
 

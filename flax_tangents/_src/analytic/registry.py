@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, TypeVar
 
-__all__ = ["find_rule", "kernel_rule", "register_kernel_rule"]
+__all__ = ["find_rule", "kernel_rule", "register_kernel_rule", "requires"]
 
 KernelRule = Callable[..., Any]
 ModuleT = TypeVar("ModuleT", bound=type)
@@ -25,21 +26,32 @@ def register_kernel_rule(module_type: type, rule: KernelRule) -> None:
       of `module.__call__` whenever the module is called on a `Kernel`.
       `kwargs` are the keyword arguments of that call.
 
+  A rule must return every covariance it changes (`nngp`, `ntk`, `cov1`,
+  and `cov2`, which is `None` when `x2` is `None`) and the new `shape1`/
+  `shape2`. After each call of a user's rule, `ft.kernel_fn` checks that
+  the shapes agree with the layout and (outside `jit`) that `cov1`/`cov2`
+  are symmetric and `cov1` matches the diagonal of `nngp` when `x1` is
+  `x2`, naming the rule when they do not. A rule may name keyword
+  arguments of the kernel function's call (`rule(module, k, *, pattern=None,
+  **kwargs)`) to receive them, as NT passes them to every layer.
+
   Raises:
     TypeError: if `module_type` is not a class or `rule` is not callable.
 
   >>> import flax.linen as nn
+  >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
   >>> class Double(nn.Module):  # y = 2 x, no parameters
   ...   def __call__(self, x):
   ...     return 2 * x
   >>> def double_rule(module, k, **kwargs):
-  ...   return k.replace(nngp=4 * k.nngp, cov1=4 * k.cov1,
-  ...                    ntk=None if k.ntk is None else 4 * k.ntk)
+  ...   times4 = lambda a: None if a is None else 4 * a
+  ...   return k.replace(nngp=times4(k.nngp), ntk=times4(k.ntk),
+  ...                    cov1=times4(k.cov1), cov2=times4(k.cov2))
   >>> ft.register_kernel_rule(Double, double_rule)
-  >>> import jax.numpy as jnp
-  >>> float(ft.kernel_fn(Double())(jnp.ones((1, 3)), get='nngp')[0, 0])
-  4.0
+  >>> k = ft.kernel_fn(Double())(jnp.ones((1, 3)), 2 * jnp.ones((2, 3)))
+  >>> float(k.nngp[0, 0]), float(k.cov2[0])
+  (8.0, 16.0)
   """
   if not isinstance(module_type, type):
     raise TypeError(f"`module_type` must be a class, got {module_type!r}.")
@@ -80,3 +92,65 @@ def find_rule(module_type: type) -> Optional[KernelRule]:
     if rule is not None:
       return rule
   return None
+
+
+def requires(*, diagonal_batch: bool = True,
+             diagonal_spatial: bool = True) -> Callable[[KernelRule],
+                                                        KernelRule]:
+  """Declares which covariances a custom kernel rule needs (NT's `requires`).
+
+  `ft.kernel_fn` stores only the covariances that the whole network needs
+  (for example just spatial diagonals when nothing mixes locations). A rule
+  that mixes locations must declare `diagonal_spatial=False`; one that mixes
+  inputs of a batch, `diagonal_batch=False`; the model's kernels then carry
+  full covariances from the inputs up to the rule. The built-in layers
+  declare their needs themselves.
+
+  Args:
+    diagonal_batch: whether the rule works with only the batch diagonals of
+      `cov1`/`cov2` (`False`: it needs input-input covariances).
+    diagonal_spatial: whether it works with only spatial diagonals
+      (`False`: it needs location-location covariances).
+
+  Returns:
+    A decorator for a rule `(module, kernel_or_kernels, **kwargs) -> kernel`.
+
+  >>> import flax.linen as nn
+  >>> import jax.numpy as jnp
+  >>> import flax_tangents as ft
+  >>> from flax_tangents import nn as ftn
+  >>> @ft.requires(diagonal_spatial=False)
+  ... def flip_rule(module, k, **kwargs):   # reverses the (one) spatial axis
+  ...   return k.replace(nngp=k.nngp[:, :, ::-1, ::-1],
+  ...                    ntk=k.ntk[:, :, ::-1, ::-1],
+  ...                    cov1=k.cov1[..., ::-1, ::-1])
+  >>> @ft.kernel_rule(flip_rule)
+  ... class Flip(nn.Module):
+  ...   def __call__(self, x):
+  ...     return x[:, ::-1]
+  >>> model = nn.Sequential([ftn.Conv(8, (2,)), Flip(), ftn.Flatten()])
+  >>> ft.kernel_fn(model)(jnp.ones((2, 5, 3))).diagonal_spatial
+  False
+  """
+  from flax_tangents._src.analytic import covariance  # avoid import cycle
+  from flax_tangents.kernel import Kernel
+
+  def decorate(rule: KernelRule) -> KernelRule:
+    layer = getattr(rule, "__qualname__", repr(rule))
+
+    @functools.wraps(rule)
+    def rule_with_requirements(module: Any, kernel: Any,
+                               **kwargs: Any) -> Any:
+      kernels = (kernel if isinstance(kernel, (list, tuple)) else [kernel])
+      for k in kernels:
+        if not isinstance(k, Kernel):
+          continue
+        if not diagonal_spatial:
+          covariance.require_spatial_covariances(k, layer)
+        if not diagonal_batch:
+          covariance.require_batch_covariances(k, layer)
+      return rule(module, kernel, **kwargs)
+
+    return rule_with_requirements
+
+  return decorate
