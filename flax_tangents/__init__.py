@@ -20,6 +20,7 @@ from flax_tangents._src.empirical.api import empirical_ntk_vp_fn
 from flax_tangents._src.empirical.implementation import NtkImplementation
 from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.empirical.linearize import taylor_expand
+from flax_tangents._src.empirical.plan import empirical_ntk_plan
 from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents._src.masked_array import unmask_fn
 from flax_tangents.batching import batch
@@ -38,6 +39,7 @@ __all__ = (
     "empirical_kernel_fn",
     "empirical_nngp_fn",
     "empirical_ntk_fn",
+    "empirical_ntk_plan",
     "empirical_ntk_vp_fn",
     "kernel_fn",
     "kernel_rule",

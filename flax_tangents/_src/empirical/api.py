@@ -88,20 +88,26 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes, diagonal_axes: layout.Axes
     _require_params(params, "ntk_fn")
     kwargs_arrays, static = dispatch.partition_kwargs(kwargs)
     args = (params, x1, x2, kwargs_arrays)
-    algorithm = implementation
-    if algorithm == NtkImplementation.AUTO:
+    if implementation != NtkImplementation.AUTO:
+      return compiled(*args, implementation, static)
 
-      def candidates():
-        # Bad input fails here, once, rather than in every timed candidate.
-        jax.eval_shape(lambda *a: prepare(*a, static).fx1, *args)
-        return {
-            a: functools.partial(compiled, algorithm=a, static=static)
-            for a in dispatch.available_implementations()
-        }
+    def candidates():
+      # Bad input fails here, once, rather than in every candidate.
+      jax.eval_shape(lambda *a: prepare(*a, static).fx1, *args)
+      return {
+          a: functools.partial(compiled.trace, *args, a, static)
+          for a in dispatch.available_implementations()
+      }
 
-      key = (auto.signature(args), static, jax.default_backend())
-      algorithm = selector.choose(key, candidates, args)
-    return compiled(*args, algorithm, static)
+    key = (auto.signature(args), static, jax.default_backend())
+    choice = selector.choose(key, candidates, args)
+    if not any(isinstance(leaf, jax.core.Tracer)
+               for leaf in jax.tree.leaves(args)):
+      try:  # The executable AUTO compiled: no second compilation.
+        return choice.executable(*args)
+      except (TypeError, ValueError):  # E.g. inputs on another device.
+        pass
+    return compiled(*args, choice.implementation, static)
 
   # AUTO's cached choices, for benchmarks and tests to inspect.
   ntk_fn.auto_selector = selector
@@ -144,9 +150,11 @@ def empirical_ntk_fn(
       Jacobians can be computed example by example. Leave it None when
       examples interact (BatchNorm in training mode, dropout masks drawn for
       the whole batch).
-    implementation: an `NtkImplementation` (or its int value). AUTO times
-      the available algorithms on the first call for given shapes and uses
-      the fastest from then on.
+    implementation: an `NtkImplementation` (or its int value). AUTO picks
+      one on the first call for given shapes (a cost model of each, timing
+      the close ones, never one that would not fit in memory; see
+      `ntk_fn.auto_selector.choices` for what it chose and why) and uses it
+      from then on.
 
   Returns:
     `ntk_fn(x1, x2=None, params, **kwargs)`. `x2=None` means `x2 = x1`.

@@ -1,29 +1,70 @@
-"""AUTO: pick the fastest NTK implementation by timing them.
+"""AUTO: pick the fastest NTK implementation, cheaply and safely.
 
-Cost models from compiled FLOP counts mislead on CPU and GPU (NT's AUTO was
-only right on TPU), because memory traffic, not arithmetic, often dominates.
-So AUTO measures: on the first call for a given function, shapes, dtypes,
-settings and backend, it compiles every available implementation, runs each
-on the actual shapes (the actual inputs when they are concrete, stand-ins of
-the same shapes under a trace) and keeps the fastest. The choice is cached;
-later calls only run the chosen implementation. Nothing is printed.
+On the first call for given shapes, dtypes, settings and backend:
+
+1. Every available implementation is traced (not compiled) and its JAXPR
+   costed (`cost`: exact multiply-adds of contractions, bytes written, scan
+   lengths included). A candidate whose largest array alone would not fit
+   in the device's free memory is dropped without compiling it.
+2. Candidates whose estimated time is within `_CLOSE` of the cheapest are
+   compiled, each once (ahead of time), and dropped if XLA's memory
+   analysis of the executable does not fit; the others never are.
+3. With one candidate left, it is taken as is; with several, each runs a
+   few times (on the actual inputs, or on stand-ins of the same shapes under
+   an outer trace) and the fastest wins.
+
+The choice and the compiled executable are cached: later calls run that
+executable (or, under an outer `jax.jit`, stage the chosen implementation),
+so no candidate is ever compiled twice. `AutoSelector.choices` holds, per
+call signature, an `AutoChoice` saying which implementation and why
+(estimates, measured seconds, what was skipped). Nothing is printed.
+
+Cost models from compiled FLOP counts alone misjudge CPUs and GPUs, where
+memory traffic often dominates, and XLA's own analysis counts a loop's body
+once: hence the JAXPR cost model for ranking, and timing when it is not
+decisive.
 """
 
 from collections.abc import Callable, Hashable, Mapping, Sequence
+import dataclasses
+import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["AutoSelector", "fastest", "signature"]
+from flax_tangents._src.empirical import cost
 
-# Timing budget per candidate, after its compile-and-warm-up call.
-_MAX_TIMED_RUNS = 5
-_TIME_BUDGET_S = 1.0
-# A candidate this many times slower than the best so far is not re-timed.
-_CLEARLY_SLOWER = 2.0
+__all__ = ["AutoChoice", "AutoSelector", "available_bytes", "signature"]
+
+# Candidates estimated within this factor of the cheapest are timed.
+_CLOSE = 1.5
+# Timing: runs per candidate after its first, and a budget per candidate.
+_MAX_TIMED_RUNS = 3
+_TIME_BUDGET_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoChoice:
+  """What AUTO chose for one call signature, and why.
+
+  Attributes:
+    implementation: the chosen implementation.
+    reason: a sentence saying why.
+    estimated_seconds: the cost model's estimate per candidate.
+    measured_seconds: the best measured run per timed candidate.
+    skipped: per candidate not chosen without timing, why.
+    executable: the compiled chosen implementation for this signature.
+  """
+  implementation: Any
+  reason: str
+  estimated_seconds: dict
+  measured_seconds: dict
+  skipped: dict
+  executable: Any = dataclasses.field(default=None, repr=False,
+                                      compare=False)
 
 
 def signature(tree: Any) -> Hashable:
@@ -35,6 +76,21 @@ def signature(tree: Any) -> Hashable:
   leaves, treedef = jax.tree.flatten(tree)
   return treedef, tuple((tuple(jnp.shape(leaf)), str(jnp.result_type(leaf)))
                         for leaf in leaves)
+
+
+def available_bytes() -> Optional[int]:
+  """Free memory of the default device (host memory for CPUs), or None."""
+  device = jax.devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+  try:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+  except (ValueError, OSError, AttributeError):
+    return None
 
 
 def _is_tracer(leaf: Any) -> bool:
@@ -60,95 +116,164 @@ def concrete_args(args: Sequence[Any]) -> tuple[Any, ...]:
   leaves, treedef = jax.tree.flatten(tuple(args))
   if not any(_is_tracer(leaf) for leaf in leaves):
     return tuple(args)
-  keys = jax.random.split(jax.random.key(0), max(len(leaves), 1))
-  return jax.tree.unflatten(
-      treedef, [_stand_in(leaf, k) for leaf, k in zip(leaves, keys)])
+  with jax.ensure_compile_time_eval():
+    keys = jax.random.split(jax.random.key(0), max(len(leaves), 1))
+    return jax.tree.unflatten(
+        treedef, [_stand_in(leaf, k) for leaf, k in zip(leaves, keys)])
 
 
-def _time(fn: Callable[..., Any], args: Sequence[Any],
-          best_so_far: float) -> float:
-  """Seconds for one compiled run of `fn(*args)` (best of a few)."""
-  out = jax.block_until_ready(fn(*args))  # Compiles and warms up.
-  if any(_is_tracer(leaf) for leaf in jax.tree.leaves(out)):
-    raise RuntimeError("AUTO could not run the candidate outside a trace.")
-  best = np.inf
-  spent = 0.0
+def _best_seconds(executable, args) -> float:
+  """Best of a few runs of a compiled executable (after a first run)."""
+  jax.block_until_ready(executable(*args))
+  best, spent = np.inf, 0.0
   for _ in range(_MAX_TIMED_RUNS):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(executable(*args))
     elapsed = time.perf_counter() - start
-    best = min(best, elapsed)
-    spent += elapsed
-    if spent > _TIME_BUDGET_S or best > _CLEARLY_SLOWER * best_so_far:
+    best, spent = min(best, elapsed), spent + elapsed
+    if spent > _TIME_BUDGET_S:
       break
   return best
 
 
-def fastest(candidates: Mapping[Any, Callable[..., Any]],
-            args: Sequence[Any]) -> Any:
-  """The key of the fastest candidate on `args`.
+def _executable_bytes(executable) -> Optional[int]:
+  try:
+    analysis = executable.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if analysis is None:
+    return None
+  return int(analysis.temp_size_in_bytes + analysis.output_size_in_bytes)
+
+
+def _name(implementation: Any) -> str:
+  return getattr(implementation, "name", str(implementation))
+
+
+def choose(traces: Mapping[Any, Callable[[], Any]], args: Sequence[Any]
+           ) -> AutoChoice:
+  """Chooses among candidates given as `implementation -> trace()`.
 
   Args:
-    candidates: name to a jit-compiled function; all compute the same thing.
-    args: the arguments (may contain tracers: then stand-ins of the same
-      shapes and dtypes are timed).
+    traces: for each candidate, a function returning its `jax.stages.Traced`
+      for `args` (`jax.jit(...).trace(...)`).
+    args: the dynamic arguments the executables take (may contain tracers:
+      stand-ins of the same shapes and dtypes are then timed).
 
   Returns:
-    The key of the fastest candidate that ran. Candidates that fail (an
-    unsupported primitive, out of memory) are skipped.
+    The `AutoChoice`.
 
   Raises:
     Exception: the first candidate's error, if every candidate fails.
 
-  >>> fastest({'a': jax.jit(jnp.sin), 'b': jax.jit(jnp.sin)}, (1.,))
-  '...'
+  >>> f = jax.jit(lambda x: jnp.sin(x) @ x)
+  >>> g = jax.jit(lambda x: jnp.sin(x) @ x @ jnp.eye(64) @ jnp.eye(64))
+  >>> x = jnp.ones((64, 64))
+  >>> choice = choose({'f': lambda: f.trace(x), 'g': lambda: g.trace(x)},
+  ...                 (x,))
+  >>> choice.implementation, sorted(choice.skipped)
+  ('f', ['g'])
   """
-  best_key, best_time, first_error = None, np.inf, None
-  # Under an outer `jax.jit` every operation would be staged into the outer
-  # computation instead of running: evaluate now, on concrete values.
-  with jax.ensure_compile_time_eval():
-    args = concrete_args(args)
-    for key, fn in candidates.items():
-      try:
-        elapsed = _time(fn, args, best_time)
-      except Exception as e:  # pylint: disable=broad-except
-        first_error = first_error or e
-        continue
-      if elapsed < best_time:
-        best_key, best_time = key, elapsed
-  if best_key is None:
-    raise first_error
-  return best_key
+  free = available_bytes()
+  traced, estimates, skipped, first_error = {}, {}, {}, None
+  for implementation, trace in traces.items():
+    try:
+      traced[implementation] = trace()
+    except Exception as e:  # pylint: disable=broad-except
+      first_error = first_error or e
+      skipped[implementation] = f"failed to trace: {e!r:.200}"
+      continue
+    estimate = cost.estimate(traced[implementation].jaxpr)
+    estimates[implementation] = estimate.seconds()
+    if free is not None and estimate.largest > free:
+      del traced[implementation]
+      skipped[implementation] = (
+          f"an array of {estimate.largest / 2**20:.0f} MiB would not fit in "
+          f"the {free / 2**20:.0f} MiB free")
+  if not traced:
+    if first_error is not None:
+      raise first_error
+    raise MemoryError("AUTO: no NTK implementation fits in memory: " +
+                      "; ".join(f"{_name(k)}: {v}" for k, v in
+                                skipped.items()))
+  cheapest = min(estimates[k] for k in traced)
+  close = [k for k in traced if estimates[k] <= _CLOSE * cheapest]
+  for k in traced:
+    if k not in close:
+      skipped[k] = (f"estimated {estimates[k]:.3g} s, over {_CLOSE}x the "
+                    f"cheapest ({cheapest:.3g} s)")
+  concrete = None
+  executables, measured = {}, {}
+  for k in sorted(close, key=lambda k: estimates[k]):
+    try:
+      executable = traced[k].lower().compile()
+    except Exception as e:  # pylint: disable=broad-except
+      first_error = first_error or e
+      skipped[k] = f"failed to compile: {e!r:.200}"
+      continue
+    need = _executable_bytes(executable)
+    if free is not None and need is not None and need > free:
+      skipped[k] = (f"needs {need / 2**20:.0f} MiB, over the "
+                    f"{free / 2**20:.0f} MiB free")
+      continue
+    executables[k] = executable
+    if len(close) == 1:
+      break
+    if concrete is None:
+      concrete = concrete_args(args)
+    try:
+      measured[k] = _best_seconds(executable, concrete)
+    except Exception as e:  # pylint: disable=broad-except
+      first_error = first_error or e
+      skipped[k] = f"failed to run: {e!r:.200}"
+      del executables[k]
+  if not executables:
+    if first_error is not None:
+      raise first_error
+    raise MemoryError("AUTO: no NTK implementation fits in memory: " +
+                      "; ".join(f"{_name(k)}: {v}" for k, v in
+                                skipped.items()))
+  if measured:
+    best = min(measured, key=measured.get)
+    reason = (f"fastest of {len(measured)} timed candidates "
+              f"({measured[best]:.3g} s)")
+  else:
+    best = next(iter(executables))
+    reason = (f"cheapest estimate ({estimates[best]:.3g} s); no other "
+              f"candidate within {_CLOSE}x")
+  for k in measured:
+    if k != best:
+      skipped[k] = f"measured {measured[k]:.3g} s"
+  return AutoChoice(best, reason, estimates, measured, skipped,
+                    executables[best])
 
 
 class AutoSelector:
-  """Caches the fastest candidate per call signature.
+  """Caches AUTO's choice (and executable) per call signature.
 
   >>> selector = AutoSelector()
-  >>> selector.choose('k', lambda: {'sin': jax.jit(jnp.sin)}, (1.,))
+  >>> f = jax.jit(jnp.sin)
+  >>> selector.choose('k', lambda: {'sin': lambda: f.trace(1.)},
+  ...                 (1.,)).implementation
   'sin'
   """
 
   def __init__(self):
-    self._choices: dict[Hashable, Any] = {}
+    self._choices: dict[Hashable, AutoChoice] = {}
 
   @property
-  def choices(self) -> dict[Hashable, Any]:
-    """The cached choice per call signature."""
+  def choices(self) -> dict[Hashable, AutoChoice]:
+    """The `AutoChoice` per call signature."""
     return dict(self._choices)
 
   def choose(self, key: Hashable,
-             candidates: Callable[[], Mapping[Any, Callable[..., Any]]],
-             args: Sequence[Any]) -> Any:
-    """The cached choice for `key`, timing `candidates()` on a miss.
+             candidates: Callable[[], Mapping[Any, Callable[[], Any]]],
+             args: Sequence[Any]) -> AutoChoice:
+    """The cached choice for `key`, choosing among `candidates()` on a miss.
 
     `candidates` is called only on a miss, so that a cached call costs one
     dictionary look-up (AUTO must stay as fast as the algorithm it picked).
     """
     if key not in self._choices:
-      candidates = candidates()
-      if len(candidates) == 1:
-        self._choices[key] = next(iter(candidates))
-      else:
-        self._choices[key] = fastest(candidates, args)
+      self._choices[key] = choose(candidates(), args)
     return self._choices[key]

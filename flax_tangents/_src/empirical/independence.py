@@ -38,7 +38,9 @@ def _is_array(leaf: Any) -> bool:
 
 
 def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+  dtype = getattr(leaf, "dtype", None)
+  return jax.ShapeDtypeStruct(np.shape(leaf), dtype if dtype is not None
+                              else jax.numpy.result_type(leaf))
 
 
 def _batch_size(x: Any, kwargs: Mapping[str, Any],
@@ -77,7 +79,7 @@ def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
   >>> print(vmap_axes_finding(lambda p, x: x * p, 2., jnp.ones((3, 2)), {},
   ...                         axes))
   None
-  >>> print(vmap_axes_finding(lambda p, x: x - x.mean(0), 2.,
+  >>> print(vmap_axes_finding(lambda p, x: x - x.mean(0, keepdims=True), 2.,
   ...                         jnp.ones((3, 2)), {}, axes))
   `reduce_sum` at ...: reduces over the batch axis (a batch statistic)
   """

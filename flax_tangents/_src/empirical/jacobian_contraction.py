@@ -12,24 +12,28 @@ from typing import Any, Optional
 
 import jax
 
-from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import im2col
+from flax_tangents._src.empirical import layout
 
 __all__ = ["jacobian", "ntk"]
 
 
 def _jacobian_of(fn: Callable[[layout.PyTree], layout.PyTree],
-                 params: layout.PyTree) -> layout.PyTree:
+                 params: layout.PyTree,
+                 reverse_fn: Callable[[layout.PyTree], layout.PyTree]
+                 ) -> layout.PyTree:
   """Jacobian of `fn` at `params`, in the cheaper autodiff mode.
 
   Reverse mode costs one pass per output element, forward mode one per
-  parameter: pick whichever is fewer.
+  parameter: pick whichever is fewer. `reverse_fn` is `fn` for reverse mode
+  (with fast convolution filter gradients, see `im2col`).
   """
   out = jax.eval_shape(fn, params)
   n_out = sum(leaf.size for leaf in jax.tree.leaves(out))
   n_params = sum(jax.numpy.size(leaf) for leaf in jax.tree.leaves(params))
   if n_out <= n_params:
-    return jax.jacrev(fn)(params)
+    return jax.jacrev(reverse_fn)(params)
   return jax.jacfwd(fn)(params)
 
 
@@ -54,15 +58,22 @@ def jacobian(f: Callable[..., layout.PyTree], params: layout.PyTree,
   >>> j.shape
   (3,)
   """
+  # Filter gradients of convolutions, per example or per output, as matrix
+  # products rather than grouped convolutions (see `im2col`).
+  f_reverse = im2col.with_patch_gradients(f)
   if vmap_axes is None:
-    return _jacobian_of(lambda p: f(p, x, **kwargs), params)
+    return _jacobian_of(lambda p: f(p, x, **kwargs), params,
+                        lambda p: f_reverse(p, x, **kwargs))
 
   mapped, fixed = example_axes.split_vmapped_kwargs(kwargs, vmap_axes)
   per_example, (x_axes, kwargs_axes), out_axes = example_axes.per_example_fn(
       f, vmap_axes, fixed)
+  per_example_reverse, _, _ = example_axes.per_example_fn(f_reverse,
+                                                          vmap_axes, fixed)
 
   def example_jacobian(x_i, mapped_i):
-    return _jacobian_of(lambda p: per_example(p, x_i, mapped_i), params)
+    return _jacobian_of(lambda p: per_example(p, x_i, mapped_i), params,
+                        lambda p: per_example_reverse(p, x_i, mapped_i))
 
   # `out_axes` is a prefix of the Jacobian's tree: each output leaf's axis
   # applies to all of its parameter leaves, which start with the output axes.

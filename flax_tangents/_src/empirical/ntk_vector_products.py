@@ -20,8 +20,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import im2col
+from flax_tangents._src.empirical import layout
 
 __all__ = ["ntk"]
 
@@ -105,6 +106,7 @@ def _full_kernel(f1: Callable[[layout.PyTree], layout.PyTree],
 
 
 def _per_example_kernels(f: Callable[..., layout.PyTree],
+                         f_reverse: Callable[..., layout.PyTree],
                          params: layout.PyTree, x1: layout.PyTree,
                          x2: layout.PyTree, kwargs1: Mapping[str, Any],
                          kwargs2: Mapping[str, Any],
@@ -122,7 +124,7 @@ def _per_example_kernels(f: Callable[..., layout.PyTree],
   """
   mapped2, fixed2 = example_axes.split_vmapped_kwargs(kwargs2, vmap_axes)
   example2, (x_axes, kw_axes), out_axes = example_axes.per_example_fn(
-      f, vmap_axes, fixed2)
+      f_reverse, vmap_axes, fixed2)
   _, push = jax.linearize(lambda p: f(p, x1, **kwargs1), params)
 
   # The looped-over leaves of `(x2, mapped2)`, their axis moved to the front.
@@ -195,6 +197,9 @@ def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
   fx1 = jax.eval_shape(lambda p: f(p, x1, **kwargs1), params)
   fx2 = fx1 if x2 is None else jax.eval_shape(
       lambda p: f(p, x2, **kwargs2), params)
+  # Pullbacks: filter gradients of convolutions, per example or per output,
+  # as matrix products rather than grouped convolutions (see `im2col`).
+  f_reverse = im2col.with_patch_gradients(f)
   # Check before the (possibly long) computation.
   jax.tree.map(
       lambda a, b: layout.check_trace_and_diagonal(
@@ -203,10 +208,10 @@ def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
 
   if vmap_axes is None:
     full = _full_kernel(lambda p: f(p, x1, **kwargs1),
-                        lambda p: f(p, x2_, **kwargs2), params)
+                        lambda p: f_reverse(p, x2_, **kwargs2), params)
   else:
-    full = _per_example_kernels(f, params, x1, x2_, kwargs1, kwargs2,
-                                vmap_axes, fx1)
+    full = _per_example_kernels(f, f_reverse, params, x1, x2_, kwargs1,
+                                kwargs2, vmap_axes, fx1)
 
   def in_nt_layout(kernel, out1, out2):
     trace, diagonal = layout.check_trace_and_diagonal(

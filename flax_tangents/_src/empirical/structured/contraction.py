@@ -38,12 +38,13 @@ class LetterPool:
     return letter
 
 
-def _fusable_targets(plan: planner.LeafPlan) -> set[int]:
-  """Parameter labels seen only by one `IndexFactor` (per input)."""
+def _fusable_targets(plan: planner.LeafPlan,
+                     chain: planner.Chain) -> set[int]:
+  """Parameter labels seen only by one `IndexFactor` of `chain`."""
   counts: dict[int, int] = {}
-  for label in plan.stop_labels:
+  for label in chain.stop_labels:
     counts[label] = counts.get(label, 0) + 1
-  for factor in plan.factors:
+  for factor in chain.factors:
     for label in factor.labels:
       counts[label] = counts.get(label, 0) + 1
     if isinstance(factor, structure.IndexFactor):
@@ -51,7 +52,7 @@ def _fusable_targets(plan: planner.LeafPlan) -> set[int]:
   root = set(plan.root_labels)
   return {
       f.target
-      for f in plan.factors
+      for f in chain.factors
       if isinstance(f, structure.IndexFactor) and f.target in root and
       counts[f.target] == 1
   }
@@ -59,7 +60,7 @@ def _fusable_targets(plan: planner.LeafPlan) -> set[int]:
 
 def _one_hot(idx, valid, size: int, batched: bool, dtype) -> jax.Array:
   del batched
-  hot = idx[..., None] == jnp.arange(size)
+  hot = idx[..., None] == jnp.arange(size).reshape((1,) * idx.ndim + (-1,))
   if valid is not None:
     hot = hot & valid[..., None]
   return hot.astype(dtype)
@@ -78,22 +79,26 @@ def _gram(idx1, valid1, idx2, valid2, dtype) -> jax.Array:
   return gram.astype(dtype)
 
 
-def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
+def term(plan: planner.LeafPlan, chain1: planner.Chain,
+         chain2: planner.Chain, c1: jax.Array, c2: jax.Array,
          factors1: Sequence[Any], factors2: Sequence[Any],
          c_letters1: str, c_letters2: str, batch1: str, batch2: str,
          out_letters: str, letters: LetterPool,
          stop_aliases: tuple[Optional[tuple[int, str]], ...] = (None, None)
          ) -> jax.Array:
-  """One parameter's NTK term, laid out by `out_letters`.
+  """The NTK term of one pair of a parameter's chains, laid out by `out_letters`.
 
   Args:
     plan: the parameter's plan (the same for both inputs).
-    c1: `d f(x1) / d stop`: leading output axes, then `plan.stop_labels`.
-    c2: the same for `x2`.
-    factors1: run-time values of `plan.factors` for `x1` (arrays, or
-      `(idx, valid)` for index factors), with a leading batch axis when
-      `batch1` is not empty.
-    factors2: the same for `x2`.
+    chain1: the chain of `x1`'s side.
+    chain2: the chain of `x2`'s side.
+    c1: `d f(x1) / d stop` of `chain1`: leading output axes, then
+      `chain1.stop_labels`.
+    c2: the same for `x2` and `chain2`.
+    factors1: for each of `chain1.factors`, `(value, batched)`: its value
+      for `x1` (an array, or `(idx, valid)` for an index factor) and whether
+      it has a leading per-example axis (lettered `batch1`).
+    factors2: the same for `x2` and `chain2`.
     c_letters1: letters of `c1`'s output axes.
     c_letters2: letters of `c2`'s output axes.
     batch1: letter of the per-example batch axis of `factors1`, or "".
@@ -108,6 +113,7 @@ def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
     The term, with axes `out_letters`.
   """
   dtype = jnp.result_type(c1.dtype, c2.dtype)
+  chains = (chain1, chain2)
   root = set(plan.root_labels)
   shared = {label: letters.new() for label in plan.root_labels}
   side_letters = ({}, {})
@@ -115,7 +121,7 @@ def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
   for side, alias in enumerate(stop_aliases):
     if alias is not None:
       axis, batch_letter = alias
-      side_letters[side][plan.stop_labels[axis]] = batch_letter
+      side_letters[side][chains[side].stop_labels[axis]] = batch_letter
 
   def letter(label: int, side: int) -> str:
     if label in shared:
@@ -129,43 +135,57 @@ def term(plan: planner.LeafPlan, c1: jax.Array, c2: jax.Array,
     return "".join(letter(l, side) for l in labels)
 
   operands, specs = [c1, c2], [
-      c_letters1 + subscript(plan.stop_labels, 0),
-      c_letters2 + subscript(plan.stop_labels, 1)
+      c_letters1 + subscript(chain1.stop_labels, 0),
+      c_letters2 + subscript(chain2.stop_labels, 1)
   ]
-  fusable = _fusable_targets(plan)
-  batches = (batch1, batch2)
-  for i, factor in enumerate(plan.factors):
-    values = (factors1[i], factors2[i])
-    if isinstance(factor, structure.IndexFactor) and factor.target in fusable:
-      (idx1, valid1), (idx2, valid2) = values
-      operands.append(_gram(idx1, valid1, idx2, valid2, dtype))
-      specs.append(batch1 + subscript(factor.labels, 0) + batch2 +
-                   subscript(factor.labels, 1))
-      continue
-    for side in (0, 1):
+  values = ([v for v, _ in factors1], [v for v, _ in factors2])
+  batches = ([batch1 if b else "" for _, b in factors1],
+             [batch2 if b else "" for _, b in factors2])
+  # An index factor on each side over the same parameter axis: a Gram of
+  # index equalities instead of two one-hot tensors.
+  fusable = _fusable_targets(plan, chain1) & _fusable_targets(plan, chain2)
+  fused = [{f.target: i for i, f in enumerate(chain.factors)
+            if isinstance(f, structure.IndexFactor) and f.target in fusable}
+           for chain in chains]
+  for target in sorted(fusable):
+    i, k = fused[0][target], fused[1][target]
+    (idx1, valid1), (idx2, valid2) = values[0][i], values[1][k]
+    operands.append(_gram(idx1, valid1, idx2, valid2, dtype))
+    specs.append(batches[0][i] + subscript(chain1.factors[i].labels, 0) +
+                 batches[1][k] + subscript(chain2.factors[k].labels, 1))
+  for side, chain in enumerate(chains):
+    for i, factor in enumerate(chain.factors):
+      if i in fused[side].values():
+        continue
       if isinstance(factor, structure.IndexFactor):
-        idx, valid = values[side]
+        idx, valid = values[side][i]
         operands.append(
-            _one_hot(idx, valid, plan.sizes[factor.target], bool(batches[side]),
-                     dtype))
-        specs.append(batches[side] +
+            _one_hot(idx, valid, plan.sizes[factor.target],
+                     bool(batches[side][i]), dtype))
+        specs.append(batches[side][i] +
                      subscript(factor.labels + (factor.target,), side))
       else:
-        value = jnp.asarray(values[side])
+        value = jnp.asarray(values[side][i])
         operands.append(value.astype(dtype))
-        specs.append(batches[side] + subscript(factor.labels, side))
+        specs.append(batches[side][i] + subscript(factor.labels, side))
 
-  # Labels summed out along the chain that no operand mentions contribute
-  # their size (once if shared by both inputs, once per input otherwise).
+  # Labels summed out along a chain that no operand mentions contribute
+  # their size (once for a parameter label, once per input otherwise).
   scale = 1
   used = set("".join(specs))
-  for label in plan.dropped:
-    for side in ((0,) if label in root else (0, 1)):
-      if letter(label, side) not in used:
+  for label in plan.root_labels:
+    if (label in chain1.dropped + chain2.dropped and
+        shared[label] not in used):
+      scale *= plan.sizes[label]
+  for side, chain in enumerate(chains):
+    for label in chain.dropped:
+      if label not in root and letter(label, side) not in used:
         scale *= plan.sizes[label]
 
   spec = ",".join(specs) + "->" + out_letters
-  result = jnp.einsum(spec, *operands, optimize="optimal" if len(operands) <= 6
-                      else "greedy", precision=lax.Precision.HIGHEST,
+  optimize = ("optimal" if len(operands) <= 6 else
+              "dp" if len(operands) <= 16 else "greedy")
+  result = jnp.einsum(spec, *operands, optimize=optimize,
+                      precision=lax.Precision.HIGHEST,
                       preferred_element_type=dtype)
   return result * scale if scale != 1 else result

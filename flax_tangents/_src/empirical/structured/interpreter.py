@@ -1,12 +1,14 @@
 """STRUCTURED_DERIVATIVES: the empirical NTK from structured Jacobians.
 
 For each input batch (`x1`, `x2`), `f` is traced once into a flat program
-(`ir`), every parameter leaf gets a plan (`planner`): a chain of structure
-rules ending at a stop variable `y`. One reverse pass (`jax.jacrev` with
-respect to additive perturbations of all stop variables at once) gives every
-`C = d f / d y`; the factors of each chain are read off the same forward
-pass. Each parameter's term `(C1 S1)(C2 S2)^T` is then one einsum
-(`contraction`), summed over parameters, in NT's output layout.
+(`ir`), every parameter leaf gets a plan (`planner`): one or more chains of
+structure rules, each ending at a stop variable `y` (possibly inside the body
+of a `scan`, stacked over its iterations). One reverse pass (`jax.jacrev`
+with respect to additive perturbations of all stop variables at once) gives
+every `C = d f / d y`; the factors of each chain are read off the same
+forward pass (those computed in a loop body, at every iteration). Each pair
+of a parameter's chains contributes `(C1 S1)(C2 S2)^T`, one einsum
+(`contraction`), summed over pairs and parameters, in NT's output layout.
 
 With `vmap_axes`, all of this runs per example under `jax.vmap` (the
 Jacobians of independent examples are block-diagonal, so only the diagonal
@@ -138,124 +140,264 @@ class _Side:
         self._data_states = batching.variable_states(self.program, sources)
     # Set by `arrays`: stop variable -> its batch axis, and each output's
     # batch axis, where `C` holds only the examples' diagonal blocks.
-    self.diag_stops: dict[int, int] = {}
+    self.diag_stops: dict[Any, int] = {}
     self.diag_outs: Optional[list[int]] = None
+    self.diag_reason: Optional[str] = None
     outs = jax.tree.leaves(jax.eval_shape(lambda p: f(p, x, **kwargs),
                                           params))
     self.out_shapes = [o.shape for o in outs]
     self.out_dtypes = [o.dtype for o in outs]
 
   def arrays(self, plans: list[Optional[planner.LeafPlan]]):
-    """`(C, factors)`: `C[out][stop_var]` and per-plan factor values."""
+    """`(C, factors)`: `C[out][stop address]`, factor values per chain.
+
+    The factor values are, per plan (None for unused leaves), one list per
+    chain of `(value, batched)` per factor: `batched` when the value has a
+    leading per-example axis (with `vmap_axes`).
+    """
     program = self.program
     active = [p for p in plans if p is not None]
-    stop_vars = sorted({p.stop_var for p in active})
+    chains = [c for p in active for c in p.chains]
+    stop_vars = _unique([c.stop_var for c in chains])
     param_leaves = self._param_leaves
     if not stop_vars:  # No parameter reaches the outputs: the NTK is zero.
       return [{} for _ in program.outputs], [None] * len(plans)
+    taps, locate = _factor_taps(chains)
 
     if self.vmap_axes is None:
       self._plan_diagonal(active, stop_vars)
       if self.diag_outs is not None:
-        return self._diagonal_arrays(plans, active, stop_vars)
+        return self._diagonal_arrays(plans, chains, stop_vars, taps, locate)
 
-    def one_batch(x_value, kw_arrays):
+    def evaluate(x_value, kw_arrays, deltas):
       args = (list(param_leaves) + jax.tree.leaves(x_value) +
               list(kw_arrays))
-
-      def forward(deltas):
-        env = ir.evaluate(program, args, dict(zip(stop_vars, deltas)))
-        read = functools.partial(ir.read_atom, env)
-        outs = [read(a) for a in program.outputs]
-        factor_values = [[f.compute(read) for f in p.factors] for p in active]
-        return outs, factor_values
-
-      zeros = [
-          jnp.zeros(program.shapes[v], program.dtypes[v]) for v in stop_vars
-      ]
-      jac, factor_values = jax.jacrev(forward, has_aux=True)(zeros)
-      return jac, factor_values
+      env, tapped = ir.evaluate_with_taps(program, args,
+                                          dict(zip(stop_vars, deltas)), taps)
+      read = functools.partial(ir.read_atom, env)
+      return [read(a) for a in program.outputs], locate(read, tapped)
 
     if self.vmap_axes is None:
-      jac, factor_values = one_batch(self._x, self._kw_arrays)
-    else:
-      jac, factor_values = jax.vmap(
-          one_batch, in_axes=(self._x_axes, self._kw_axes))(self._x,
-                                                            self._kw_arrays)
-    c = [dict(zip(stop_vars, per_out)) for per_out in jac]
-    values, it = [], iter(factor_values)
-    for p in plans:
-      values.append(None if p is None else next(it))
-    return c, values
+      jac, factor_values = jax.jacrev(
+          lambda d: evaluate(self._x, self._kw_arrays, d), has_aux=True)(
+              _zeros(program, stop_vars))
+      c = [dict(zip(stop_vars, per_out)) for per_out in jac]
+      return c, _per_plan(plans, _unbatched(factor_values))
 
+    def one_example(x_value, kw_arrays):
+      return jax.jacrev(lambda d: evaluate(x_value, kw_arrays, d)[0])(
+          _zeros(program, stop_vars))
+
+    jac = jax.vmap(one_example, in_axes=(self._x_axes, self._kw_axes))(
+        self._x, self._kw_arrays)
+    c = [dict(zip(stop_vars, per_out)) for per_out in jac]
+    factor_values = self._example_factors(
+        lambda x_value, kw_arrays: evaluate(x_value, kw_arrays, [])[1])
+    return c, _per_plan(plans, factor_values)
+
+  def _example_factors(self, factors):
+    """Factor values per example, without a batch axis where they have none.
+
+    A factor that does not depend on the example (a weight, a constant) is
+    computed once: under `jax.vmap` it would be copied for every example.
+
+    Returns:
+      Per chain, per factor, `(value, batched)`.
+    """
+    x_leaves, x_tree = jax.tree.flatten(self._x)
+    none = lambda a: a is None  # noqa: E731
+    x_structs = jax.tree.unflatten(x_tree, [
+        _without_axis(l, a) for l, a in zip(
+            x_leaves, jax.tree.leaves(self._x_axes, is_leaf=none))])
+    kw_structs = [_without_axis(l, a)
+                  for l, a in zip(self._kw_arrays, self._kw_axes)]
+    x_structs = jax.tree.map(
+        lambda l: jax.ShapeDtypeStruct(np.shape(l), l.dtype), x_structs)
+    flat = lambda x_value, kw_arrays: jax.tree.leaves(  # noqa: E731
+        factors(x_value, kw_arrays))
+    program, _ = ir.flatten(flat, x_structs, kw_structs)
+    depends = planner.dependents(program, set(program.inputs))
+    out_axes = [0 if not isinstance(a, ir.Literal) and a in depends else None
+                for a in program.outputs]
+    values = jax.vmap(flat, in_axes=(self._x_axes, self._kw_axes),
+                      out_axes=out_axes)(self._x, self._kw_arrays)
+    tree = jax.tree.structure(jax.eval_shape(factors, x_structs, kw_structs))
+    values = jax.tree.unflatten(tree, values)
+    batched = jax.tree.unflatten(tree, [a == 0 for a in out_axes])
+    per_chain = []
+    for chain_values, chain_batched in zip(values, batched):
+      per_chain.append([
+          _batch_consistently(v, b, self._batch_size())
+          for v, b in zip(chain_values, chain_batched)])
+    return per_chain
+
+  def _batch_size(self) -> int:
+    none = lambda a: a is None  # noqa: E731
+    for leaf, a in zip(jax.tree.leaves(self._x),
+                       jax.tree.leaves(self._x_axes, is_leaf=none)):
+      if a is not None:
+        return np.shape(leaf)[a]
+    for leaf, a in zip(self._kw_arrays, self._kw_axes):
+      if a is not None:
+        return np.shape(leaf)[a]
+    raise ValueError("vmap_axes maps no input.")
 
   def _plan_diagonal(self, active, stop_vars) -> None:
-    """Sets `diag_stops` and `diag_outs` where examples are independent."""
-    self.diag_stops, self.diag_outs = {}, None
+    """Sets `diag_stops` and `diag_outs` where examples are independent.
+
+    Otherwise `diag_reason` says why the whole-batch path is taken.
+    """
+    self.diag_stops, self.diag_outs, self.diag_reason = {}, None, None
     states = self._data_states
     if states is None:
+      self.diag_reason = ("the inputs have no common batch axis 0, or are "
+                          "scalars")
       return
     program = self.program
-    candidates = {}
+    in_body, stacked, lost = {}, {}, None
     for v in stop_vars:
       axis = states.get(v)
       if not isinstance(axis, int) or isinstance(axis, bool):
+        if isinstance(axis, batching.Mixed) and lost is None:
+          lost = axis
         continue
-      if any(p.stop_var == v and p.stop_labels[axis] in p.root_labels
-             for p in active):
+      axis_stacked = axis + _depth(v)
+      if any(c.stop_var == v and c.stop_labels[axis_stacked] in p.root_labels
+             for p in active for c in p.chains):
         continue  # A per-example parameter: its rows are not examples.
-      candidates[v] = axis
-    if not candidates:
+      in_body[v], stacked[v] = axis, axis_stacked
+    if not in_body:
+      self.diag_reason = ("no stop variable is batched along the examples" +
+                          ("" if lost is None else
+                           f" ({lost.finding or lost.reason})"))
       return
     # Proof: with the perturbations of the candidates as the only batched
     # sources, every output is batched (or independent of them).
-    outs = batching.propagate(program, [None] * len(program.inputs),
-                              candidates)
+    result = batching.analyse(program, [None] * len(program.inputs),
+                              extra=in_body)
     out_axes = []
-    for atom, state in zip(program.outputs, outs):
+    for atom, state in zip(program.outputs, result.states):
       if state is None and not isinstance(atom, ir.Literal):
         state = states.get(atom)
       if not isinstance(state, int) or isinstance(state, bool):
+        finding = result.finding or getattr(state, "finding", None)
+        self.diag_reason = (f"examples are not independent: {finding}"
+                            if finding else "an output has no batch axis")
         return
       out_axes.append(state)
-    self.diag_stops, self.diag_outs = candidates, out_axes
+    self.diag_stops, self.diag_outs = stacked, out_axes
 
-  def _diagonal_arrays(self, plans, active, stop_vars):
+  def _diagonal_arrays(self, plans, chains, stop_vars, taps, locate):
     """`arrays` when `diag_outs` is set: one reverse pass per coordinate."""
     program = self.program
     args = (list(self._param_leaves) + jax.tree.leaves(self._x) +
             list(self._kw_arrays))
     diag = [v for v in stop_vars if v in self.diag_stops]
     full = [v for v in stop_vars if v not in self.diag_stops]
-    zeros = lambda vs: [jnp.zeros(program.shapes[v], program.dtypes[v])  # noqa: E731
-                        for v in vs]
 
     def forward(diag_deltas, full_deltas):
-      env = ir.evaluate(program, args, {
+      env, tapped = ir.evaluate_with_taps(program, args, {
           **dict(zip(diag, diag_deltas)), **dict(zip(full, full_deltas))
-      })
+      }, taps)
       read = functools.partial(ir.read_atom, env)
       outs = [read(a) for a in program.outputs]
-      factor_values = [[f.compute(read) for f in p.factors] for p in active]
-      return outs, factor_values
+      return outs, locate(read, tapped)
 
     def summed(diag_deltas):
       # Seeding every example at once: blocks are diagonal, so the sum over
       # examples of `d out[n] / d y` is `d out[n] / d y[n]` on `y[n]`.
-      outs, factor_values = forward(diag_deltas, zeros(full))
+      outs, factor_values = forward(diag_deltas, _zeros(program, full))
       outs = [jnp.sum(o, axis=b) for o, b in zip(outs, self.diag_outs)]
       return outs, factor_values
 
-    jac_diag, factor_values = jax.jacrev(summed, has_aux=True)(zeros(diag))
+    jac_diag, factor_values = jax.jacrev(summed, has_aux=True)(
+        _zeros(program, diag))
+    factor_values = _unbatched(factor_values)
     c = [dict(zip(diag, per_out)) for per_out in jac_diag]
     if full:
-      jac_full = jax.jacrev(lambda d: forward(zeros(diag), d)[0])(zeros(full))
+      jac_full = jax.jacrev(lambda d: forward(_zeros(program, diag), d)[0])(
+          _zeros(program, full))
       for c_out, per_out in zip(c, jac_full):
         c_out.update(zip(full, per_out))
-    values, it = [], iter(factor_values)
-    for p in plans:
-      values.append(None if p is None else next(it))
-    return c, values
+    return c, _per_plan(plans, factor_values)
+
+
+def _unbatched(chain_values):
+  """Factor values of the whole batch: `(value, False)` per factor."""
+  return [[(v, False) for v in values] for values in chain_values]
+
+
+def _batch_consistently(value, batched, size):
+  """`(value, batched)` of one factor; an index factor's arrays agree."""
+  if not isinstance(value, tuple):
+    return value, bool(batched)
+  flags = [b for v, b in zip(value, batched) if v is not None]
+  if all(flags) or not any(flags):
+    return value, bool(flags and flags[0])
+  value = tuple(None if v is None else v if b else
+                jnp.broadcast_to(v, (size,) + jnp.shape(v))
+                for v, b in zip(value, batched))
+  return value, True
+
+
+def _unique(items):
+  seen, out = set(), []
+  for item in items:
+    if item not in seen:
+      seen.add(item)
+      out.append(item)
+  return out
+
+
+def _depth(address) -> int:
+  """How many loops a stop address is inside."""
+  depth = 0
+  while not isinstance(address, int):
+    depth, address = depth + 1, address[1]
+  return depth
+
+
+def _zeros(program: ir.FlatProgram, addresses) -> list[jax.Array]:
+  zeros = []
+  for address in addresses:
+    shape, dtype = ir.address_aval(program, address)
+    zeros.append(jnp.zeros(shape, dtype))
+  return zeros
+
+
+def _factor_taps(chains):
+  """Factors computed in loop bodies become taps of the evaluation.
+
+  Returns:
+    `(taps, locate)`: the taps for `ir.evaluate_with_taps`, and
+    `locate(read, tapped)` giving one list of factor values per chain.
+  """
+  taps: dict[tuple[int, ...], list] = {}
+  where = []
+  for chain in chains:
+    places = []
+    for factor in chain.factors:
+      if factor.scope:
+        fns = taps.setdefault(factor.scope, [])
+        places.append((factor.scope, len(fns)))
+        fns.append(factor.compute)
+      else:
+        places.append((None, factor))
+    where.append(places)
+
+  def locate(read, tapped):
+    return [[factor.compute(read) if scope is None else tapped[scope][factor]
+             for scope, factor in places] for places in where]
+
+  return taps, locate
+
+
+def _per_plan(plans, chain_values):
+  """Groups per-chain factor values by plan (None for unused leaves)."""
+  values, it = [], iter(chain_values)
+  for p in plans:
+    values.append(None if p is None else [next(it) for _ in p.chains])
+  return values
 
 
 def _reconcile(side1: _Side, side2: _Side):
@@ -265,10 +407,11 @@ def _reconcile(side1: _Side, side2: _Side):
     if p1 is None and p2 is None:
       continue
     if p1 is None or p2 is None or p1.signature() != p2.signature():
+      reason = "the plans for x1 and x2 differ"
       leaf1 = side1.program.inputs[i]
       leaf2 = side2.program.inputs[i]
-      plans1[i] = planner.root_plan(side1.program, leaf1)
-      plans2[i] = planner.root_plan(side2.program, leaf2)
+      plans1[i] = planner.root_plan(side1.program, leaf1, reason)
+      plans2[i] = planner.root_plan(side2.program, leaf2, reason)
   return plans1, plans2
 
 
@@ -353,17 +496,21 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
     for i, (p1, p2) in enumerate(zip(plans1, plans2)):
       if p1 is None:
         continue
-      cl, aliases = list(c_letters), [None, None]
-      for side, (s, p) in enumerate(((side1, p1), (side2, p2))):
-        if diag_letters[side] is not None and p.stop_var in s.diag_stops:
-          b = s.diag_outs[j]
-          cl[side] = "".join(axis_letters[a][side] for a in order if a != b)
-          aliases[side] = (s.diag_stops[p.stop_var], diag_letters[side])
-      terms.append(
-          contraction.term(p1, c1[j][p1.stop_var], c2[j][p2.stop_var],
-                           factors1[i], factors2[i], cl[0], cl[1], batch[0],
-                           batch[1], out_letters, letters,
-                           stop_aliases=tuple(aliases)))
+      for a, chain1 in enumerate(p1.chains):
+        for b, chain2 in enumerate(p2.chains):
+          cl, aliases = list(c_letters), [None, None]
+          for side, (s, ch) in enumerate(((side1, chain1), (side2, chain2))):
+            if diag_letters[side] is not None and ch.stop_var in s.diag_stops:
+              out_b = s.diag_outs[j]
+              cl[side] = "".join(axis_letters[x][side] for x in order
+                                 if x != out_b)
+              aliases[side] = (s.diag_stops[ch.stop_var], diag_letters[side])
+          terms.append(
+              contraction.term(p1, chain1, chain2, c1[j][chain1.stop_var],
+                               c2[j][chain2.stop_var], factors1[i][a],
+                               factors2[i][b], cl[0], cl[1], batch[0],
+                               batch[1], out_letters, letters,
+                               stop_aliases=tuple(aliases)))
     if terms:
       kernel = functools.reduce(jnp.add, terms)
     else:

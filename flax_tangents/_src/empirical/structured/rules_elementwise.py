@@ -3,13 +3,18 @@
 Every output element depends on the element of the operand at the same
 position, so the Jacobian is diagonal: the output keeps the operand's labels
 (new labels where the operand is broadcast along a size-one axis, or is a
-scalar) and at most one dense factor holds the derivative values.
+scalar) and at most one dense factor holds the derivative values: the other
+operand for `mul`, and for nonlinearities (`tanh`, `max`, a custom-JVP
+`nn.relu`) the derivative read off a JVP with a tangent of ones.
 """
 
 from typing import Any, Callable, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
+from flax_tangents._src.empirical.structured import ir
 from flax_tangents._src.empirical.structured import structure
 from flax_tangents._src.empirical.structured.ir import Atom
 
@@ -124,7 +129,70 @@ def _convert_element_type(ctx):
   return _identity(ctx)
 
 
+def _derivative(ctx):
+  """Any elementwise primitive: its derivative, by a JVP with ones.
+
+  The Jacobian of an elementwise map is diagonal, so one forward-mode pass
+  with a tangent of ones on the operand gives its diagonal (JAX's own
+  derivative rule, custom or not).
+  """
+  labels = _out_labels(ctx)
+  if labels is None:
+    return None
+  eqn, position = ctx.equation, ctx.position
+  primitive = eqn.primitive
+  params = primitive.get_bind_params(eqn.params)
+  out_shape = ctx.out_shape
+
+  def derivative(read):
+    operands = [jnp.asarray(read(a)) for a in eqn.inputs]
+    tangents = [jnp.zeros_like(v) if jnp.issubdtype(v.dtype, jnp.inexact)
+                else np.zeros(v.shape, jax.dtypes.float0) for v in operands]
+    tangents[position] = jnp.ones_like(operands[position])
+    _, out = jax.jvp(lambda *ops: primitive.bind(*ops, **params), operands,
+                     tangents)
+    out = out[0] if primitive.multiple_results else out
+    return jnp.broadcast_to(out, out_shape)
+
+  return structure.RuleResult(labels,
+                              (structure.DenseFactor(labels, derivative),))
+
+
+def _is_elementwise_body(program) -> bool:
+  """Every equation of a (custom-JVP) body maps elements to elements."""
+  return all(e.name in _ELEMENTWISE_NAMES or (
+      e.name == "custom_jvp_call" and
+      _is_elementwise_body(ir.from_closed_jaxpr(e.params["call_jaxpr"])))
+             for e in program.equations)
+
+
+def _custom_jvp_call(ctx):
+  """A custom-JVP function made of elementwise operations (`nn.relu`)."""
+  eqn = ctx.equation
+  if len(eqn.outputs) != 1 or tuple(ctx.in_shape) != tuple(ctx.out_shape):
+    return None
+  if not _is_elementwise_body(ir.from_closed_jaxpr(eqn.params["call_jaxpr"])):
+    return None
+  return _derivative(ctx)
+
+
+# Elementwise primitives whose derivative is read off a JVP.
+_SMOOTH = (
+    "abs", "acos", "acosh", "asin", "asinh", "atan", "atan2", "atanh", "cbrt",
+    "cos", "cosh", "digamma", "erf", "erf_inv", "erfc", "exp", "exp2",
+    "expm1", "integer_pow", "lgamma", "log", "log1p", "logistic", "max",
+    "min", "pow", "rsqrt", "sin", "sinh", "sqrt", "square", "tan", "tanh",
+    "clamp",
+)
+_ELEMENTWISE_NAMES = frozenset(_SMOOTH) | {
+    "add", "sub", "mul", "div", "neg", "select_n", "convert_element_type",
+    "sign", "floor", "ceil", "round", "eq", "ne", "lt", "le", "gt", "ge",
+    "and", "or", "not", "is_finite", "stop_gradient", "copy", "copy_p",
+}
+
 RULES: dict[str, structure.Rule] = {
+    **{name: _derivative for name in _SMOOTH},
+    "custom_jvp_call": _custom_jvp_call,
     "add": _add,
     "add_any": _add,
     "sub": _sub,

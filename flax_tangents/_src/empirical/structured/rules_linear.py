@@ -18,6 +18,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from flax_tangents._src.empirical import im2col
 from flax_tangents._src.empirical.structured import structure
 
 __all__ = ["RULES"]
@@ -71,28 +72,19 @@ def _conv_filter(ctx):
   lhs = ctx.equation.inputs[0]
   w_shape, out_shape = ctx.in_shape, ctx.out_shape
   spatial_w = [w_shape[a] for a in rhs_spec[2:]]
-  in_channels = w_shape[rhs_spec[1]]
   out_labels = list(ctx.labels.new_for(out_shape))
   out_labels[out_spec[1]] = ctx.in_labels[rhs_spec[0]]
-  # Patches come out laid out like the output, features flattened as
-  # (in_channel, *filter_spatial) in channel-major order.
+  # Patches are (batch, *out_spatial, in_channel, *filter_spatial).
   factor_labels = ((out_labels[out_spec[0]],) +
                    tuple(out_labels[a] for a in out_spec[2:]) +
                    (ctx.in_labels[rhs_spec[1]],) +
                    tuple(ctx.in_labels[a] for a in rhs_spec[2:]))
 
   def patches(read):
-    x = read(lhs)
-    result = lax.conv_general_dilated_patches(
-        x, filter_shape=spatial_w, window_strides=p["window_strides"],
-        padding=p["padding"], lhs_dilation=p["lhs_dilation"],
-        rhs_dilation=p["rhs_dilation"],
-        dimension_numbers=p["dimension_numbers"],
-        precision=lax.Precision.HIGHEST)
-    order = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
-    result = jnp.transpose(result, order)
-    return result.reshape(result.shape[:-1] + (in_channels,) +
-                          tuple(spatial_w))
+    # Slices of the input, no arithmetic (see `im2col`).
+    return im2col.patches(read(lhs), spatial_w, p["window_strides"],
+                          p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+                          lhs_spec)
 
   return structure.RuleResult(
       tuple(out_labels), (structure.DenseFactor(factor_labels, patches),))

@@ -36,9 +36,15 @@ Reader = Callable[[ir.Atom], jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class DenseFactor:
-  """An array whose axes are `labels`, computed at run time by `compute`."""
+  """An array whose axes are `labels`, computed at run time by `compute`.
+
+  `scope` is empty for a factor computed from the program's variables, and
+  the path of `scan` equations for one computed in a loop body: it is then
+  stacked over the iterations, its first labels being the loop labels.
+  """
   labels: tuple[int, ...]
   compute: Callable[[Reader], jax.Array]
+  scope: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +53,12 @@ class IndexFactor:
 
   `compute(read)` returns `(idx, valid)`: integer indices with axes `labels`
   and a boolean mask of the same shape (or None when all are valid).
+  `scope` is as for `DenseFactor`.
   """
   labels: tuple[int, ...]
   target: int
   compute: Callable[[Reader], tuple[jax.Array, Optional[jax.Array]]]
+  scope: tuple[int, ...] = ()
 
 
 Factor = Union[DenseFactor, IndexFactor]
