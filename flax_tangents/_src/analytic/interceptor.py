@@ -12,27 +12,20 @@ import collections
 import functools
 from typing import Any, Callable, Optional, Sequence, Union
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import covariance
-from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
-from flax_tangents._src.analytic.errors import KernelRuleError
-from flax_tangents._src.analytic.errors import PlainFunctionError
+from flax_tangents._src.analytic.lifting import dispatch
 from flax_tangents.kernel import Kernel
 
 __all__ = ["kernel_fn"]
 
 Get = Union[None, str, Sequence[str]]
 _KERNEL_FIELDS = tuple(Kernel.__dataclass_fields__)
-
-# Stock Flax modules that only call their submodules: entered as user modules.
-_TRANSPARENT_STOCK_MODULES = (nn.Sequential,)
-
 
 def _is_kernel(x: Any) -> bool:
   return isinstance(x, Kernel)
@@ -43,59 +36,11 @@ def _kernels_in(tree: Any) -> list[Kernel]:
           if isinstance(x, Kernel)]
 
 
-def _describe(module: nn.Module) -> str:
-  path = "/".join(str(p) for p in module.path) or "<top-level module>"
-  cls = type(module)
-  return f"module '{path}' of type {cls.__module__}.{cls.__qualname__}"
-
-
-def _no_rule_error(module: nn.Module) -> KernelRuleError:
-  return KernelRuleError(
-      f"{_describe(module)} has no infinite-width kernel rule. Use the "
-      "matching layer from `flax_tangents.nn` (e.g. `ftn.Dense`, "
-      "`ftn.Relu`), or register a rule with "
-      "`ft.register_kernel_rule(ModuleType, rule)`.")
-
-
-def _note_once(error: BaseException, module: nn.Module) -> None:
-  # Only the innermost module adds its path: that is where the error arose.
-  if not getattr(error, "_flax_tangents_noted", False):
-    error.add_note(f"(raised while computing the kernel of "
-                   f"{_describe(module)})")
-    error._flax_tangents_noted = True  # pylint: disable=protected-access
-
-
 def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any],
                  context: nn.module.InterceptorContext) -> Any:
-  if context.method_name != "__call__" or not _kernels_in((args, kwargs)):
-    return next_fun(*args, **kwargs)
-  module = context.module
-  rule = registry.find_rule(type(module))
-  if rule is None:
-    is_stock = type(module).__module__.startswith("flax.")
-    if is_stock and not isinstance(module, _TRANSPARENT_STOCK_MODULES):
-      raise _no_rule_error(module)
-  try:
-    if rule is not None:
-      return rule(module, *args, **kwargs)
-    return next_fun(*args, **kwargs)
-  except PlainFunctionError as e:
-    raise KernelRuleError(
-        f"{_describe(module)} passed a Kernel to a plain function (such as "
-        "`nn.relu` or `jnp.tanh`), which has no infinite-width rule. Use a "
-        "layer from `flax_tangents.nn` instead (e.g. `ftn.Relu()` for "
-        "`nn.relu`), or give your module a rule with "
-        "`ft.register_kernel_rule`.") from e
-  except KernelRuleError:
-    raise
-  except (flax.errors.ScopeParamNotFoundError,
-          flax.errors.ScopeCollectionNotFound) as e:
-    # A user module that creates parameters itself has no rule.
-    raise _no_rule_error(module) from e
-  except Exception as e:  # pylint: disable=broad-except
-    _note_once(e, module)
-    raise
+  # Per-module dispatch (rules, lifted transforms, lifting of plain code).
+  return dispatch.intercept(next_fun, args, kwargs, context)
 
 
 def _run_model(model: nn.Module, kernel: Kernel,

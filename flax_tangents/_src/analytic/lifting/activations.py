@@ -1,0 +1,206 @@
+"""The kernel of an elementwise function of one Gaussian pre-activation.
+
+An expression (see `expressions`) is first matched against the closed forms
+the library already has, through its normal form:
+
+- polynomials (`Polynomial`), `a min(x, 0) + b max(x, 0)` (ReLU, leaky ReLU,
+  `abs`: `ABRelu`), `max(x, 0)**k` (`RectifiedMonomial`), `a erf(b x) + c`
+  (`Erf`), `a x (1 + erf(b x))` (the exact GELU, scaled), `a sin(b x + c)`
+  and cosines (`Sin`), `a exp(b x)` (`Exp`), `a exp(b x**2)` (`Gaussian`),
+  `a sign(x)` (`Sign`).
+
+Any other function that is analytic on the whole line (`tanh`, `sigmoid`,
+`silu`, `softplus`, the tanh approximation of GELU, compositions of these)
+gets its kernel by Gauss-Hermite quadrature on `QUADRATURE_DEGREE` nodes per
+dimension. Where a closed form is close to it (`tanh(c x)` and `erf`,
+`x (1 + tanh(c x + ...))` and GELU), the quadrature only corrects that closed
+form (a control variate), which makes it far more accurate. Functions with
+kinks or poles that match no closed form are refused: quadrature converges
+too slowly on them to give a number worth publishing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from flax_tangents._src.analytic import gaussian_integrals as gi
+from flax_tangents._src.analytic import gaussian_integrals_exp as gi_exp
+from flax_tangents._src.analytic import gaussian_integrals_poly as gi_poly
+from flax_tangents._src.analytic.lifting import expressions as ex
+from flax_tangents._src.analytic.lifting import quadrature
+
+__all__ = ["Activation", "QUADRATURE_DEGREE", "recognize"]
+
+GaussianExpectation = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+# Nodes per dimension of the quadrature for functions without a closed form.
+QUADRATURE_DEGREE = 48
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+  """A recognized nonlinearity.
+
+  Attributes:
+    name: what it was recognized as, e.g. `'ABRelu(a=0.01, b=1.0)'`.
+    nngp_fn: `E[phi(u) phi(v)]` of `(cov12, var1, var2)`.
+    d_nngp_fn: `E[phi'(u) phi'(v)]`.
+    exact: whether both are closed forms (otherwise quadrature).
+  """
+  name: str
+  nngp_fn: GaussianExpectation
+  d_nngp_fn: GaussianExpectation
+  exact: bool = True
+
+
+def _scaled(fns: tuple[GaussianExpectation, GaussianExpectation],
+            scale: float) -> tuple[GaussianExpectation, GaussianExpectation]:
+  nngp_fn, d_nngp_fn = fns
+  return (lambda c, v1, v2: scale**2 * nngp_fn(c, v1, v2),
+          lambda c, v1, v2: scale**2 * d_nngp_fn(c, v1, v2))
+
+
+def _gelu_fns(amplitude: float, k: float):
+  """`amplitude * gelu(k x)`: the exact GELU kernel at scaled variances."""
+  s = k * k
+  return (lambda c, v1, v2: amplitude**2 * gi.gelu_nngp(s * c, s * v1, s * v2),
+          lambda c, v1, v2: amplitude**2 * s * gi.gelu_d_nngp(
+              s * c, s * v1, s * v2))
+
+
+def _closed_form(form: ex.Form) -> Optional[Activation]:
+  keys = set(form)
+  kinds = {k[0] for k in keys}
+  coef = lambda key: form.get(key, 0.0)
+  if kinds <= {"1", "x"}:
+    poly = ex._polynomial_of(form)  # pylint: disable=protected-access
+    fns = (functools.partial(gi_poly.polynomial_nngp, coef=poly),
+           functools.partial(gi_poly.polynomial_d_nngp, coef=poly))
+    return Activation(f"Polynomial(coef={poly})", *fns)
+  if keys <= {("x", 1), ("relu", 1)}:
+    a = coef(("x", 1))
+    b = a + coef(("relu", 1))
+    return Activation(f"ABRelu(a={a}, b={b})",
+                      functools.partial(gi.abrelu_nngp, a=a, b=b),
+                      functools.partial(gi.abrelu_d_nngp, a=a, b=b))
+  if len(keys) == 1:
+    (key,), (scale,) = keys, form.values()
+    kind = key[0]
+    if kind == "relu":
+      fns = _scaled((functools.partial(gi_poly.rectified_monomial_nngp,
+                                       degree=key[1]),
+                     functools.partial(gi_poly.rectified_monomial_d_nngp,
+                                       degree=key[1])), scale)
+      return Activation(f"{scale} * RectifiedMonomial(degree={key[1]})",
+                        *fns)
+    if kind == "sin":
+      params = dict(a=scale, b=key[1], c=key[2])
+      return Activation(f"Sin({params})",
+                        functools.partial(gi_exp.sin_nngp, **params),
+                        functools.partial(gi_exp.sin_d_nngp, **params))
+    if kind == "exp":
+      params = dict(a=scale, b=key[1])
+      return Activation(f"Exp({params})",
+                        functools.partial(gi_exp.exp_nngp, **params),
+                        functools.partial(gi_exp.exp_d_nngp, **params))
+    if kind == "gauss":
+      params = dict(a=scale, b=key[1])
+      return Activation(f"Gaussian({params})",
+                        functools.partial(gi_exp.gaussian_nngp, **params),
+                        functools.partial(gi_exp.gaussian_d_nngp, **params))
+    if kind == "sign":
+      return Activation(f"{scale} * Sign()",
+                        *_scaled((gi.sign_nngp, gi.sign_d_nngp), scale))
+  erf_keys = [k for k in keys if k[0] == "erf"]
+  if len(erf_keys) == 1 and keys <= {erf_keys[0], ("1",)}:
+    params = dict(a=coef(erf_keys[0]), b=erf_keys[0][1], c=coef(("1",)))
+    return Activation(f"Erf({params})",
+                      functools.partial(gi.erf_nngp, **params),
+                      functools.partial(gi.erf_d_nngp, **params))
+  x_erf = [k for k in keys if k[0] == "x_erf"]
+  if (len(x_erf) == 1 and keys == {("x", 1), x_erf[0]} and
+      coef(("x", 1)) == coef(x_erf[0])):
+    # a x (1 + erf(b x)) = 2 a x Phi(k x) = (2 a / k) gelu(k x), k = sqrt2 b.
+    k = math.sqrt(2) * x_erf[0][1]
+    amplitude = 2 * coef(("x", 1)) / k
+    return Activation(f"{amplitude} * Gelu()(({k}) * x)",
+                      *_gelu_fns(amplitude, k))
+  return None
+
+
+def _reference(form: ex.Form):
+  """A closed form close to a smooth function, for a control variate.
+
+  Returns `(phi, nngp_fn, d_nngp_fn)` or `None`. `tanh(c x)` is close to
+  `erf(sqrt(pi) c x / 2)` (equal slopes at 0), so `a tanh(c x + ...) + d`
+  gets `a erf(...) + d`, and `a x (1 + tanh(c x + ...))` gets the GELU.
+  """
+  keys = set(form)
+  tanh = [k for k in keys if k[0] == "tanh"]
+  if len(tanh) == 1 and keys <= {tanh[0], ("1",)} and tanh[0][1] > 0:
+    a, c = form[tanh[0]], form.get(("1",), 0.0)
+    b = math.sqrt(math.pi) / 2 * tanh[0][1]
+    params = dict(a=a, b=b, c=c)
+    return (lambda x: a * jax.scipy.special.erf(b * x) + c,
+            functools.partial(gi.erf_nngp, **params),
+            functools.partial(gi.erf_d_nngp, **params))
+  x_tanh = [k for k in keys if k[0] == "x_tanh"]
+  if (len(x_tanh) == 1 and keys == {("x", 1), x_tanh[0]} and
+      form[("x", 1)] == form[x_tanh[0]] and x_tanh[0][1] > 0):
+    k = math.sqrt(math.pi / 2) * x_tanh[0][1]
+    amplitude = 2 * form[("x", 1)] / k
+    return ((lambda x: amplitude * jax.nn.gelu(k * x, approximate=False)),
+            *_gelu_fns(amplitude, k))
+  return None
+
+
+def _numerical(expr: ex.Expr, form: Optional[ex.Form]) -> Activation:
+  phi = functools.partial(ex.evaluate, expr)
+  d_phi = jnp.vectorize(jax.grad(lambda x: ex.evaluate(expr, x)))
+  deg = QUADRATURE_DEGREE
+  reference = None if form is None else _reference(form)
+
+  def expectation(f, cov12, var1, var2):
+    return quadrature.expectation(f, f, cov12, var1, var2, deg)
+
+  if reference is None:
+    return Activation(
+        f"ElementwiseNumerical(deg={deg})",
+        functools.partial(expectation, phi),
+        functools.partial(expectation, d_phi), exact=False)
+  r, r_nngp, r_d_nngp = reference
+  d_r = jnp.vectorize(jax.grad(r))
+
+  def corrected(f, g, closed, cov12, var1, var2):
+    # E[f f] = closed E[g g] + quadrature of (E[f f] - E[g g]): the two
+    # quadratures share nodes, so most of their error cancels.
+    return closed(cov12, var1, var2) + quadrature.difference(
+        f, g, cov12, var1, var2, deg)
+
+  return Activation(
+      f"ElementwiseNumerical(deg={deg}) around a closed form",
+      functools.partial(corrected, phi, r, r_nngp),
+      functools.partial(corrected, d_phi, d_r, r_d_nngp), exact=False)
+
+
+def recognize(expr: ex.Expr) -> Optional[Activation]:
+  """The kernel functions of `phi(x) = expr`, or `None` if it has none here.
+
+  Returns:
+    An `Activation` (closed form, or quadrature for smooth functions), or
+    `None` for functions with kinks or poles that match no closed form.
+  """
+  form = ex.normal_form(expr)
+  if form is not None:
+    found = _closed_form(form)
+    if found is not None:
+      return found
+  if ex.is_smooth(expr):
+    return _numerical(expr, form)
+  return None

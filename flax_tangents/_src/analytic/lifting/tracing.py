@@ -1,0 +1,186 @@
+"""A module's method as a jaxpr, with its submodule calls kept opaque.
+
+The module is cloned (unbound) and initialized abstractly inside
+`jax.make_jaxpr`, with stand-in arrays for its kernel-valued arguments. Every
+call of a submodule method is intercepted: the submodule runs for real (so
+its outputs have the right shapes), and its outputs are then replaced by
+those of an opaque equation, `flax_tangents_module_call`, whose operands are
+the call's array arguments followed by the real outputs. The interpreter
+evaluates that equation on kernels (the submodule's rule, or lifting it in
+turn), or, for a call on constants, reads the real outputs.
+
+Parameters exist only because the trace initializes the module: every value
+computed from the initialization key is a parameter (or derived from one),
+which the interpreter refuses to combine with a kernel (a module that
+creates its own parameters has no lifted rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+from jax.extend import core as jex_core
+import numpy as np
+
+from flax_tangents._src.analytic.lifting import program as program_lib
+from flax_tangents.kernel import Kernel
+
+__all__ = ["CallRecord", "MODULE_CALL", "Trace", "trace_method"]
+
+MODULE_CALL = jex_core.Primitive("flax_tangents_module_call")
+MODULE_CALL.multiple_results = True
+
+
+@MODULE_CALL.def_abstract_eval
+def _module_call_abstract_eval(*avals, index: int, n_inputs: int):
+  del index
+  return avals[n_inputs:]
+
+
+@dataclasses.dataclass
+class CallRecord:
+  """One opaque submodule call.
+
+  Attributes:
+    module: the submodule, bound to the (finished) trace's scope.
+    method: the method name.
+    in_tree: treedef of `(args, kwargs)`.
+    in_leaves: the leaves, with `None` where an array operand goes.
+    out_tree: treedef of the outputs.
+    out_leaves: output leaves, with `None` where an array result goes.
+  """
+  module: nn.Module
+  method: str
+  in_tree: Any
+  in_leaves: list[Any]
+  out_tree: Any
+  out_leaves: list[Any]
+
+
+@dataclasses.dataclass
+class Trace:
+  """A traced method: its flat program, submodule calls and output tree.
+
+  The program's inputs are the initialization key, then one stand-in per
+  kernel leaf of the arguments.
+  """
+  program: program_lib.Program
+  calls: list[CallRecord]
+  out_tree: Any
+  out_leaves: list[Any]
+  batch_size: int
+
+
+class _State(threading.local):
+  def __init__(self):
+    self.calls: Optional[list[CallRecord]] = None
+    self.inside_child = 0
+
+
+_state = _State()
+
+
+def tracing() -> bool:
+  """Whether a module is being traced (the kernel interceptor then rests)."""
+  return _state.calls is not None
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray)) and not isinstance(
+      x, np.generic)
+
+
+def _tracing_interceptor(next_fun, args, kwargs, context):
+  if (_state.calls is None or _state.inside_child or
+      not context.module.path or context.method_name == "setup"):
+    return next_fun(*args, **kwargs)
+  leaves, in_tree = jax.tree.flatten((args, kwargs))
+  operands = [x for x in leaves if isinstance(x, jax.core.Tracer)]
+  if not operands:
+    return next_fun(*args, **kwargs)
+  _state.inside_child += 1
+  try:
+    real = next_fun(*args, **kwargs)
+  finally:
+    _state.inside_child -= 1
+  out_leaves, out_tree = jax.tree.flatten(real)
+  results = [x for x in out_leaves if _is_array(x)]
+  index = len(_state.calls)
+  _state.calls.append(CallRecord(
+      module=context.module, method=context.method_name, in_tree=in_tree,
+      in_leaves=[None if isinstance(x, jax.core.Tracer) else x
+                 for x in leaves],
+      out_tree=out_tree,
+      out_leaves=[None if _is_array(x) else x for x in out_leaves]))
+  opaque = iter(MODULE_CALL.bind(*operands, *results, index=index,
+                                 n_inputs=len(operands)))
+  return jax.tree.unflatten(
+      out_tree, [next(opaque) if _is_array(x) else x for x in out_leaves])
+
+
+def _batch_size(kernels: list[Kernel]) -> int:
+  """A stand-in batch size equal to no other dimension (unambiguous axes)."""
+  dims = {d for k in kernels for d in k.shape1[1:]}
+  size = 7
+  while size in dims or any(d and d % size == 0 for d in dims):
+    size += 2
+  return size
+
+
+def trace_method(module: nn.Module, method: str, args: tuple[Any, ...],
+                 kwargs: dict[str, Any]) -> Trace:
+  """Traces `module.<method>(*args, **kwargs)` with kernels as arrays.
+
+  Args:
+    module: the (bound) module whose method is lifted; it is cloned.
+    method: the method's name.
+    args: positional arguments; `Kernel` leaves become stand-in arrays of the
+      kernel's activation shape (with a stand-in batch size).
+    kwargs: keyword arguments, likewise.
+
+  Returns:
+    The `Trace`.
+  """
+  leaves, tree = jax.tree.flatten((args, kwargs),
+                                  is_leaf=lambda x: isinstance(x, Kernel))
+  kernel_positions = [i for i, x in enumerate(leaves)
+                      if isinstance(x, Kernel)]
+  kernels = [leaves[i] for i in kernel_positions]
+  batch = _batch_size(kernels)
+  stand_ins = [jax.ShapeDtypeStruct((batch,) + tuple(k.shape1[1:]),
+                                    _dtype(k)) for k in kernels]
+  clone = module.clone(parent=None, _deep_clone=True)
+
+  def traced(key, *arrays):
+    full = list(leaves)
+    for i, a in zip(kernel_positions, arrays):
+      full[i] = a
+    call_args, call_kwargs = jax.tree.unflatten(tree, full)
+    out, _ = clone.init_with_output(
+        {"params": key, "dropout": key}, *call_args, method=method,
+        **call_kwargs)
+    return out
+
+  calls: list[CallRecord] = []
+  previous = _state.calls, _state.inside_child
+  _state.calls, _state.inside_child = calls, 0
+  try:
+    with nn.intercept_methods(_tracing_interceptor):
+      closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(
+          jax.random.key(0), *stand_ins)
+  finally:
+    _state.calls, _state.inside_child = previous
+  out_leaves, out_tree = jax.tree.flatten(out_shape)
+  return Trace(program_lib.from_closed_jaxpr(closed), calls, out_tree,
+               out_leaves, batch)
+
+
+def _dtype(kernel: Kernel) -> Any:
+  for field in (kernel.nngp, kernel.cov1):
+    if field is not None:
+      return field.dtype
+  return jax.numpy.result_type(float)
