@@ -15,6 +15,7 @@ import numpy as np
 
 from flax_tangents._src.analytic.lifting.initializers import InitializerError
 from flax_tangents._src.analytic.lifting.initializers import entry_variance
+from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn.normalization import layer_norm_kernel
@@ -23,7 +24,7 @@ __all__: list[str] = []
 
 
 def _where(module: nn.Module) -> str:
-  path = "/".join(map(str, module.path)) or "<top-level module>"
+  path = paths.path_string(module)
   return f"stock nn.{type(module).__name__} (module '{path}')"
 
 

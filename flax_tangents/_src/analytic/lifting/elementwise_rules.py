@@ -46,14 +46,6 @@ def elementwise(interp: Interpreter, eqn: Equation,
     root = _root_of(value)
     if root is not None and all(root is not r for r in roots):
       roots.append(root)
-  for value in values:
-    if isinstance(value, Const) and value.from_params:
-      raise interp.refuse(
-          eqn, "the module combines a network value with a parameter it "
-          "creates itself (`self.param`); such a module has no lifted "
-          "kernel. Keep trainable weights in `nn.Dense` / `nn.Conv` "
-          "submodules, or give the module a rule with "
-          "`ft.register_kernel_rule`.")
   if len(roots) > 1:
     return [_two_branches(interp, eqn, values)]
   (root,) = roots

@@ -171,7 +171,9 @@ class Interpreter:
     for var, value in program.consts.items():
       self.env[var] = Const(value)
     dependent = self._depends_on_input()
-    for index in self._needed(dependent):
+    needed = self._needed(dependent)
+    self._check_shared_weights(needed, dependent)
+    for index in needed:
       eqn = program.equations[index]
       if eqn.primitive is tracing.MODULE_CALL:
         outs = self._module_call(eqn, dependent)
@@ -179,6 +181,7 @@ class Interpreter:
           self.env[var] = value
         continue
       values = [self.read(a) for a in eqn.inputs]
+      self._check_own_parameters(eqn, values)
       if not any(isinstance(v, (Net, Elem)) for v in values):
         outs = self._constant(eqn, values)
       else:
@@ -190,6 +193,47 @@ class Interpreter:
         self.env[var] = value
     leaves = [self._output(self.read(a)) for a in program.outputs]
     return jax.tree.unflatten(self.trace.out_tree, leaves)
+
+  def _check_shared_weights(self, needed: list[int],
+                            dependent: set[int]) -> None:
+    """Refuses a submodule with parameters called twice on network values.
+
+    Its weights are then shared (tied) between the calls; the NNGP is that
+    of separate weights, but the NTK has cross terms no rule computes.
+    """
+    seen: dict[tuple[str, ...], Equation] = {}
+    for index in needed:
+      eqn = self.program.equations[index]
+      if eqn.primitive is not tracing.MODULE_CALL:
+        continue
+      n = eqn.params["n_inputs"]
+      if not any(not isinstance(a, Literal) and a in dependent
+                 for a in eqn.inputs[:n]):
+        continue
+      module = self.trace.calls[eqn.params["index"]].module
+      path = tuple(str(p) for p in module.path)
+      if path not in self.trace.param_paths:
+        continue
+      if path in seen:
+        raise self.refuse(
+            eqn, f"the submodule '{'/'.join(path)}' "
+            f"({type(module).__name__}) is called more than once, so its "
+            "weights are shared between the calls (weight tying). Its NTK "
+            "then has cross terms between the calls that no kernel rule "
+            "computes. Use a separate module instance for each call.",
+            primitive=f"{type(module).__name__} call")
+      seen[path] = eqn
+
+  def _check_own_parameters(self, eqn: Equation,
+                            values: list[Value]) -> None:
+    if any(isinstance(v, Const) and v.from_params for v in values) and any(
+        isinstance(v, (Net, Elem)) for v in values):
+      raise self.refuse(
+          eqn, "the module combines a network value with a parameter it "
+          "creates itself (`self.param`); such a module has no lifted "
+          "kernel. Keep trainable weights in `nn.Dense` / `nn.Conv` "
+          "submodules, or give the module a rule with "
+          "`ft.register_kernel_rule`.")
 
   def _constant(self, eqn: Equation, values: list[Value]) -> list[Value]:
     from_params = any(v.from_params for v in values)

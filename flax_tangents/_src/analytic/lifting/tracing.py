@@ -26,6 +26,8 @@ import jax
 from jax.extend import core as jex_core
 import numpy as np
 
+from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic.lifting import program as program_lib
 from flax_tangents.kernel import Kernel
 
@@ -73,6 +75,7 @@ class Trace:
   out_tree: Any
   out_leaves: list[Any]
   batch_size: int
+  param_paths: frozenset[tuple[str, ...]]
 
 
 class _State(threading.local):
@@ -105,6 +108,12 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
   _state.inside_child += 1
   try:
     real = next_fun(*args, **kwargs)
+  except Exception:  # pylint: disable=broad-except
+    # A layer defined by its kernel only (no finite forward pass), or a
+    # module reused with other shapes: its rule gives the output shapes.
+    real = _outputs_from_rule(context.module, args, kwargs)
+    if real is None:
+      raise
   finally:
     _state.inside_child -= 1
   out_leaves, out_tree = jax.tree.flatten(real)
@@ -122,11 +131,56 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
       out_tree, [next(opaque) if _is_array(x) else x for x in out_leaves])
 
 
+def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
+  """Zeros shaped like the module's outputs, from its kernel rule."""
+  rule = registry.find_rule(type(module))
+  if rule is None:
+    return None
+  leaves, tree = jax.tree.flatten((args, kwargs))
+  found: list[Any] = []
+
+  def shapes(*arrays):
+    it = iter(arrays)
+    full = [next(it) if isinstance(x, jax.core.Tracer) else x
+            for x in leaves]
+    call_args, call_kwargs = jax.tree.unflatten(tree, full)
+    as_kernel = lambda x: covariance.inputs_to_kernel(
+        x, None, diagonal_batch=True, diagonal_spatial=False).replace(
+            is_gaussian=True, is_input=False)
+    call_args, call_kwargs = jax.tree.map(
+        lambda x: as_kernel(x) if isinstance(x, jax.core.Tracer) else x,
+        (call_args, call_kwargs))
+    out = rule(module, *call_args, **call_kwargs)
+    found.append(out)
+    return 0
+
+  tracers = [x for x in leaves if isinstance(x, jax.core.Tracer)]
+  try:
+    jax.eval_shape(shapes, *[jax.ShapeDtypeStruct(x.shape, x.dtype)
+                             for x in tracers])
+  except Exception:  # pylint: disable=broad-except
+    return None
+  dtype = tracers[0].dtype
+  batch = tracers[0].shape[0]
+  return jax.tree.map(
+      lambda k: jax.numpy.zeros((batch,) + tuple(k.shape1[1:]), dtype),
+      found[0], is_leaf=lambda x: isinstance(x, Kernel))
+
+
 def _batch_size(kernels: list[Kernel]) -> int:
-  """A stand-in batch size equal to no other dimension (unambiguous axes)."""
+  """A stand-in batch size equal to no other dimension (unambiguous axes).
+
+  The first kernel's own batch size when it qualifies (so that messages
+  show the user's shapes), otherwise an odd number that divides no other
+  dimension.
+  """
   dims = {d for k in kernels for d in k.shape1[1:]}
+  ambiguous = lambda n: n < 2 or n in dims or any(
+      d and (d % n == 0 or n % d == 0) for d in dims if d > 1)
+  if kernels and not ambiguous(kernels[0].shape1[0]):
+    return kernels[0].shape1[0]
   size = 7
-  while size in dims or any(d and d % size == 0 for d in dims):
+  while ambiguous(size):
     size += 2
   return size
 
@@ -160,12 +214,17 @@ def trace_method(module: nn.Module, method: str, args: tuple[Any, ...],
     for i, a in zip(kernel_positions, arrays):
       full[i] = a
     call_args, call_kwargs = jax.tree.unflatten(tree, full)
-    out, _ = clone.init_with_output(
+    out, variables = clone.init_with_output(
         {"params": key, "dropout": key}, *call_args, method=method,
         **call_kwargs)
+    for path, _ in jax.tree_util.tree_leaves_with_path(
+        variables.get("params", {})):
+      keys = tuple(str(getattr(p, "key", p)) for p in path)
+      param_paths.update(keys[:i] for i in range(len(keys)))
     return out
 
   calls: list[CallRecord] = []
+  param_paths: set[tuple[str, ...]] = set()
   previous = _state.calls, _state.inside_child
   _state.calls, _state.inside_child = calls, 0
   try:
@@ -176,7 +235,7 @@ def trace_method(module: nn.Module, method: str, args: tuple[Any, ...],
     _state.calls, _state.inside_child = previous
   out_leaves, out_tree = jax.tree.flatten(out_shape)
   return Trace(program_lib.from_closed_jaxpr(closed), calls, out_tree,
-               out_leaves, batch)
+               out_leaves, batch, frozenset(param_paths))
 
 
 def _dtype(kernel: Kernel) -> Any:
