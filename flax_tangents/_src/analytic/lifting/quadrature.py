@@ -37,12 +37,13 @@ def _pair_sum(terms: Callable[[jax.Array, jax.Array], jax.Array], cov12,
       jnp.where(has_var1, var2 - slope**2, var2), 0))
   std1 = jnp.where(has_var1, std1, 0)
   z2 = nodes.reshape((1,) * cov12.ndim + (deg,))
+  w2 = weights.reshape(z2.shape)
 
   def one_node(total, node_weight):
     z1, w1 = node_weight
     u = std1 * z1
     v = (slope * z1)[..., None] + residual_std[..., None] * z2
-    inner = jnp.sum(terms(u[..., None], v) * weights, axis=-1)
+    inner = jnp.sum(terms(u[..., None], v) * w2, axis=-1)
     return total + w1 * inner, None
 
   total, _ = jax.lax.scan(one_node, jnp.zeros_like(cov12), (nodes, weights))

@@ -173,10 +173,24 @@ def _index(interp, eqn, net: Net, spatial_index: list[Any]) -> Net:
 
 
 def _full(eqn, interp, in_shape, starts, limits, steps):
+  if (starts[0], limits[0], steps[0]) != (0, in_shape[0], 1):
+    raise interp.refuse(eqn, _BATCH + " (it selects part of that axis)")
+
+
+def _channels(interp, eqn, net: Net, in_shape, start, limit, step) -> Net:
+  """A subset of channels: the same kernel, if all channels have it."""
   last = len(in_shape) - 1
-  for axis, reason in ((0, _BATCH), (last, _CHANNEL)):
-    if (starts[axis], limits[axis], steps[axis]) != (0, in_shape[axis], 1):
-      raise interp.refuse(eqn, reason + " (it selects part of that axis)")
+  if (start, limit, step) == (0, in_shape[last], 1):
+    return net
+  if not net.homogeneous:
+    raise interp.refuse(
+        eqn, "it selects some channels of a concatenation of different "
+        "branches, whose kernel depends on which channels are kept")
+  count = len(range(start, limit, step))
+  kernel = net.kernel
+  return Net(kernel.replace(shape1=kernel.shape1[:-1] + (count,),
+                            shape2=kernel.shape2[:-1] + (count,)),
+             net.provenance)
 
 
 @register("slice")
@@ -187,6 +201,8 @@ def slice_(interp, eqn, values):
   limits = tuple(eqn.params["limit_indices"])
   steps = tuple(eqn.params["strides"] or (1,) * len(in_shape))
   _full(eqn, interp, in_shape, starts, limits, steps)
+  net = _channels(interp, eqn, net, in_shape, starts[-1], limits[-1],
+                  steps[-1])
   return [_index(interp, eqn, net, [
       slice(s, l, k) for s, l, k in zip(starts[1:-1], limits[1:-1],
                                         steps[1:-1])])]
@@ -222,6 +238,7 @@ def dynamic_slice(interp, eqn, values):
                                                      sizes)]
   limits = [s + k for s, k in zip(starts, sizes)]
   _full(eqn, interp, in_shape, starts, limits, (1,) * len(in_shape))
+  net = _channels(interp, eqn, net, in_shape, starts[-1], limits[-1], 1)
   return [_index(interp, eqn, net, [
       slice(s, l) for s, l in zip(starts[1:-1], limits[1:-1])])]
 
@@ -233,10 +250,13 @@ def split(interp, eqn, values):
   axis = eqn.params["axis"] % len(in_shape)
   if axis == 0:
     raise interp.refuse(eqn, _BATCH)
-  if axis == len(in_shape) - 1:
-    raise interp.refuse(
-        eqn, _CHANNEL + " (splitting channels in finite parts)")
   outs, start = [], 0
+  if axis == len(in_shape) - 1:
+    for size in eqn.params["sizes"]:
+      outs.append(_channels(interp, eqn, net, in_shape, start, start + size,
+                            1))
+      start += size
+    return outs
   for size in eqn.params["sizes"]:
     index = [slice(None)] * (len(in_shape) - 2)
     index[axis - 1] = slice(start, start + size)
@@ -294,4 +314,5 @@ def concatenate(interp, eqn, values):
     kernel = combinators.fan_in_concat([n.kernel for n in nets], axis=axis)
   except NotImplementedError as e:
     raise interp.refuse(eqn, str(e)) from e
-  return [Net(kernel, prov.opaque([n.provenance for n in nets]))]
+  return [Net(kernel, prov.opaque([n.provenance for n in nets],
+                                  homogeneous=axis != ndim - 1))]

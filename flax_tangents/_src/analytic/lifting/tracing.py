@@ -82,6 +82,8 @@ class _State(threading.local):
   def __init__(self):
     self.calls: Optional[list[CallRecord]] = None
     self.inside_child = 0
+    # Batch sizes of the kernels being lifted: (N1, N2 or None if x1 is x2).
+    self.batches: tuple[int, Optional[int]] = (1, None)
 
 
 _state = _State()
@@ -144,9 +146,17 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
     full = [next(it) if isinstance(x, jax.core.Tracer) else x
             for x in leaves]
     call_args, call_kwargs = jax.tree.unflatten(tree, full)
-    as_kernel = lambda x: covariance.inputs_to_kernel(
-        x, None, diagonal_batch=True, diagonal_spatial=False).replace(
-            is_gaussian=True, is_input=False)
+    n1, n2 = _state.batches
+
+    def as_kernel(x):
+      per_example = x[:1]
+      first = jax.numpy.broadcast_to(per_example, (n1,) + x.shape[1:])
+      second = None if n2 is None else jax.numpy.broadcast_to(
+          per_example, (n2,) + x.shape[1:])
+      return covariance.inputs_to_kernel(
+          first, second, diagonal_batch=True,
+          diagonal_spatial=False).replace(is_gaussian=True, is_input=False)
+
     call_args, call_kwargs = jax.tree.map(
         lambda x: as_kernel(x) if isinstance(x, jax.core.Tracer) else x,
         (call_args, call_kwargs))
@@ -155,11 +165,9 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
     return 0
 
   tracers = [x for x in leaves if isinstance(x, jax.core.Tracer)]
-  try:
-    jax.eval_shape(shapes, *[jax.ShapeDtypeStruct(x.shape, x.dtype)
-                             for x in tracers])
-  except Exception:  # pylint: disable=broad-except
-    return None
+  # The rule's own errors are the ones its kernel computation would raise.
+  jax.eval_shape(shapes, *[jax.ShapeDtypeStruct(x.shape, x.dtype)
+                           for x in tracers])
   dtype = tracers[0].dtype
   batch = tracers[0].shape[0]
   return jax.tree.map(
@@ -225,14 +233,18 @@ def trace_method(module: nn.Module, method: str, args: tuple[Any, ...],
 
   calls: list[CallRecord] = []
   param_paths: set[tuple[str, ...]] = set()
-  previous = _state.calls, _state.inside_child
+  previous = _state.calls, _state.inside_child, _state.batches
   _state.calls, _state.inside_child = calls, 0
+  if kernels:
+    first = kernels[0]
+    _state.batches = (first.shape1[0],
+                      None if first.x1_is_x2 else first.shape2[0])
   try:
     with nn.intercept_methods(_tracing_interceptor):
       closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(
           jax.random.key(0), *stand_ins)
   finally:
-    _state.calls, _state.inside_child = previous
+    _state.calls, _state.inside_child, _state.batches = previous
   out_leaves, out_tree = jax.tree.flatten(out_shape)
   return Trace(program_lib.from_closed_jaxpr(closed), calls, out_tree,
                out_leaves, batch, frozenset(param_paths))

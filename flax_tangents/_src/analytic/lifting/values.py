@@ -38,9 +38,19 @@ class Const:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Net:
-  """A value that depends on the network's input, by its kernel."""
+  """A value that depends on the network's input, by its kernel.
+
+  Attributes:
+    kernel: its kernel.
+    provenance: which layers it depends on (see `provenance`).
+  """
   kernel: Kernel
   provenance: Provenance
+
+  @property
+  def homogeneous(self) -> bool:
+    """All channels have the same kernel (see `Provenance.homogeneous`)."""
+    return self.provenance.homogeneous
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
