@@ -308,10 +308,15 @@ def _first_eqn(value: Elem) -> Optional[Equation]:
 
 
 def _describe_ops(ops: list[ex.Apply]) -> str:
+  """The functions applied, by the names the user wrote where known."""
   names = []
   for op in reversed(ops):
-    if op.name not in names:
-      names.append(op.name)
+    written = [c for c in op.calls if not c.startswith("_") and c not in (
+        "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr",
+        "checkpoint", "remat2", "closed_call", "core_call", "jit", "pjit")]
+    name = written[0] if written else op.name
+    if name not in names:
+      names.append(name)
   return ", ".join(names)
 
 

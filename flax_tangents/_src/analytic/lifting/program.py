@@ -52,7 +52,9 @@ class Equation:
     params: its parameters.
     inputs: operand variable ids, or `Literal`s.
     outputs: result variable ids.
-    source_info: where the user's code made it.
+    source_info: where the user's code made it: for an equation inlined
+      from a call (`jax.nn.relu`'s `jit`), the call's own site, since JAX
+      caches the traces of such bodies with the first caller's frames.
     calls: names of the calls it was inlined from, outermost first.
   """
   primitive: jex_core.Primitive
@@ -107,7 +109,8 @@ class _Builder:
     return var_id
 
   def inline(self, jaxpr: jex_core.Jaxpr, consts: Sequence[Any],
-             args: Sequence[Atom], calls: tuple[str, ...]) -> list[Atom]:
+             args: Sequence[Atom], calls: tuple[str, ...],
+             call_site: Any = None) -> list[Atom]:
     env: dict[Any, Atom] = {}
     for var, value in zip(jaxpr.constvars, consts):
       var_id = self.new_var(var.aval)
@@ -132,10 +135,12 @@ class _Builder:
           # The forward function's operands come first; extra operands
           # (residual functions) are not used by it.
           inputs = inputs[:len(_jaxpr_of(body).invars)]
+        site = eqn.source_info if call_site is None else call_site
         if isinstance(body, jex_core.ClosedJaxpr):
-          outs = self.inline(body.jaxpr, body.consts, inputs, inner_calls)
+          outs = self.inline(body.jaxpr, body.consts, inputs, inner_calls,
+                             site)
         else:
-          outs = self.inline(body, (), inputs, inner_calls)
+          outs = self.inline(body, (), inputs, inner_calls, site)
         for var, atom in zip(eqn.outvars, outs):
           env[var] = atom
         continue
@@ -148,7 +153,7 @@ class _Builder:
         outputs.append(var_id)
       self.equations.append(Equation(
           eqn.primitive, dict(eqn.params), tuple(inputs), tuple(outputs),
-          eqn.source_info, calls))
+          eqn.source_info if call_site is None else call_site, calls))
     return [read(v) for v in jaxpr.outvars]
 
 
