@@ -29,6 +29,7 @@ from flax_tangents._src.analytic.errors import PlainFunctionError
 from flax_tangents._src.analytic.lifting import elementwise_rules  # noqa: F401
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting import provenance as prov
+from flax_tangents._src.analytic.lifting import scan_rule  # noqa: F401
 from flax_tangents._src.analytic.lifting import shape_rules  # noqa: F401
 from flax_tangents._src.analytic.lifting import tracing
 from flax_tangents._src.analytic.lifting import transforms
@@ -137,10 +138,16 @@ def lift(module: nn.Module, method: str, args: tuple[Any, ...],
 
 def _dispatch(next_fun: Callable[..., Any], module: nn.Module, method: str,
               args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-  transform = transforms.find_transform(module, method)
-  if transform is not None:
-    return transforms.apply_transform(transform, module, method, args,
-                                      kwargs)
+  transform = transforms.enclosing_transform(module)
+  if transform is not None and transform.name not in transforms.TRANSPARENT:
+    # Reached only when the transformed module is the model itself (or is
+    # called by a rule): inside a lifted module, `scan_rule` handles it.
+    if transform.name != "scan":
+      raise transforms.refuse(transform)
+    raise KernelRuleError(
+        f"{transforms.describe(transform)} is the whole model; its kernel "
+        "is computed when it is called inside a module: wrap it, e.g. "
+        "`class Net(nn.Module): ... h, _ = Stack(...)(x, None)`.")
   rule = registry.find_rule(type(module))
   if rule is not None:
     if method != "__call__":

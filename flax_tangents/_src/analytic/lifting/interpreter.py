@@ -226,6 +226,8 @@ class Interpreter:
 
   def _check_own_parameters(self, eqn: Equation,
                             values: list[Value]) -> None:
+    if eqn.name == "scan":
+      return  # Flax's `nn.scan` passes its steps' parameters: `scan_rule`.
     if any(isinstance(v, Const) and v.from_params for v in values) and any(
         isinstance(v, (Net, Elem)) for v in values):
       raise self.refuse(

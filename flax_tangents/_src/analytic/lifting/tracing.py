@@ -29,6 +29,7 @@ import numpy as np
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic.lifting import program as program_lib
+from flax_tangents._src.analytic.lifting import transforms
 from flax_tangents.kernel import Kernel
 
 __all__ = ["CallRecord", "MODULE_CALL", "Trace", "trace_method"]
@@ -54,6 +55,7 @@ class CallRecord:
     in_leaves: the leaves, with `None` where an array operand goes.
     out_tree: treedef of the outputs.
     out_leaves: output leaves, with `None` where an array result goes.
+    transform: the `nn.scan` that runs this call as its step, if any.
   """
   module: nn.Module
   method: str
@@ -61,6 +63,7 @@ class CallRecord:
   in_leaves: list[Any]
   out_tree: Any
   out_leaves: list[Any]
+  transform: Optional[transforms.LiftedTransform] = None
 
 
 @dataclasses.dataclass
@@ -107,6 +110,15 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
   operands = [x for x in leaves if isinstance(x, jax.core.Tracer)]
   if not operands:
     return next_fun(*args, **kwargs)
+  transform = transforms.enclosing_transform(context.module)
+  if transform is not None and transform.name not in transforms.TRANSPARENT:
+    if transform.name != "scan":
+      raise transforms.refuse(transform)
+    if transforms.broadcasts_params(transform):
+      # Refused before Flax's broadcast initialization pass runs.
+      transforms.check_scan_parameters(transform, has_params=True)
+  else:
+    transform = None
   _state.inside_child += 1
   try:
     real = next_fun(*args, **kwargs)
@@ -126,7 +138,8 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
       in_leaves=[None if isinstance(x, jax.core.Tracer) else x
                  for x in leaves],
       out_tree=out_tree,
-      out_leaves=[None if _is_array(x) else x for x in out_leaves]))
+      out_leaves=[None if _is_array(x) else x for x in out_leaves],
+      transform=transform))
   opaque = iter(MODULE_CALL.bind(*operands, *results, index=index,
                                  n_inputs=len(operands)))
   return jax.tree.unflatten(
