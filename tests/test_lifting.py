@@ -80,8 +80,9 @@ def test_exact_gelu():
   _assert_same(_mlp(written), _mlp(ftn.Gelu()), rtol=1e-12)
 
 
-# Functions without a closed form: quadrature on 48 nodes, compared with
-# ElementwiseNumerical on 150 nodes (whose own error is far smaller).
+# Functions without a closed form: quadrature on 64 nodes (with a closed-form
+# control variate where one is close), compared with ElementwiseNumerical on
+# 150 nodes; the stated accuracy at these variances (about 1) is 1e-6.
 SMOOTH = {
     "tanh": jnp.tanh,
     "sigmoid": nn.sigmoid,
@@ -96,7 +97,7 @@ SMOOTH = {
 def test_smooth_activations_by_quadrature(name):
   fn = SMOOTH[name]
   reference = ftn.ElementwiseNumerical(fn=fn, deg=150)
-  _assert_same(_mlp(fn), _mlp(reference), rtol=1e-7, atol=1e-9)
+  _assert_same(_mlp(fn), _mlp(reference), rtol=2e-6, atol=1e-9)
 
 
 def test_gelu_tanh_is_not_the_erf_gelu_kernel():
@@ -104,7 +105,8 @@ def test_gelu_tanh_is_not_the_erf_gelu_kernel():
   # lifting computes the former (what the finite network uses).
   got = ft.kernel_fn(_mlp(nn.gelu))(X1, X2, "nngp")
   erf_gelu = ft.kernel_fn(_mlp(ftn.Gelu()))(X1, X2, "nngp")
-  assert 1e-6 < np.max(np.abs(got - erf_gelu) / np.abs(erf_gelu)) < 1e-3
+  difference = np.max(np.abs(got - erf_gelu)) / np.max(np.abs(erf_gelu))
+  assert 1e-6 < difference < 1e-3, difference
 
 
 # ---------------------------------------------------------------- structure

@@ -38,7 +38,9 @@ def _add_scale_and_bias_gradients(out: Kernel, normalized_nngp,
   outputs themselves, so a nonlinearity `phi` applied next would need
   `E[phi'(u) phi'(v) u v]`, which the kernel cannot carry: with a scale the
   output is marked non-Gaussian (an affine layer, which averages the
-  contribution over channels exactly, must come next).
+  contribution over channels exactly, must come next). Without an NTK
+  (`get='nngp'`) the scale's gradient plays no role and the output stays
+  Gaussian.
   """
   if out.ntk is not None:
     ntk = out.ntk
@@ -47,7 +49,7 @@ def _add_scale_and_bias_gradients(out: Kernel, normalized_nngp,
     if use_bias:
       ntk = ntk + 1.0
     out = out.replace(ntk=ntk)
-  if use_scale:
+  if use_scale and out.ntk is not None:
     out = out.replace(is_gaussian=False)
   return out
 

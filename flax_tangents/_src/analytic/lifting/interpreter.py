@@ -97,7 +97,7 @@ class Interpreter:
       return Net(spatial_ops.scale(root.kernel, factor), root.provenance)
     ops = [op for op in ex.walk(value.expr) if isinstance(op, ex.Apply)]
     first = _first_eqn(value)
-    activation = activations.recognize(value.expr)
+    activation = activations.recognize(value.expr, _describe_ops(ops))
     if activation is None:
       kinks = sorted({op.name for op in ops} - {"add", "mul", "sub", "neg",
                                                 "div", "convert_element_type"})
@@ -112,7 +112,9 @@ class Interpreter:
     if not root.kernel.is_gaussian:
       what = ("the raw inputs" if root.kernel.is_input else
               "a value that is not Gaussian (the output of a nonlinearity, "
-              "a product, or a layer fed by one)")
+              "a product, a flattening, or a layer fed by one; or, for the "
+              "NTK, of a normalization with a trainable scale, whose "
+              "gradient is correlated with its output)")
       raise self.refuse(
           first, f"this elementwise function ({activation.name}) is applied "
           f"to {what}; its infinite-width kernel has no closed form there. "

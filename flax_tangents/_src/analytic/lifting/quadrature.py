@@ -50,7 +50,7 @@ def _pair_sum(terms: Callable[[jax.Array, jax.Array], jax.Array], cov12,
   return total
 
 
-def expectation(f: Fn, g: Fn, cov12, var1, var2, deg: int) -> jax.Array:
+def expectation(f: Fn, g: Fn, cov12, var1, var2, *, deg: int) -> jax.Array:
   """`E[f(u) g(v)]` for a centred Gaussian pair, on `deg x deg` nodes.
 
   Exact for polynomials of degree `< 2 deg` in each variable.
