@@ -16,7 +16,13 @@ device count, after a warm-up call (compilation excluded):
 - kernel entries per second of the batched computation;
 - tiling overhead: batched time / one unbatched jitted call (1 device only;
   tiles do redundant `cov1`/`cov2` work and stitching costs copies);
-- checkpoint cost: batched time with `checkpoint_dir` / without.
+- checkpoint cost: batched time with `checkpoint_dir` (a new `ft.batch`
+  wrapper and a new directory each run) / without, measured interleaved
+  (best of `--repeats` each), and the compute time per tile.
+
+Checkpoint cost at a size where tiles take seconds (issue 12, item 4):
+  python benchmarks/scaling.py --devices 1 2 --checkpoint-only \
+      --n 2048 --batch-size 512 --width 1024 --repeats 3
 
 Simulated CPU devices share the machine's cores, so their speed-up is bounded
 by the core count (`nproc`).
@@ -24,6 +30,7 @@ by the core count (`nproc`).
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,21 +75,39 @@ def _measure(args):
   batched = ft.batch(kernel_fn, args.batch_size, progress=False)
   result = {"devices": jax.device_count(), "n": args.n,
             "kernel": args.kernel, "batch_size": args.batch_size}
+  general = lambda: batched(x1, x2, "ntk", *extra)
+
+  def checkpointed():
+    # A new wrapper and a new directory each time, as a user's run has.
+    with tempfile.TemporaryDirectory() as directory:
+      return jax.block_until_ready(
+          ft.batch(kernel_fn, args.batch_size, checkpoint_dir=directory,
+                   progress=False)(x1, x2, "ntk", *extra))
+
+  # Interleaved, so that load from other processes hits both alike.
+  jax.block_until_ready(general())
+  jax.block_until_ready(checkpointed())
+  plain_times, checkpoint_times = [], []
+  for _ in range(args.repeats):
+    for fn, times in ((general, plain_times),
+                      (checkpointed, checkpoint_times)):
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - start)
+  result["general_s"] = min(plain_times)
+  result["checkpointed_s"] = min(checkpoint_times)
+  result["tiles"] = math.ceil(args.n / args.batch_size) ** 2
+  if args.checkpoint_only:
+    result["symmetric_s"] = float("nan")
+    print("RESULT " + json.dumps(result), flush=True)
+    return
   result["symmetric_s"] = best_time(lambda: batched(x1, None, "ntk", *extra))
-  result["general_s"] = best_time(lambda: batched(x1, x2, "ntk", *extra))
   if jax.device_count() == 1:
     exact = jax.jit(lambda a, b, *e: kernel_fn(a, b, "ntk", *e))
     exact_symmetric = jax.jit(lambda a, *e: kernel_fn(a, None, "ntk", *e))
     result["unbatched_s"] = best_time(lambda: exact(x1, x2, *extra))
     result["unbatched_symmetric_s"] = best_time(
         lambda: exact_symmetric(x1, *extra))
-
-  def checkpointed():
-    with tempfile.TemporaryDirectory() as directory:
-      return jax.block_until_ready(
-          ft.batch(kernel_fn, args.batch_size, checkpoint_dir=directory,
-                   progress=False)(x1, x2, "ntk", *extra))
-  result["checkpointed_s"] = best_time(checkpointed)
   print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -92,8 +117,8 @@ def _table(rows):
       f"ft.batch scaling: {rows[0]['kernel']} NTK, {n}x{n} kernel, "
       f"{rows[0]['batch_size']}x{rows[0]['batch_size']} tiles",
       "| devices | symmetric (s) | general (s) | kentries/s (general) | "
-      "speed-up | checkpointed (s) | checkpoint cost |",
-      "|---|---|---|---|---|---|---|",
+      "speed-up | checkpointed (s) | checkpoint cost | s per tile |",
+      "|---|---|---|---|---|---|---|---|",
   ]
   base = rows[0]["general_s"]
   for row in rows:
@@ -101,7 +126,8 @@ def _table(rows):
         f"| {row['devices']} | {row['symmetric_s']:.3f} | "
         f"{row['general_s']:.3f} | {n * n / row['general_s'] / 1e3:.1f} | "
         f"{base / row['general_s']:.2f}x | {row['checkpointed_s']:.3f} | "
-        f"{row['checkpointed_s'] / row['general_s'] - 1:+.0%} |")
+        f"{row['checkpointed_s'] / row['general_s'] - 1:+.1%} | "
+        f"{row['general_s'] * row['devices'] / row['tiles']:.2f} |")
   one = [r for r in rows if "unbatched_s" in r]
   if one:
     r = one[0]
@@ -124,6 +150,9 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--kernel", choices=("empirical", "analytic"),
                       default="empirical")
+  parser.add_argument("--checkpoint-only", action="store_true",
+                      help="measure only the general kernel with and "
+                      "without checkpoint_dir")
   parser.add_argument("--measure", action="store_true",
                       help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -139,7 +168,8 @@ def main():
     command = [sys.executable, os.path.abspath(__file__), "--measure",
                "--n", str(args.n), "--batch-size", str(args.batch_size),
                "--width", str(args.width), "--repeats", str(args.repeats),
-               "--kernel", args.kernel]
+               "--kernel", args.kernel] + (
+                   ["--checkpoint-only"] if args.checkpoint_only else [])
     done = subprocess.run(command, capture_output=True, text=True, env=env,
                           check=False)
     lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]

@@ -6,8 +6,11 @@ and classifies the 8x8 digits by exact Bayesian inference (NNGP) and by
 infinitely long gradient descent (NTK). Runs on a CPU in well under a minute.
 
   python examples/quickstart.py
+  python examples/quickstart.py --models fcn --n-train 1500 --n-test 297
+  python examples/quickstart.py --help
 """
 
+import argparse
 import time
 
 import flax.linen as nn
@@ -53,28 +56,60 @@ def evaluate(name: str, model: nn.Module, x_train, y_train, x_test, labels,
         f"NTK accuracy {accuracy(mean.ntk, labels):.3f}  ({seconds:.1f} s)")
 
 
-def main() -> None:
-  x_train, y_train, x_test, labels = digits()
-  print(f"{len(x_train)} training and {len(x_test)} test digits")
+def fcn(depth: int, W_std: float, b_std: float) -> nn.Module:
+  layers = [ftn.Flatten()]
+  for _ in range(depth):
+    layers += [ftn.Dense(512, W_std=W_std, b_std=b_std), ftn.Relu()]
+  return nn.Sequential(layers + [ftn.Dense(10, W_std=W_std, b_std=b_std)])
 
-  fcn = nn.Sequential([
-      ftn.Flatten(),
-      ftn.Dense(512, W_std=1.5, b_std=0.05), ftn.Relu(),
-      ftn.Dense(512, W_std=1.5, b_std=0.05), ftn.Relu(),
-      ftn.Dense(10, W_std=1.5, b_std=0.05),
-  ])
-  evaluate("FCN", fcn, x_train, y_train, x_test, labels)
 
+def cnn(depth: int, W_std: float, b_std: float) -> nn.Module:
+  layers = []
+  for _ in range(depth):
+    layers += [ftn.Conv(64, (3, 3), padding="SAME", W_std=W_std, b_std=b_std),
+               ftn.Relu()]
   # Ends in Flatten: every layer stores only spatial diagonals.
-  cnn = nn.Sequential([
-      ftn.Conv(64, (3, 3), padding="SAME", W_std=1.5, b_std=0.05),
-      ftn.Relu(),
-      ftn.Conv(64, (3, 3), padding="SAME", W_std=1.5, b_std=0.05),
-      ftn.Relu(),
-      ftn.Flatten(),
-      ftn.Dense(10, W_std=1.5, b_std=0.05),
-  ])
-  evaluate("CNN", cnn, x_train, y_train, x_test, labels, batch_size=250)
+  return nn.Sequential(layers + [ftn.Flatten(),
+                                 ftn.Dense(10, W_std=W_std, b_std=b_std)])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description="Infinite-width FCN and CNN classifiers (NNGP and NTK) on "
+      "scikit-learn's 8x8 digits.")
+  parser.add_argument("--models", default="fcn,cnn",
+                      help="comma-separated: fcn, cnn (default: %(default)s)")
+  parser.add_argument("--n-train", type=int, default=1000,
+                      help="training digits (default: %(default)s)")
+  parser.add_argument("--n-test", type=int, default=500,
+                      help="test digits (default: %(default)s; at most "
+                      "1797 - n_train)")
+  parser.add_argument("--depth", type=int, default=2,
+                      help="hidden layers (default: %(default)s)")
+  parser.add_argument("--W-std", type=float, default=1.5,
+                      help="weight standard deviation (default: %(default)s)")
+  parser.add_argument("--b-std", type=float, default=0.05,
+                      help="bias standard deviation (default: %(default)s)")
+  parser.add_argument("--batch-size", type=int, default=250,
+                      help="CNN kernel tile size for ft.batch; 0: no tiling "
+                      "(default: %(default)s)")
+  args = parser.parse_args(argv)
+  unknown = set(args.models.split(",")) - {"fcn", "cnn"}
+  if unknown:
+    parser.error(f"unknown models {sorted(unknown)}; choose fcn and/or cnn")
+  if args.n_train < 1 or args.n_test < 1 or args.n_train + args.n_test > 1797:
+    parser.error("need n_train, n_test >= 1 and n_train + n_test <= 1797")
+  return args
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  x_train, y_train, x_test, labels = digits(args.n_train, args.n_test)
+  print(f"{len(x_train)} training and {len(x_test)} test digits")
+  for name in args.models.split(","):
+    build, batch_size = (fcn, 0) if name == "fcn" else (cnn, args.batch_size)
+    evaluate(name.upper(), build(args.depth, args.W_std, args.b_std), x_train,
+             y_train, x_test, labels, batch_size=batch_size)
 
 
 if __name__ == "__main__":

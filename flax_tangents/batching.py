@@ -16,9 +16,12 @@ from jax.sharding import Mesh
 
 from flax_tangents._src.scale.batched import BatchedKernelFn
 from flax_tangents._src.scale.progress import ProgressArg
+from flax_tangents._src.scale.tile_checkpoint import CheckpointInUseError
 from flax_tangents._src.scale.tile_checkpoint import CheckpointMismatchError
+from flax_tangents._src.scale.tile_checkpoint import CheckpointWriteError
 
-__all__ = ["CheckpointMismatchError", "batch"]
+__all__ = ["CheckpointInUseError", "CheckpointMismatchError",
+           "CheckpointWriteError", "batch"]
 
 KernelFnT = TypeVar("KernelFnT", bound=Callable[..., Any])
 
@@ -62,10 +65,13 @@ def batch(kernel_fn: KernelFnT,
       sharded by rows, or columns, when the device count divides their
       number, else replicated), or gather tiles to host numpy arrays as they
       finish (`False`: the kernel can then exceed device memory).
-    checkpoint_dir: if given, finished tiles are written there with orbax,
-      and a rerun with the same arguments computes only the missing tiles.
-      A directory written for other inputs, tiling, `get`, kernel function
-      or parameters is refused. Under multi-host it must be shared.
+    checkpoint_dir: if given, finished tiles are written there (one file
+      per tile, by a background thread while the next round computes), and
+      a rerun with the same arguments computes only the missing tiles. A
+      directory written for other inputs, tiling, `get`, computation (the
+      kernel function's traced program) or parameters is refused. Damaged
+      tile files are reported and recomputed. Under multi-host it must be
+      shared.
     progress: `True` shows tiles done and time left on stderr, `False`
       nothing, `None` shows it when stderr is a terminal; a callable is
       called as `progress(tiles_done, tiles_total)` after every round.
@@ -77,6 +83,11 @@ def batch(kernel_fn: KernelFnT,
     ValueError: for a non-positive `batch_size`.
     CheckpointMismatchError: (when called) if `checkpoint_dir` holds tiles
       of another kernel.
+    CheckpointInUseError: (when called) if another computation is writing
+      into `checkpoint_dir`.
+    CheckpointWriteError: (when called) if tiles are missing and
+      `checkpoint_dir` is not writable (raised before computing), or a write
+      fails (e.g. a full disk; what was written resumes).
     NotImplementedError: (when called) for a `Kernel` with
       `diagonal_batch=False`, or a `Kernel` passed instead of inputs.
 

@@ -85,6 +85,24 @@ class Kernel:
   mask1: Optional[jax.Array] = None
   mask2: Optional[jax.Array] = None
 
+  # Per-part kernels when channels are not identically distributed (after
+  # `Flatten` or a channel concatenation); see `_src/analytic/mixtures.py`.
+  # Not dataclass fields: `replace` drops them, so only rules that know
+  # mixtures keep them.
+  _parts = None
+  _assembly = None
+  # Whether channels may differ in distribution (a mixture whose parts a
+  # rule dropped): kept by `replace` until a rule makes the kernel Gaussian.
+  _mixed = False
+
+  def __post_init__(self):
+    x1_is_x2 = self.x1_is_x2
+    if not isinstance(x1_is_x2, bool):
+      try:  # A concrete array (e.g. from NT code) becomes a Python bool.
+        object.__setattr__(self, "x1_is_x2", bool(x1_is_x2))
+      except (jax.errors.ConcretizationTypeError, TypeError):
+        pass  # Traced: stays an array leaf, as in NT.
+
   # ---------------------------------------------------------------- creation
 
   @classmethod
@@ -122,12 +140,43 @@ class Kernel:
   # ------------------------------------------------------------ conveniences
 
   def replace(self, **changes: Any) -> "Kernel":
-    """A copy with the given fields changed (as `dataclasses.replace`)."""
-    return dataclasses.replace(self, **changes)
+    """A copy with the given fields changed (as `dataclasses.replace`).
+
+    The copy describes activations whose channels are identically
+    distributed: per-part kernels of a mixture are not carried over.
+    """
+    new = dataclasses.replace(self, **changes)
+    if ((self._mixed or self._parts is not None) and
+        changes.get("is_gaussian") is not True):
+      object.__setattr__(new, "_mixed", True)
+    return new
 
   def asdict(self) -> dict[str, Any]:
     """The fields as a dictionary (shallow)."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def astuple(self) -> tuple[Any, ...]:
+    """The fields as a tuple, in declaration order (shallow)."""
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
+
+  def slice(self, n1_slice: slice, n2_slice: slice) -> "Kernel":
+    """The kernel of the inputs `x1[n1_slice]` and `x2[n2_slice]`.
+
+    Args:
+      n1_slice: a `slice` of the first batch.
+      n2_slice: a `slice` of the second batch (of `x1` when `x1_is_x2`).
+
+    Returns:
+      The sliced kernel; `x1_is_x2` stays true only for equal slices.
+
+    >>> import jax.numpy as jnp
+    >>> import flax_tangents as ft
+    >>> k = ft.Kernel.from_inputs(jnp.ones((4, 3)))
+    >>> k.slice(slice(0, 2), slice(1, 4)).nngp.shape
+    (2, 3)
+    """
+    from flax_tangents._src.analytic import kernel_methods  # import cycle
+    return kernel_methods.slice_batches(self, n1_slice, n2_slice)
 
   @property
   def spatial_ndim(self) -> int:
@@ -184,106 +233,111 @@ class Kernel:
   def dot_general(self, other1: Optional[jax.typing.ArrayLike],
                   other2: Optional[jax.typing.ArrayLike], is_lhs: bool,
                   dimension_numbers: Any) -> "Kernel":
-    """Covariances after contracting spatial axes with fixed arrays.
+    """Covariances after `lax.dot_general` with fixed arrays (NT's method).
 
-    Describes `y = lax.dot_general(x, other, dimension_numbers)` (or with the
-    operands swapped when `is_lhs=False`) where only spatial axes of the
-    activations `x` are contracted, its batch and channel axes stay free, and
-    `y`'s axes are then ordered batch, remaining spatial axes of `x`, free
-    axes of `other`, channels (the layout every `Kernel` uses). `other1` acts
-    on the first batch and `other2` on the second. Full spatial covariances
-    are needed.
+    Describes `y = lax.dot_general(other, x, dimension_numbers)` when
+    `is_lhs` (the fixed array is the left operand), else
+    `lax.dot_general(x, other, dimension_numbers)`, where `x` are the
+    activations `(N, *spatial, C)`. `other1` acts on the first batch and
+    `other2` on the second. Any spatial axes and the batch axis may be
+    contracted or be dot batch dimensions; the channel axis may not (it is
+    the infinite one). `y`'s axes are ordered as this library keeps all
+    activations: batch first, then the other axes in `lax.dot_general`'s
+    order, channels last (as `ftn.DotGeneral` does in the finite network).
+    Contracting the batch axis leaves a unit batch axis, the kernel of the
+    single combination `sum_n other[n] x[n]`.
+
+    Contracting spatial axes needs full spatial covariances
+    (`diagonal_spatial=False`), contracting the batch axis full batch
+    covariances (`diagonal_batch=False`); dot batch dimensions and free
+    axes of `other` work with diagonal layouts too.
 
     Args:
       other1: the fixed operand for the first batch; `None` uses `other2`.
       other2: the fixed operand for the second batch; `None` uses `other1`.
-      is_lhs: whether the activations are the left operand of `dot_general`.
+      is_lhs: whether the fixed operand is the left one of `dot_general`.
       dimension_numbers: `((lhs_contracting, rhs_contracting), (lhs_batch,
-        rhs_batch))` as for `jax.lax.dot_general`; batch dimensions must be
-        empty.
+        rhs_batch))` as for `jax.lax.dot_general`.
 
     Returns:
       The kernel of `y`.
 
     Raises:
-      ValueError: if a batch or channel axis is contracted, batch dimensions
-        are given, or the kernel keeps only spatial diagonals.
+      ValueError: if the channel axis is contracted or batched, sizes do not
+        match, or the kernel's layout lacks the covariances needed.
+      NotImplementedError: for a kernel carrying masks.
 
     >>> import numpy as np
     >>> import flax_tangents as ft
     >>> x = np.random.RandomState(0).randn(2, 5, 3)   # (N, length, C)
     >>> pool = np.ones((5, 1)) / 5                    # mean over length
-    >>> k = ft.Kernel.from_inputs(x).dot_general(pool, None, True,
+    >>> k = ft.Kernel.from_inputs(x).dot_general(pool, None, False,
     ...                                          (((1,), (0,)), ((), ())))
     >>> k.nngp.shape, k.shape1
     ((2, 2, 1, 1), (2, 1, 3))
     """
+    from flax_tangents._src.analytic import dot_general  # avoid cycle
+
     if other1 is None and other2 is None:
       return self
     other1 = jnp.asarray(other2 if other1 is None else other1)
     other2 = jnp.asarray(other1 if other2 is None else other2)
-    (lhs_c, rhs_c), (lhs_b, rhs_b) = dimension_numbers
-    if tuple(lhs_b) or tuple(rhs_b):
-      raise ValueError("Kernel.dot_general supports no batch dimensions.")
-    x_c, o_c = (lhs_c, rhs_c) if is_lhs else (rhs_c, lhs_c)
-    n_x = len(self.shape1)
-    x_c = [a % n_x for a in x_c]
-    o_c = [a % other1.ndim for a in o_c]
-    if any(a in (0, n_x - 1) for a in x_c):
-      raise ValueError(
-          "Kernel.dot_general may contract only spatial axes; the batch axis "
-          "(0) and the channel axis (-1) must stay free.")
-    if self.diagonal_spatial:
-      raise ValueError("Kernel.dot_general needs full spatial covariances "
-                       "(`diagonal_spatial=False`).")
-    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
-    left = {a: next(letters) for a in range(1, n_x - 1)}
-    right = {a: next(letters) for a in range(1, n_x - 1)}
-    o_free = [a for a in range(other1.ndim) if a not in o_c]
-    o_left = {a: next(letters) for a in o_free}
-    o_right = {a: next(letters) for a in o_free}
-    for xa, oa in zip(x_c, o_c):
-      o_left[oa], o_right[oa] = left[xa], right[xa]
-    x_free = [a for a in range(1, n_x - 1) if a not in x_c]
-    out_spatial = "".join(left[a] + right[a] for a in x_free)
-    out_spatial += "".join(o_left[a] + o_right[a] for a in o_free)
-    spec1 = "".join(o_left[a] for a in range(other1.ndim))
-    spec2 = "".join(o_right[a] for a in range(other1.ndim))
-    cov_in = "".join(left[a] + right[a] for a in range(1, n_x - 1))
-
-    def contract(cov, n_batch, left_operand, right_operand):
-      if cov is None:
-        return None
-      batch = "XY"[:n_batch]
-      return jnp.einsum(f"{spec1},{batch}{cov_in},{spec2}->{batch}"
-                        f"{out_spatial}", left_operand, cov, right_operand,
-                        precision=jax.lax.Precision.HIGHEST)
-
-    def new_shape(shape):
-      return ((shape[0],) + tuple(shape[a] for a in x_free) +
-              tuple(other1.shape[a] for a in o_free) + (shape[-1],))
-
-    n_cov_batch = 1 if self.diagonal_batch else 2
-    return self.replace(
-        nngp=contract(self.nngp, 2, other1, other2),
-        ntk=contract(self.ntk, 2, other1, other2),
-        cov1=contract(self.cov1, n_cov_batch, other1, other1),
-        cov2=contract(self.cov2, n_cov_batch, other2, other2),
-        shape1=new_shape(self.shape1), shape2=new_shape(self.shape2))
+    return dot_general.kernel_dot_general(self, other1, other2, is_lhs,
+                                          dimension_numbers)
 
   # ---------------------------------------------------------- composition
 
-  def __add__(self, other: Any) -> "Kernel":
-    # `a + b` on two kernels is the kernel of the sum of independent branches.
-    if isinstance(other, Kernel):
-      from flax_tangents._src.analytic import combinators
-      return combinators.fan_in_sum([self, other])
-    return NotImplemented
+  def __getitem__(self, idx: Any) -> "Kernel":
+    """The kernel of the activations indexed as `x[idx]` (NT's semantics).
 
-  def __radd__(self, other: Any) -> "Kernel":
-    if isinstance(other, (int, float)) and other == 0:
-      return self  # lets `sum(kernels)` work.
-    return NotImplemented
+    `idx` is a basic index (ints, slices, `...`) over the activation axes
+    `(N, *spatial, C)`. The channel axis must stay `:`; the batch axis may
+    be sliced (both batches alike) but not indexed by an int; an int on a
+    spatial axis removes it.
+
+    >>> import jax.numpy as jnp
+    >>> import numpy as np
+    >>> import flax_tangents as ft
+    >>> k = ft.Kernel.from_inputs(jnp.ones((4, 5, 6, 3)))
+    >>> k[np.s_[:2, 1, 2:4]].nngp.shape
+    (2, 2, 2, 2)
+    """
+    from flax_tangents._src.analytic import kernel_methods  # import cycle
+    return kernel_methods.getitem(self, idx)
+
+  # Arithmetic with NT's meaning: the kernel of `y = f(x)` from that of `x`.
+  def __mul__(self, other: Any) -> "Kernel":
+    """`x * c` scales every covariance by `c**2`; `x1 * x2` is FanInProd."""
+    from flax_tangents._src.analytic import kernel_methods  # import cycle
+    return kernel_methods.multiply(self, other)
+
+  __rmul__ = __mul__
+
+  def __truediv__(self, other: Any) -> "Kernel":
+    """`x / c` scales every covariance by `1 / c**2`."""
+    from flax_tangents._src.analytic import kernel_methods  # import cycle
+    return kernel_methods.divide(self, other)
+
+  def __neg__(self) -> "Kernel":
+    """`-x` has the same second moments as `x`."""
+    return self
+
+  def __pos__(self) -> "Kernel":
+    return self
+
+  def __add__(self, other: Any) -> "Kernel":
+    """`x1 + x2` is FanInSum; `x + c` shifts by a constant (adds `c**2`)."""
+    from flax_tangents._src.analytic import kernel_methods  # import cycle
+    return kernel_methods.add(self, other)
+
+  __radd__ = __add__
+
+  def __sub__(self, other: Any) -> "Kernel":
+    """`x1 - x2` has the kernel of `x1 + x2` (independent, centred `x2`)."""
+    from flax_tangents._src.analytic import kernel_methods  # import cycle
+    return kernel_methods.add(self, other)
+
+  __rsub__ = __sub__
 
   def __jax_array__(self):
     from flax_tangents._src.analytic.errors import PlainFunctionError
@@ -291,18 +345,63 @@ class Kernel:
         "A flax_tangents Kernel was passed to a plain JAX function, which has "
         "no infinite-width rule. Use a module from `flax_tangents.nn` (for "
         "example `ftn.Relu()` instead of `nn.relu`), or give your module a "
-        "rule with `ft.register_kernel_rule`.")
+        "rule with `ft.register_kernel_rule`. (A constant factor given as a "
+        "JAX array goes on the right: `kernel * c`.)")
 
   __array__ = __jax_array__
+  # NumPy scalars defer to the Kernel's own operators (`np.float32(2) * k`).
+  __array_ufunc__ = None
 
-  def __mul__(self, other: Any):
+  def __matmul__(self, other: Any):
     raise TypeError(
-        "Multiplying a Kernel has no infinite-width rule; use "
-        "`ftn.FanInProd()` for products of branches.")
+        "`@` on a Kernel has no infinite-width meaning: a product with a "
+        "fixed matrix over the channel axis changes the width. Use "
+        "`ftn.Dense` for a random linear layer, or `Kernel.dot_general` "
+        "to contract spatial axes with a fixed array.")
 
-  __rmul__ = __sub__ = __rsub__ = __truediv__ = __matmul__ = __mul__
+  __rmatmul__ = __matmul__
 
 
-jax.tree_util.register_dataclass(
-    Kernel, data_fields=list(_ARRAY_FIELDS),
-    meta_fields=list(_STATIC_FIELDS))
+def _flatten_with_keys(kernel: Kernel):
+  children = [(jax.tree_util.GetAttrKey(name), getattr(kernel, name))
+              for name in _ARRAY_FIELDS]
+  # `x1_is_x2` is static when a Python bool (as every kernel ft builds), and
+  # a leaf when traced (NT makes it an array leaf); see `Kernel.__post_init__`.
+  traced = not isinstance(kernel.x1_is_x2, bool)
+  if traced:
+    children.append((jax.tree_util.GetAttrKey("x1_is_x2"), kernel.x1_is_x2))
+  children.append((jax.tree_util.GetAttrKey("_parts"), kernel._parts))  # pylint: disable=protected-access
+  static = tuple(getattr(kernel, name) for name in _STATIC_FIELDS
+                 if name != "x1_is_x2")
+  aux = (static, None if traced else kernel.x1_is_x2, traced,
+         kernel._assembly, kernel._mixed)  # pylint: disable=protected-access
+  return children, aux
+
+
+def _unflatten(aux, children) -> Kernel:
+  static, x1_is_x2, traced, assembly, mixed = aux
+  children = list(children)
+  kernel = object.__new__(Kernel)
+  for name in _ARRAY_FIELDS:
+    object.__setattr__(kernel, name, children.pop(0))
+  object.__setattr__(kernel, "x1_is_x2", children.pop(0) if traced
+                     else x1_is_x2)
+  for name, value in zip((n for n in _STATIC_FIELDS if n != "x1_is_x2"),
+                         static):
+    object.__setattr__(kernel, name, value)
+  parts = children.pop(0)
+  if mixed:
+    object.__setattr__(kernel, "_mixed", True)
+  if parts is not None:
+    object.__setattr__(kernel, "_parts", parts)
+    object.__setattr__(kernel, "_assembly", assembly)
+  return kernel
+
+
+def _flatten(kernel: Kernel):
+  children, aux = _flatten_with_keys(kernel)
+  return [value for _, value in children], aux
+
+
+jax.tree_util.register_pytree_with_keys(
+    Kernel, _flatten_with_keys, _unflatten, flatten_func=_flatten)

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import jax
 from jax.sharding import Mesh
 
+from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical.api import empirical_kernel_fn
 from flax_tangents._src.empirical.implementation import NtkImplementation
 from flax_tangents._src.scale.sampling import MonteCarloSampler
@@ -43,7 +44,12 @@ def monte_carlo_kernel_fn(
   folded with a per-sample key, so each network also draws its own masks.
 
   Args:
-    model: a Flax Linen module (anything with `init` and `apply`).
+    model: a Flax Linen module (anything with `init` and `apply`), or for
+      Flax NNX a factory `make(rngs) -> nnx.Module` such as
+      `lambda rngs: MyModel(..., rngs=rngs)`: sample `s` is
+      `make(rngs=nnx.Rngs(k_s))`, and only its `nnx.Param` variables are
+      differentiated. (An `nnx.Module` instance is refused: it is one
+      network, and the distribution of networks is its constructor's.)
     key: the random key the samples derive from.
     n_samples: number of networks; or a list/tuple of counts, in which case
       the kernel function returns a generator yielding the estimate after
@@ -67,7 +73,7 @@ def monte_carlo_kernel_fn(
 
   Raises:
     TypeError, ValueError: for an `n_samples` that is not positive
-      integers.
+      integers; TypeError for an `nnx.Module` instance.
 
   >>> import jax, jax.numpy as jnp
   >>> import flax.linen as nn
@@ -77,6 +83,7 @@ def monte_carlo_kernel_fn(
   >>> kernel_fn(jnp.ones((5, 2)), None, 'nngp').shape
   (5, 5)
   """
+  model = nnx_adapter.as_sampler_model(model)
   counts, generator = canonicalize_n_samples(n_samples)
   if (isinstance(batch_size, bool) or not isinstance(batch_size, int)
       or batch_size < 0):

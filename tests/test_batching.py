@@ -134,8 +134,12 @@ def test_pytree_inputs_and_tiled_keyword_pairs():
 def test_compiles_once_per_tile_shape():
   batched = ft.batch(rbf, 4)
   batched(X1, X2)
+  programs = batched._programs  # pylint: disable=protected-access
+  compiled = len(programs)
   batched(X1 + 1., X2)
-  assert len(batched._programs) == 1  # pylint: disable=protected-access
+  # A new wrapper of the same function (a rerun notebook cell) reuses them.
+  ft.batch(rbf, 4, checkpoint_dir=None)(X1, X2 - 1.)
+  assert len(programs) == compiled
 
 
 def test_bad_arguments():
@@ -188,13 +192,14 @@ def test_resume_after_crash_is_identical(tmp_path, store_on_device):
   assert reports == [(total, total)]
 
 
-def test_unfinished_orbax_writes_are_ignored(tmp_path):
+def test_unfinished_writes_are_ignored_and_removed(tmp_path):
   directory = tmp_path / "tiles"
   ft.batch(rbf, 4, checkpoint_dir=directory)(X1, X2)
-  (directory / "tiles" / "tiles_00000000_00000000.orbax-checkpoint-tmp-1"
-   ).mkdir()
+  leftover = directory / "tiles" / "tile_00000000.npz.tmp-123-456"
+  leftover.write_bytes(b"PK\x03\x04 interrupted")
   assert_close(ft.batch(rbf, 4, checkpoint_dir=directory)(X1, X2),
                rbf(X1, X2))
+  assert not leftover.exists()
 
 
 def test_refuses_checkpoint_of_another_kernel(tmp_path):

@@ -6,7 +6,6 @@ and diagonalized entry by entry in NT's layout.
 """
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
+from empirical_reference import full_ntk, nt_layout
 from empirical_zoo import CASES, VMAP_SAFE, make_case
 
 Impl = ft.NtkImplementation
@@ -31,71 +31,6 @@ def _structured_available() -> bool:
 ALGORITHMS = [Impl.JACOBIAN_CONTRACTION, Impl.NTK_VECTOR_PRODUCTS]
 if _structured_available():
   ALGORITHMS.append(Impl.STRUCTURED_DERIVATIVES)
-
-
-# Independent reference.
-
-
-def _params_and_fn(f, variables, kwargs):
-  """Differentiate only Flax's 'params'; drop Flax's mutated state."""
-  if isinstance(variables, dict) and "params" in variables:
-    rest = {k: v for k, v in variables.items() if k != "params"}
-    fp = lambda p, x: f({**rest, "params": p}, x, **kwargs)  # noqa: E731
-    params = variables["params"]
-  else:
-    fp = lambda p, x: f(p, x, **kwargs)  # noqa: E731
-    params = variables
-  if "mutable" in kwargs:
-    return params, lambda p, x: fp(p, x)[0]
-  return params, fp
-
-
-def full_ntk(f, variables, x1, x2, kwargs1, kwargs2=None):
-  """`J(x1) J(x2)^T` of shape `(*out1, *out2)` from explicit Jacobians."""
-  kwargs2 = kwargs1 if kwargs2 is None else kwargs2
-  params, f1 = _params_and_fn(f, variables, kwargs1)
-  _, f2 = _params_and_fn(f, variables, kwargs2)
-  out1 = np.asarray(jax.jit(f1)(params, x1))
-  out2 = np.asarray(jax.jit(f2)(params, x2))
-  j1 = jax.jit(jax.jacobian(f1))(params, x1)
-  j2 = jax.jit(jax.jacobian(f2))(params, x2)
-  flat1 = np.concatenate([np.asarray(a).reshape(out1.size, -1)
-                          for a in jax.tree.leaves(j1)], axis=1)
-  flat2 = np.concatenate([np.asarray(a).reshape(out2.size, -1)
-                          for a in jax.tree.leaves(j2)], axis=1)
-  return np.einsum("ip,jp->ij", flat1, flat2).reshape(out1.shape + out2.shape)
-
-
-def nt_layout(full, trace_axes, diagonal_axes):
-  """NT's layout of `full` (shape `(*out1, *out2)`), entry by entry."""
-  n = full.ndim // 2
-  shape1, shape2 = full.shape[:n], full.shape[n:]
-  trace = sorted({a % n for a in trace_axes})
-  diag = sorted({a % n for a in diagonal_axes})
-  out_shape, slots = [], []
-  for a in range(n):
-    if a in trace:
-      continue
-    if a in diag:
-      slots.append((a, "d", len(out_shape)))
-      out_shape.append(shape1[a])
-    else:
-      slots.append((a, "f", len(out_shape)))
-      out_shape += [shape1[a], shape2[a]]
-  result = np.zeros(out_shape, full.dtype)
-  trace_sizes = [shape1[a] for a in trace]
-  for index in np.ndindex(*out_shape):
-    total = 0.
-    for t in itertools.product(*[range(s) for s in trace_sizes]):
-      i1, i2 = [0] * n, [0] * n
-      for a, kind, pos in slots:
-        i1[a] = index[pos]
-        i2[a] = index[pos] if kind == "d" else index[pos + 1]
-      for a, ta in zip(trace, t):
-        i1[a] = i2[a] = ta
-      total += full[tuple(i1) + tuple(i2)]
-    result[index] = total / max(1, int(np.prod(trace_sizes)))
-  return result
 
 
 def _tol(dtype):
@@ -163,6 +98,7 @@ def test_trace_and_diagonal_axes(name, axes):
     _assert_close(ntk, expected, jnp.float64)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # Independence is proven.
 @pytest.mark.parametrize("name", VMAP_SAFE)
 def test_vmap_axes_zoo(name):
   f, variables, x1, _, kwargs = case(name, jnp.float32)
@@ -183,6 +119,7 @@ def _masked_fn(params, x, mask, scale=1.0):
   return out.T  # (out, N)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")
 def test_vmap_axes_per_input_and_per_keyword():
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
   params = {"w1": jax.random.normal(k1, (4, 5)),

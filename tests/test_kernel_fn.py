@@ -216,3 +216,78 @@ def test_stock_dense_rule():
   kernel = ft.kernel_fn(nn.Dense(3))(X1, X2)
   np.testing.assert_allclose(kernel.nngp, X1 @ X2.T / 6, rtol=1e-12)
   np.testing.assert_allclose(kernel.ntk, X1 @ X2.T + 1, rtol=1e-12)
+
+
+# ------------------------------------------- errors name the right thing
+
+
+def test_setup_parameters_blame_the_module_that_creates_them():
+  # nn.Embed creates its table in `setup`, which runs while the enclosing
+  # Sequential calls it: the error must still name the Embed.
+  model = nn.Sequential([nn.Embed(5, 3), ftn.Dense(2)])
+  with pytest.raises(ft.KernelRuleError,
+                     match=r"'layers_0' of type flax.linen.linear.Embed.*"
+                     r"one_hot"):
+    ft.kernel_fn(model)(np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize("not_a_module, message", [
+    (mlp().apply, r"not its method `apply`.*ft.kernel_fn\(model\)"),
+    (lambda params, x: x, "empirical_kernel_fn"),
+], ids=["apply", "function"])
+def test_kernel_fn_of_a_function_says_what_to_pass(not_a_module, message):
+  with pytest.raises(TypeError, match=message):
+    ft.kernel_fn(not_a_module)
+
+
+class Difference(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return ftn.Dense(3, b_std=0.2)(x) - 3.0 * ftn.Dense(3)(x)
+
+
+def test_nt_arithmetic_inside_a_user_module():
+  # h1 - 3 h2 of independent branches: K1 + 9 K2 (NT's meaning).
+  kernel = ft.kernel_fn(Difference())(X1, X2)
+  k1 = ft.kernel_fn(ftn.Dense(3, b_std=0.2))(X1, X2)
+  k2 = ft.kernel_fn(ftn.Dense(3))(X1, X2)
+  np.testing.assert_allclose(kernel.nngp, k1.nngp + 9 * k2.nngp, rtol=1e-12)
+  np.testing.assert_allclose(kernel.ntk, k1.ntk + 9 * k2.ntk, rtol=1e-12)
+
+
+def test_difference_of_non_centred_branches_is_refused_with_advice():
+  class ReluDifference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = ftn.Dense(3)(x)
+      return ftn.Relu()(h) - ftn.Relu()(ftn.Dense(3)(x))
+
+  # Lifting refuses the `-` with the line; FanInSum refuses it too.
+  with pytest.raises((ValueError, ft.KernelRuleError),
+                     match="FanInSum: branch 0 is not a centred|not centred"):
+    ft.kernel_fn(ReluDifference())(X1, X2)
+
+
+# ------------------------------------------------ NT's Elementwise page
+
+
+def _page_nngp_fn(cov12, var1, var2):
+  # As on NT's `stax.Elementwise` page: written with NumPy's sqrt.
+  prod = (1 + 2 * var1) * (1 + 2 * var2)
+  return jnp.arcsin(2 * cov12 / np.sqrt(prod)) * 2 / np.pi
+
+
+def test_elementwise_page_example_runs_eagerly_and_matches_erf():
+  def model(nonlinearity):
+    return nn.Sequential([ftn.Dense(8, W_std=1.3, b_std=0.2), nonlinearity,
+                          ftn.Dense(1)])
+
+  auto = ft.kernel_fn(model(ftn.Elementwise(jax.scipy.special.erf,
+                                            _page_nngp_fn)))
+  closed_form = ft.kernel_fn(model(ftn.Erf()))
+  a, b = auto(X1, X2), closed_form(X1, X2)
+  np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-12)
+  np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10)
+  # Under jit, NumPy cannot see traced values: a clear error.
+  with pytest.raises(TypeError, match="write it with `jax.numpy`"):
+    jax.jit(auto, static_argnames="get")(X1, X2, "nngp")

@@ -14,3 +14,9 @@ def test_readme_example_runs():
   assert namespace["nngp"].shape == namespace["ntk"].shape == (4, 2)
   assert namespace["kernel"].nngp.shape == (4, 4)
   assert namespace["y"].shape == (4, 10)
+  # The empirical block runs with the same model and variables.
+  with open(README) as f:
+    blocks = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+  empirical = next(b for b in blocks if "empirical_kernel_fn" in b)
+  exec(compile(empirical, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["ntk"].shape == (4, 2)

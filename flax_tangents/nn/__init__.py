@@ -17,6 +17,10 @@ from flax_tangents.nn.activations_trig import Cos
 from flax_tangents.nn.activations_trig import Gabor
 from flax_tangents.nn.activations_trig import Rbf
 from flax_tangents.nn.activations_trig import Sin
+from flax_tangents._src.analytic.enums import AggregateImplementation
+from flax_tangents._src.analytic.enums import AttentionMechanism
+from flax_tangents._src.analytic.enums import Padding
+from flax_tangents._src.analytic.enums import PositionalEmbedding
 from flax_tangents.nn.attention import GlobalSelfAttention
 from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd
@@ -24,6 +28,7 @@ from flax_tangents.nn.combinators import FanInSum
 from flax_tangents.nn.conv import Conv
 from flax_tangents.nn.conv import ConvLocal
 from flax_tangents.nn.conv import ConvTranspose
+from flax_tangents.nn.dot_general import DotGeneral
 from flax_tangents.nn.dropout import Dropout
 from flax_tangents.nn.elementwise import Elementwise
 from flax_tangents.nn.elementwise import ElementwiseBase
@@ -52,12 +57,15 @@ __all__ = (
     "ABRelu",
     "Abs",
     "Aggregate",
+    "AggregateImplementation",
+    "AttentionMechanism",
     "AvgPool",
     "Conv",
     "ConvLocal",
     "ConvTranspose",
     "Cos",
     "Dense",
+    "DotGeneral",
     "Dropout",
     "Elementwise",
     "ElementwiseBase",
@@ -82,7 +90,9 @@ __all__ = (
     "LayerNorm",
     "LeakyRelu",
     "Monomial",
+    "Padding",
     "Polynomial",
+    "PositionalEmbedding",
     "Rbf",
     "RectifiedMonomial",
     "Relu",

@@ -13,6 +13,9 @@ from flax_tangents._src.analytic.attention import ATTENTION_MECHANISMS
 from flax_tangents._src.analytic.attention import POSITIONAL_EMBEDDINGS
 from flax_tangents._src.analytic.attention import attention_fn
 from flax_tangents._src.analytic.attention import attention_kernel
+from flax_tangents._src.analytic.enums import AttentionMechanism
+from flax_tangents._src.analytic.enums import PositionalEmbedding
+from flax_tangents._src.analytic.enums import canonicalize_fields
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents.kernel import Kernel
 
@@ -86,7 +89,8 @@ class GlobalSelfAttention(nn.Module):
     W_query_std: query weight scale.
     W_out_std: output weight scale.
     b_std: bias scale; `None` means no bias.
-    attention_mechanism: `'SOFTMAX'`, `'IDENTITY'`, `'ABS'` or `'RELU'`.
+    attention_mechanism: an `ftn.AttentionMechanism`, or its name in any
+      case: `'SOFTMAX'`, `'IDENTITY'`, `'ABS'` or `'RELU'`.
     pos_emb_type: `'NONE'` (the only one implemented), `'SUM'`, `'CONCAT'`.
     pos_emb_p_norm: NT's argument, for positional embeddings (unused).
     pos_emb_decay_fn: NT's argument, for positional embeddings (unused).
@@ -121,6 +125,12 @@ class GlobalSelfAttention(nn.Module):
   W_pos_emb_std: float = 1.0
   val_pos_emb: bool = False
   param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Strings in any case (or NT's enum members) become enum members.
+    canonicalize_fields(self, attention_mechanism=AttentionMechanism,
+                        pos_emb_type=PositionalEmbedding)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

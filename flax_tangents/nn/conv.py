@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.affine import affine_kernel
+from flax_tangents._src.analytic.affine import check_width_scale
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn._parameterization import affine_params
@@ -44,6 +45,17 @@ class _ConvBase(nn.Module):
   b_std: Optional[float] = None
   parameterization: str = "ntk"
   param_dtype: Any = jnp.float32
+  s: Sequence[int] = (1, 1)
+
+  def width_scale(self) -> tuple[int, int]:
+    """NT's `(s_in, s_out)`, validated (see `Dense`)."""
+    return check_width_scale(self.s, self.parameterization,
+                             type(self).__name__)
+
+  @property
+  def width(self) -> int:
+    """Output channels of the finite layer: `features * s_out`."""
+    return self.features * self.width_scale()[1]
 
   def geometry(self, spatial_shape: Sequence[int]
                ) -> tuple[tuple[int, ...], tuple[int, ...],
@@ -65,9 +77,9 @@ class _ConvBase(nn.Module):
 
   def _weights(self, kernel_shape: tuple[int, ...], fan_in: int
                ) -> tuple[jax.Array, Optional[jax.Array]]:
-    return affine_params(self, kernel_shape, fan_in, self.features,
+    return affine_params(self, kernel_shape, fan_in, self.width,
                          self.W_std, self.b_std, self.parameterization,
-                         self.param_dtype)
+                         self.param_dtype, self.width_scale())
 
 
 def _lift(bias: jax.Array, y: jax.Array) -> jax.Array:
@@ -89,9 +101,9 @@ def _conv_rule(module: "Conv", kernel: Kernel, **kwargs: Any) -> Kernel:
   kernel_size, strides, pads, circular = module.geometry(kernel.shape1[1:-1])
   return conv_math.conv_kernel(
       kernel, filter_shape=kernel_size, strides=strides, pads=pads,
-      circular=circular, features=module.features, W_std=module.W_std,
+      circular=circular, features=module.width, W_std=module.W_std,
       b_std=module.b_std, parameterization=module.parameterization,
-      layer="Conv")
+      layer="Conv", s_in=module.width_scale()[0])
 
 
 @kernel_rule(_conv_rule)
@@ -109,8 +121,11 @@ class Conv(_ConvBase):
     W_std: weight standard deviation (times `1/sqrt(fan_in)`, with `fan_in =
       C * prod(kernel_size)`).
     b_std: bias standard deviation; `None` means no bias.
-    parameterization: `'ntk'` or `'standard'`.
+    parameterization: `'ntk'` or `'standard'` (any case).
     param_dtype: dtype of the parameters.
+    s: NT's width scales `(s_in, s_out)` for `'standard'` (see
+      `ftn.Dense`): `s_out * features` output channels, fan-in divided by
+      `s_in`.
 
   >>> import jax, jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
@@ -124,7 +139,7 @@ class Conv(_ConvBase):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel_size, strides, pads, circular = self.geometry(x.shape[1:-1])
     channels = x.shape[-1]
-    weights, bias = self._weights(kernel_size + (channels, self.features),
+    weights, bias = self._weights(kernel_size + (channels, self.width),
                                   channels * math.prod(kernel_size))
     x, padding = _pad_input(x, pads, circular)
     y = jax.lax.conv_general_dilated(
@@ -165,10 +180,11 @@ def _conv_transpose_rule(module: "ConvTranspose", kernel: Kernel,
   return affine_kernel(
       kernel, W_std=module.W_std, b_std=module.b_std,
       parameterization=module.parameterization,
-      fan_in=kernel.shape1[-1] * math.prod(kernel_size),
+      fan_in=kernel.shape1[-1] * math.prod(kernel_size) /
+      module.width_scale()[0],
       spatial_map=spatial_map,
-      shape1=(kernel.shape1[0],) + out_spatial + (module.features,),
-      shape2=(kernel.shape2[0],) + out_spatial + (module.features,))
+      shape1=(kernel.shape1[0],) + out_spatial + (module.width,),
+      shape2=(kernel.shape2[0],) + out_spatial + (module.width,))
 
 
 @kernel_rule(_conv_transpose_rule)
@@ -186,8 +202,11 @@ class ConvTranspose(_ConvBase):
     padding: `'VALID'`, `'SAME'` or `'CIRCULAR'`.
     W_std: weight standard deviation.
     b_std: bias standard deviation; `None` means no bias.
-    parameterization: `'ntk'` or `'standard'`.
+    parameterization: `'ntk'` or `'standard'` (any case).
     param_dtype: dtype of the parameters.
+    s: NT's width scales `(s_in, s_out)` for `'standard'` (see
+      `ftn.Dense`): `s_out * features` output channels, fan-in divided by
+      `s_in`.
 
   >>> import jax, jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
@@ -202,7 +221,7 @@ class ConvTranspose(_ConvBase):
     kernel_size, strides, _, _ = self.geometry(x.shape[1:-1])
     padding = self.padding.upper()
     channels = x.shape[-1]
-    weights, bias = self._weights(kernel_size + (channels, self.features),
+    weights, bias = self._weights(kernel_size + (channels, self.width),
                                   channels * math.prod(kernel_size))
     y = jax.lax.conv_transpose(
         x, weights.astype(x.dtype), strides,
@@ -221,10 +240,10 @@ def _conv_local_rule(module: "ConvLocal", kernel: Kernel,
   kernel_size, strides, pads, circular = module.geometry(kernel.shape1[1:-1])
   n = len(kernel_size)
   geometry = dict(filter_shape=kernel_size, strides=strides, pads=pads,
-                  circular=circular, features=module.features,
+                  circular=circular, features=module.width,
                   W_std=module.W_std, b_std=module.b_std,
                   parameterization=module.parameterization,
-                  layer="ConvLocal")
+                  layer="ConvLocal", s_in=module.width_scale()[0])
   if kernel.diagonal_spatial:
     return conv_math.conv_kernel(kernel, **geometry)
   # Unshared weights decorrelate distinct output locations: the output is
@@ -254,8 +273,11 @@ class ConvLocal(_ConvBase):
     padding: `'VALID'`, `'SAME'` or `'CIRCULAR'`.
     W_std: weight standard deviation.
     b_std: bias standard deviation; `None` means no bias.
-    parameterization: `'ntk'` or `'standard'`.
+    parameterization: `'ntk'` or `'standard'` (any case).
     param_dtype: dtype of the parameters.
+    s: NT's width scales `(s_in, s_out)` for `'standard'` (see
+      `ftn.Dense`): `s_out * features` output channels, fan-in divided by
+      `s_in`.
 
   >>> import jax, jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
@@ -274,17 +296,19 @@ class ConvLocal(_ConvBase):
         conv_math.conv_output_size(size, k, s, pad) for size, k, s, pad in
         zip(x.shape[1:-1], kernel_size, strides, pads))
     # Weights only: the per-location bias is created below.
-    weights, _ = affine_params(self, out_spatial + (fan_in, self.features),
-                               fan_in, self.features, self.W_std, None,
-                               self.parameterization, self.param_dtype)
+    width = self.width
+    weights, _ = affine_params(self, out_spatial + (fan_in, width),
+                               fan_in, width, self.W_std, None,
+                               self.parameterization, self.param_dtype,
+                               self.width_scale())
     x, padding = _pad_input(x, pads, circular)
     y = jax.lax.conv_general_dilated_local(
         x, weights.astype(x.dtype), strides, padding, kernel_size,
         dimension_numbers=_dimension_numbers(len(kernel_size)))
     if self.b_std is None:
       return y
-    ntk = self.parameterization == "ntk"
+    ntk = self.parameterization.lower() == "ntk"
     bias = self.param("bias", nn.initializers.normal(
-        1.0 if ntk else self.b_std), out_spatial + (self.features,),
+        1.0 if ntk else self.b_std), out_spatial + (width,),
                       self.param_dtype)
     return y + _lift(bias * self.b_std if ntk else bias, y)

@@ -103,10 +103,17 @@ def dropout_kernel(kernel: Kernel, keep: float, *, layer: str,
       is_gaussian=False)
 
 
-def dropout_rule(module: nn.Dropout, kernel: Kernel, **kwargs: Any) -> Kernel:
-  """Kernel rule for `ftn.Dropout` and stock `flax.linen.Dropout`."""
+def dropout_rule(module: nn.Dropout, kernel: Kernel, *,
+                 deterministic: Optional[bool] = None,
+                 **kwargs: Any) -> Kernel:
+  """Kernel rule for `ftn.Dropout` and stock `flax.linen.Dropout`.
+
+  `deterministic` comes from the layer's call or, failing that, from the
+  kernel function's call (offered to every layer, as in NT).
+  """
+  del kwargs  # `rng`: the finite network's only.
   deterministic = nn.merge_param("deterministic", module.deterministic,
-                                 kwargs.get("deterministic"))
+                                 deterministic)
   layer = f"Dropout(rate={module.rate})"
   if deterministic or module.rate == 0.0:
     return kernel

@@ -20,7 +20,16 @@ def _elementwise_rule(module: "ElementwiseBase", kernel: Kernel,
                       **kwargs: Any) -> Kernel:
   del kwargs
   nngp_fn, d_nngp_fn = module.kernel_fns()
-  return elementwise_kernel(kernel, nngp_fn, d_nngp_fn, type(module).__name__)
+  try:
+    return elementwise_kernel(kernel, nngp_fn, d_nngp_fn,
+                              type(module).__name__)
+  except jax.errors.TracerArrayConversionError as e:
+    raise TypeError(
+        f"{type(module).__name__}: its `nngp_fn` (or `d_nngp_fn`) calls "
+        "NumPy on traced values. NumPy works in an eager call when it only "
+        "touches the variances (as on NT's Elementwise page); under "
+        "`jax.jit`/`grad`/`vmap`, and for the covariance argument (which "
+        "autodiff traces to derive the NTK), write it with `jax.numpy`.") from e
 
 
 @kernel_rule(_elementwise_rule)

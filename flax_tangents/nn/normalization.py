@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents.kernel import Kernel
 
@@ -55,9 +56,11 @@ def layer_norm_kernel(kernel: Kernel, axis: Axes, eps: float,
         f"{layer} normalizes over axes {axes} of activations with {ndim} "
         "axes; the channel axis (-1) must be among them for the "
         "infinite-width kernel to exist. Use e.g. axis=-1.")
-  if not kernel.is_gaussian:
+  if not (kernel.is_gaussian or mixtures.is_centred_mixture(kernel)):
     # The channel mean of a non-centred layer (e.g. after ReLU) does not
-    # vanish; as Neural Tangents, only Gaussian inputs are supported.
+    # vanish; as Neural Tangents, only Gaussian inputs are supported (or a
+    # mixture of Gaussian parts, whose channel mean vanishes too; the
+    # output is then still a mixture, with its parts dropped).
     where = "raw inputs" if kernel.is_input else "a non-Gaussian input"
     raise ValueError(
         f"{layer} is applied to {where}; its infinite-width kernel is "

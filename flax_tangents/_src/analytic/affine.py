@@ -2,23 +2,66 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 
 from flax_tangents.kernel import Kernel
 
-__all__ = ["PARAMETERIZATIONS", "affine_kernel", "check_parameterization"]
+__all__ = ["PARAMETERIZATIONS", "affine_kernel", "check_parameterization",
+           "check_width_scale"]
 
 PARAMETERIZATIONS = ("ntk", "standard")
 
 
-def check_parameterization(parameterization: str) -> None:
-  """Raises a clear error for an unknown parameterization."""
-  if parameterization not in PARAMETERIZATIONS:
+def check_parameterization(parameterization: str) -> str:
+  """The parameterization in lower case; a clear error for an unknown one.
+
+  Raises:
+    ValueError: unless `parameterization` is `'ntk'` or `'standard'` (any
+      case).
+  """
+  if (not isinstance(parameterization, str) or
+      parameterization.lower() not in PARAMETERIZATIONS):
     raise ValueError(
         f"parameterization={parameterization!r} is not one of "
         f"{PARAMETERIZATIONS}.")
+  return parameterization.lower()
+
+
+def check_width_scale(s: Sequence[int], parameterization: str,
+                      layer: str) -> tuple[int, int]:
+  """Validates NT's `s = (s_in, s_out)` width scales of an affine layer.
+
+  Under the standard parameterization a layer's finite input has
+  `s_in * fan_in` channels and its output `s_out * features` (Sohl-Dickstein
+  et al., 2020, "On the infinite width limit of neural networks with a
+  standard parameterization"); the kernel divides the fan-in by `s_in`.
+
+  Returns:
+    `(s_in, s_out)` as ints.
+
+  Raises:
+    ValueError: if `s` is not two positive integers, or is not `(1, 1)`
+      under the NTK parameterization (where it has no meaning; Neural
+      Tangents ignores it there, which would hide a mistake).
+  """
+  try:
+    s_in, s_out = s
+    ok = all(int(v) == v and v >= 1 for v in (s_in, s_out))
+  except (TypeError, ValueError):
+    ok = False
+  if not ok:
+    raise ValueError(f"{layer}: s={s!r} must be two positive integers "
+                     "(s_in, s_out).")
+  s_in, s_out = int(s_in), int(s_out)
+  if (s_in, s_out) != (1, 1) and check_parameterization(
+      parameterization) != "standard":
+    raise ValueError(
+        f"{layer}: s={tuple(s)} applies only to parameterization="
+        "'standard'; the NTK parameterization has no width scales. Use "
+        "s=(1, 1), or parameterization='standard'.")
+  return s_in, s_out
 
 
 def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
@@ -42,7 +85,9 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
     W_std: weight standard deviation (times `1/sqrt(fan_in)`).
     b_std: bias standard deviation, or `None` for no bias.
     parameterization: `'ntk'` or `'standard'`.
-    fan_in: inputs per output unit (channels times receptive field size).
+    fan_in: inputs per output unit (channels times receptive field size,
+      divided by the width scale `s_in` under the standard
+      parameterization).
     spatial_map: averaging over the receptive field; `None` for identity.
     shape1: shape of the layer's outputs on the first batch.
     shape2: shape on the second batch.
@@ -50,7 +95,7 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
   Returns:
     The kernel of the (Gaussian) outputs.
   """
-  check_parameterization(parameterization)
+  parameterization = check_parameterization(parameterization)
   w_var = W_std**2
   b_var = 0.0 if b_std is None else b_std**2
   n_batch = {"nngp": 2, "ntk": 2, "cov1": 1 if kernel.diagonal_batch else 2}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic.enums import AttentionMechanism
 from flax_tangents.kernel import Kernel
 
 __all__ = ["ATTENTION_MECHANISMS", "POSITIONAL_EMBEDDINGS", "attention_fn",
@@ -36,10 +37,7 @@ def attention_fn(mechanism: str) -> Callable[[jax.Array], jax.Array]:
       "ABS": jnp.abs,
       "RELU": jax.nn.relu,
   }
-  if mechanism not in fns:
-    raise ValueError(f"attention_mechanism={mechanism!r} is not one of "
-                     f"{ATTENTION_MECHANISMS}.")
-  return fns[mechanism]
+  return fns[AttentionMechanism.parse(mechanism, "attention_mechanism")]
 
 
 def _to_flat(cov: jax.Array, n_batch: int, n_spatial: int) -> jax.Array:
@@ -120,6 +118,7 @@ def attention_kernel(kernel: Kernel, *, n_chan_out: int, QK_std: float,
       `'IDENTITY'` (no closed form is known).
   """
   fn = attention_fn(mechanism)
+  mechanism = AttentionMechanism.parse(mechanism, "attention_mechanism")
   n_spatial = covariance.spatial_ndim(kernel)
   if n_spatial < 1:
     raise ValueError(

@@ -328,15 +328,17 @@ def as_tuple(value: Union[int, Sequence[int], None], n: int,
 def conv_kernel(kernel, *, filter_shape: Sequence[int],
                 strides: Sequence[int], pads: Pads, circular: bool,
                 features: int, W_std: float, b_std: Optional[float],
-                parameterization: str, layer: str):
+                parameterization: str, layer: str, s_in: int = 1):
   """The kernel rule of a shared-weight convolution (any padding).
 
   Args:
     kernel: the input `Kernel`, activations `(N, *spatial, C)`.
     filter_shape, strides, pads, circular: the convolution's geometry.
-    features: output channels.
+    features: output channels (of the finite layer).
     W_std, b_std, parameterization: as for `affine_kernel`.
     layer: name for error messages.
+    s_in: NT's input width scale (standard parameterization): the fan-in
+      is `C * prod(filter_shape) / s_in`.
 
   Returns:
     The output `Kernel`.
@@ -354,7 +356,7 @@ def conv_kernel(kernel, *, filter_shape: Sequence[int],
 
   return affine.affine_kernel(
       kernel, W_std=W_std, b_std=b_std, parameterization=parameterization,
-      fan_in=kernel.shape1[-1] * math.prod(filter_shape),
+      fan_in=kernel.shape1[-1] * math.prod(filter_shape) / s_in,
       spatial_map=spatial_map,
       shape1=(kernel.shape1[0],) + out_spatial + (features,),
       shape2=(kernel.shape2[0],) + out_spatial + (features,))

@@ -74,8 +74,21 @@ def second_moment(x1: jax.Array, x2: jax.Array, *, same_batch: bool,
     out += [s1] if diagonal_spatial else [s1, s2]
   spec = (f"{b1}{''.join(spatial1)}{c},{b2}{''.join(spatial2)}{c}"
           f"->{''.join(out)}")
-  return jnp.einsum(spec, x1, x2,
-                    precision=jax.lax.Precision.HIGHEST) / x1.shape[-1]
+  # Dividing each input by a power of two near its largest magnitude is
+  # exact, and keeps the products and their channel sum from overflowing
+  # when the result itself is representable (float32 inputs of 1e19).
+  scale1, scale2 = _power_of_two_scale(x1), _power_of_two_scale(x2)
+  moment = jnp.einsum(spec, x1 / scale1, x2 / scale2,
+                      precision=jax.lax.Precision.HIGHEST) / x1.shape[-1]
+  return (moment * scale1) * scale2
+
+
+def _power_of_two_scale(x: jax.Array) -> jax.Array:
+  """A power of two within a factor 2 of `max |x|` (1 for zeros)."""
+  largest = jnp.max(jnp.abs(x)) if x.size else jnp.zeros((), x.dtype)
+  exponent = jnp.where(largest > 0, jnp.ceil(jnp.log2(
+      jnp.where(largest > 0, largest, 1))), 0)
+  return jax.lax.stop_gradient(jnp.exp2(exponent).astype(x.dtype))
 
 
 def inputs_to_kernel(x1: jax.typing.ArrayLike,
@@ -241,8 +254,14 @@ def check_gaussian(kernel: Kernel, layer: str) -> None:
     ValueError: naming the layer and the fix.
   """
   if not kernel.is_gaussian:
-    where = ("the raw inputs" if kernel.is_input else
-             "the output of a nonlinearity (or of a layer fed by one)")
+    if kernel.is_input:
+      where = "the raw inputs"
+    elif kernel._mixed:  # pylint: disable=protected-access
+      where = ("units of different distributions (the output of Flatten or "
+               "FanInConcat, then of a layer that mixes them, e.g. pooling "
+               "or LayerNorm)")
+    else:
+      where = "the output of a nonlinearity (or of a layer fed by one)"
     raise ValueError(
         f"{layer} is applied to {where}, which is not Gaussian; its "
         "infinite-width kernel has no closed form there. Put an affine "

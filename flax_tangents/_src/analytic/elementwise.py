@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mixtures
+from flax_tangents._src.analytic import requirements
 from flax_tangents.kernel import Kernel
 
 __all__ = ["derivative_in_covariance", "elementwise_kernel"]
@@ -45,12 +47,24 @@ def elementwise_kernel(kernel: Kernel, nngp_fn: GaussianExpectation,
 
   Returns:
     The kernel of `phi` of the activations; the NTK is multiplied by
-    `d_nngp_fn` (the nonlinearity has no parameters).
+    `d_nngp_fn` (the nonlinearity has no parameters). For a mixture (after
+    `Flatten` or a channel concatenation) `phi` acts on each part.
 
   Raises:
-    ValueError: if the input is not Gaussian.
+    ValueError: if the input (or a part of it) is not Gaussian.
   """
+  return mixtures.map_units(
+      kernel, lambda k: _gaussian_elementwise(k, nngp_fn, d_nngp_fn, layer))
+
+
+def _gaussian_elementwise(kernel: Kernel, nngp_fn: GaussianExpectation,
+                          d_nngp_fn: GaussianExpectation,
+                          layer: str) -> Kernel:
   covariance.check_gaussian(kernel, layer)
+  if requirements.is_recording():
+    # The requirement pass needs shapes only: user math (which may be
+    # written with NumPy, as on NT's Elementwise page) is not traced.
+    return kernel.replace(is_gaussian=False, is_input=False)
   var1, var2 = covariance.diagonal_variances(kernel)
   pair = lambda a, b, batch_pair: covariance.paired_variances(
       a, b, batch_pair=batch_pair, diagonal_spatial=kernel.diagonal_spatial)

@@ -87,8 +87,12 @@ def erf_nngp(cov12, var1, var2, a: float, b: float, c: float) -> jax.Array:
 def erf_d_nngp(cov12, var1, var2, a: float, b: float, c: float) -> jax.Array:
   """`E[phi'(u) phi'(v)]` for `phi(x) = a erf(b x) + c`."""
   del c
-  prod = _erf_scaled(cov12, var1, var2, b)
-  return a**2 * (4 * b**2 / np.pi) / jnp.sqrt(prod - 4 * b**4 * cov12**2)
+  # (1 + 2b^2 v1)(1 + 2b^2 v2) - 4 b^4 c^2, expanded so that nothing cancels
+  # at large variances (where the product form loses every digit); the
+  # Gram determinant v1 v2 - c^2 is >= 0 up to rounding.
+  gram = jnp.maximum(var1 * var2 - cov12**2, 0)
+  det = 1 + 2 * b**2 * (var1 + var2) + 4 * b**4 * gram
+  return a**2 * (4 * b**2 / np.pi) / jnp.sqrt(det)
 
 
 def sign_nngp(cov12, var1, var2) -> jax.Array:

@@ -25,21 +25,32 @@ def register_kernel_rule(module_type: type, rule: KernelRule) -> None:
       of `module.__call__` whenever the module is called on a `Kernel`.
       `kwargs` are the keyword arguments of that call.
 
+  A rule must return every covariance it changes (`nngp`, `ntk`, `cov1`,
+  and `cov2`, which is `None` when `x2` is `None`) and the new `shape1`/
+  `shape2`. After each call of a user's rule, `ft.kernel_fn` checks that
+  the shapes agree with the layout and (outside `jit`) that `cov1`/`cov2`
+  are symmetric and `cov1` matches the diagonal of `nngp` when `x1` is
+  `x2`, naming the rule when they do not. A rule may name keyword
+  arguments of the kernel function's call (`rule(module, k, *, pattern=None,
+  **kwargs)`) to receive them, as NT passes them to every layer.
+
   Raises:
     TypeError: if `module_type` is not a class or `rule` is not callable.
 
   >>> import flax.linen as nn
+  >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
   >>> class Double(nn.Module):  # y = 2 x, no parameters
   ...   def __call__(self, x):
   ...     return 2 * x
   >>> def double_rule(module, k, **kwargs):
-  ...   return k.replace(nngp=4 * k.nngp, cov1=4 * k.cov1,
-  ...                    ntk=None if k.ntk is None else 4 * k.ntk)
+  ...   times4 = lambda a: None if a is None else 4 * a
+  ...   return k.replace(nngp=times4(k.nngp), ntk=times4(k.ntk),
+  ...                    cov1=times4(k.cov1), cov2=times4(k.cov2))
   >>> ft.register_kernel_rule(Double, double_rule)
-  >>> import jax.numpy as jnp
-  >>> float(ft.kernel_fn(Double())(jnp.ones((1, 3)), get='nngp')[0, 0])
-  4.0
+  >>> k = ft.kernel_fn(Double())(jnp.ones((1, 3)), 2 * jnp.ones((2, 3)))
+  >>> float(k.nngp[0, 0]), float(k.cov2[0])
+  (8.0, 16.0)
   """
   if not isinstance(module_type, type):
     raise TypeError(f"`module_type` must be a class, got {module_type!r}.")

@@ -15,8 +15,8 @@ import dataclasses
 import threading
 from typing import Iterator, Optional
 
-__all__ = ["Recording", "record_full_batch", "record_full_spatial",
-           "recording"]
+__all__ = ["Recording", "is_recording", "record_full_batch",
+           "record_full_spatial", "recording"]
 
 
 @dataclasses.dataclass
@@ -31,6 +31,11 @@ _state = threading.local()
 
 def _active() -> Optional[Recording]:
   return getattr(_state, "recording", None)
+
+
+def is_recording() -> bool:
+  """Whether a requirement pass is running (only shapes matter then)."""
+  return _active() is not None
 
 
 @contextlib.contextmanager

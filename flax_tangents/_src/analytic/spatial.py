@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mixtures
 from flax_tangents.kernel import Kernel
 
-__all__ = ["flatten_kernel", "global_pool_kernel"]
+__all__ = ["flatten_kernel", "flattened_average", "global_pool_kernel"]
 
 
 def _drop_spatial_shape(kernel: Kernel, channels1: int,
@@ -23,8 +24,19 @@ def flatten_kernel(kernel: Kernel) -> Kernel:
   """Kernel after flattening `(N, *spatial, C)` to `(N, prod(spatial) * C)`.
 
   A dense layer on flattened activations sees the mean over locations of each
-  location's own covariance, so only spatial diagonals matter.
+  location's own covariance, so only spatial diagonals matter. Units of
+  different locations have different variances, so the result is a mixture
+  (see `mixtures`): a nonlinearity applied next acts on each location's own
+  kernel, exactly as if it came before `Flatten`.
   """
+  if covariance.spatial_ndim(kernel) == 0:
+    return kernel
+  return mixtures.with_parts(flattened_average(kernel), (kernel,),
+                             mixtures.FLATTEN)
+
+
+def flattened_average(kernel: Kernel) -> Kernel:
+  """The channel-averaged kernel of flattened activations (no parts)."""
   n_spatial = covariance.spatial_ndim(kernel)
   if n_spatial == 0:
     return kernel

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 
+from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical import auto
 from flax_tangents._src.empirical import dispatch
 from flax_tangents._src.empirical import layout
@@ -129,7 +130,9 @@ def empirical_ntk_fn(
   Args:
     f: `f(params, x, **kwargs)` returning a pytree of arrays, e.g. a Flax
       `model.apply`. Only the `'params'` collection of Flax variables is
-      differentiated.
+      differentiated. Or an `nnx.Module`: only its `nnx.Param` variables are
+      differentiated, and `params` may be None (its current state), a
+      module of the same structure, or an `nnx.State` of its parameters.
     trace_axes: output axes to average over (the kernel is summed along each
       pair and divided by its size, as NT does), e.g. the logit axis.
     diagonal_axes: output axes along which only the diagonal of each pair is
@@ -170,6 +173,9 @@ def empirical_ntk_fn(
   >>> ntk_fn(x, jnp.ones((5, 2)), variables).shape
   (4, 5, 3, 3)
   """
+  if nnx_adapter.is_module(f):
+    return nnx_adapter.kernel_fn_of(f, lambda g: empirical_ntk_fn(
+        g, trace_axes, diagonal_axes, vmap_axes, implementation), False)
   return _make_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes, implementation)
 
 
@@ -178,7 +184,8 @@ def empirical_nngp_fn(f: ApplyFn, trace_axes: layout.Axes = (-1,),
   """Returns a function computing the empirical NNGP `f(x1) f(x2)^T` of `f`.
 
   Args:
-    f: `f(params, x, **kwargs)` returning a pytree of arrays.
+    f: `f(params, x, **kwargs)` returning a pytree of arrays, or an
+      `nnx.Module` (as in `empirical_ntk_fn`).
     trace_axes: output axes to average over.
     diagonal_axes: output axes of which only the diagonal is kept.
 
@@ -195,6 +202,9 @@ def empirical_nngp_fn(f: ApplyFn, trace_axes: layout.Axes = (-1,),
   >>> nngp_fn(jnp.ones((4, 2)), None, jnp.ones((2, 3)))
   Array([4., 4., 4., 4.], dtype=float...)
   """
+  if nnx_adapter.is_module(f):
+    return nnx_adapter.kernel_fn_of(f, lambda g: empirical_nngp_fn(
+        g, trace_axes, diagonal_axes), False)
   trace_axes, diagonal_axes = _tuple_axes(trace_axes), _tuple_axes(
       diagonal_axes)
 
@@ -240,7 +250,8 @@ def empirical_kernel_fn(
   """Returns a function computing the empirical NNGP and/or NTK of `f`.
 
   Args:
-    f: `f(params, x, **kwargs)` returning a pytree of arrays.
+    f: `f(params, x, **kwargs)` returning a pytree of arrays, or an
+      `nnx.Module` (as in `empirical_ntk_fn`).
     trace_axes: output axes to average over.
     diagonal_axes: output axes of which only the diagonal is kept.
     vmap_axes: as in `empirical_ntk_fn` (used by the NTK only).
@@ -263,6 +274,9 @@ def empirical_kernel_fn(
   >>> k.nngp.shape, k.ntk.shape
   ((4, 4), (4, 4))
   """
+  if nnx_adapter.is_module(f):
+    return nnx_adapter.kernel_fn_of(f, lambda g: empirical_kernel_fn(
+        g, trace_axes, diagonal_axes, vmap_axes, implementation), True)
   kernel_fns = {
       "nngp": empirical_nngp_fn(f, trace_axes, diagonal_axes),
       "ntk": _make_ntk_fn(f, trace_axes, diagonal_axes, vmap_axes,
@@ -299,7 +313,8 @@ def empirical_ntk_vp_fn(f: ApplyFn, x1: layout.PyTree,
   Jacobian-vector product through `f(params, x1)` per call.
 
   Args:
-    f: `f(params, x, **kwargs)` returning a pytree of arrays.
+    f: `f(params, x, **kwargs)` returning a pytree of arrays, or an
+      `nnx.Module` (as in `empirical_ntk_fn`).
     x1: first inputs.
     x2: second inputs, or None for `x1`.
     params: Flax variables (only `'params'` is differentiated) or any
@@ -320,6 +335,8 @@ def empirical_ntk_vp_fn(f: ApplyFn, x1: layout.PyTree,
   >>> vp_fn(jnp.ones((3, 5))).shape
   (4, 5)
   """
+  if nnx_adapter.is_module(f):
+    f, params = nnx_adapter.as_apply(f, params, "params")
   prepared = dispatch.prepare(f, params, x1, x2, kwargs, (), (), None)
   x2_ = x1 if x2 is None else x2
 

@@ -11,6 +11,7 @@ from static ones (`train=False`, `mutable=[...]`).
 
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, Optional
+import warnings
 
 import jax
 import numpy as np
@@ -20,6 +21,7 @@ from flax_tangents._src.empirical import ntk_vector_products
 from flax_tangents._src.empirical import arguments
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import independence
 from flax_tangents._src.empirical.implementation import NtkImplementation
 
 __all__ = [
@@ -251,6 +253,11 @@ def prepare(f: Callable[..., Any], variables: layout.PyTree,
 
   Raises:
     ValueError: for mismatched inputs or outputs and axes that do not fit.
+
+  Warns:
+    UserWarning: when `vmap_axes` is given but `f` cannot be proven to treat
+      the examples independently (see `independence`); `vmap_axes` is then
+      not used.
   """
   check_inputs(x1, x2, vmap_axes)
   f_params, params = arguments.split_variables(f, variables)
@@ -270,4 +277,15 @@ def prepare(f: Callable[..., Any], variables: layout.PyTree,
   canonical = example_axes.canonicalize_vmap_axes(vmap_axes, x1, fx1, kwargs1)
   if x2 is not None and vmap_axes is not None:
     example_axes.canonicalize_vmap_axes(vmap_axes, x2, fx2, kwargs2)
+  if canonical is not None:
+    # Never a silently wrong kernel: `f` must treat examples independently.
+    finding = independence.vmap_axes_finding(f_params, params, x1, kwargs1,
+                                             canonical)
+    if finding is None and x2 is not None:
+      finding = independence.vmap_axes_finding(f_params, params, x2, kwargs2,
+                                               canonical)
+    if finding is not None:
+      warnings.warn(independence.warning_message(vmap_axes, finding),
+                    UserWarning, stacklevel=3)
+      canonical = None
   return Prepared(f_params, params, kwargs1, kwargs2, canonical, fx1, fx2)

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical import arguments
 
 __all__ = ["linearize", "taylor_expand"]
@@ -62,9 +63,10 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
 
   Args:
     f: `f(params, x, **kwargs)` returning a pytree of arrays, e.g. a Flax
-      `model.apply`.
+      `model.apply`, or an `nnx.Module` (as in `linearize`).
     params: the expansion point: Flax variables (only `'params'` is
-      expanded) or any parameter pytree.
+      expanded) or any parameter pytree; for an `nnx.Module`, None (its
+      current state), a module or an `nnx.State` of parameters.
     degree: the order of the expansion (0 gives `f(params, ...)`).
 
   Returns:
@@ -83,6 +85,9 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
   """
   if not isinstance(degree, int) or degree < 0:
     raise ValueError(f"degree={degree!r}: give a non-negative int.")
+  if nnx_adapter.is_module(f):
+    return nnx_adapter.expansion_of(
+        f, params, lambda g, v: taylor_expand(g, v, degree))
   flax_variables = arguments.is_flax_variables(params)
   params_0 = params["params"] if flax_variables else params
 
@@ -110,11 +115,17 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
   return f_tayl
 
 
-def linearize(f: ApplyFn, params: PyTree) -> ApplyFn:
+def linearize(f: ApplyFn, params: PyTree = None) -> ApplyFn:
   """Returns `f`'s first-order Taylor expansion in its parameters.
 
   `f_lin(p, x) = f(params, x) + J(x) (p - params)` with `J` the Jacobian of
   `f` at `params`, computed as one forward-mode product per call.
+
+  For an `nnx.Module` `f`, `params` is optional (default: the module's
+  state now, a snapshot that later in-place training does not move) and
+  only its `nnx.Param` variables are expanded; `p` is then an `nnx.State` of
+  parameters (e.g. `nnx.state(model, nnx.Param)`) or a module of the same
+  structure (its other state and its mode, such as `eval()`, are used).
 
   Args:
     f: `f(params, x, **kwargs)` returning a pytree of arrays, e.g. a Flax
@@ -127,6 +138,9 @@ def linearize(f: ApplyFn, params: PyTree) -> ApplyFn:
     `f_lin(p, x, **kwargs)` with the signature of `f`, composable with
     `jax.jit`, `jax.grad` and `jax.vmap`.
 
+  Raises:
+    TypeError: if `params` is None and `f` is not an `nnx.Module`.
+
   >>> import jax, jax.numpy as jnp, flax.linen as nn
   >>> import flax_tangents as ft
   >>> model = nn.Dense(2)
@@ -136,6 +150,11 @@ def linearize(f: ApplyFn, params: PyTree) -> ApplyFn:
   >>> f_lin(variables, x).shape
   (3, 2)
   """
+  if nnx_adapter.is_module(f):
+    return nnx_adapter.expansion_of(f, params, linearize)
+  if params is None:
+    raise TypeError("linearize(f, params) needs the expansion point `params` "
+                    "(optional only for an nnx.Module `f`).")
   flax_variables = arguments.is_flax_variables(params)
   params_0 = params["params"] if flax_variables else params
 

@@ -18,7 +18,11 @@ from jax.experimental import ode as jax_ode
 import jax.numpy as jnp
 import numpy as np
 
+from flax_tangents._src.predict import checks
+from flax_tangents._src.predict import iterative
 from flax_tangents._src.predict import linalg
+from flax_tangents._src.predict import solvers
+from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
 ArrayOrScalar = Union[None, int, float, jax.Array, np.ndarray]
 Axes = linalg.Axes
@@ -60,6 +64,8 @@ def gradient_descent_mse(
     diag_reg: float = 0.,
     diag_reg_absolute_scale: bool = False,
     trace_axes: Axes = (-1,),
+    *,
+    solver: solvers.SolverArg = "auto",
 ) -> PredictFn:
   r"""Predicts gradient flow on the mean squared error, in closed form.
 
@@ -87,17 +93,32 @@ def gradient_descent_mse(
       for `diag_reg` times the mean diagonal of `k_train_train`.
     trace_axes: axes of the outputs along which the kernel is the identity
       (absent from the kernels); must match how the kernel was computed.
+    solver: `'dense'` (factorize the whole kernel on one device),
+      `'cg'` or `ft.predict.CG(...)` (Krylov methods on the kernel as an
+      operator, never gathered: conjugate gradients for `t=None`, Lanczos
+      for finite `t`; `k_train_train` may then be sharded over a mesh or a
+      `ft.predict.TiledKernel` on disk), or `'auto'`: `'cg'` for a
+      `TiledKernel` or an `(N, N)` kernel with `N > 10000`, else `'dense'`.
 
   Returns:
     `predict_fn(t=None, fx_train_0=0., fx_test_0=None, k_test_train=None)`
     returning train outputs, test outputs, or both (when both `fx_train_0` and
     `fx_test_0` are given) at times `t` (any shape; leading output axes) or at
     `t=None` (infinite time). `fx_train_0=None` means predictions on the test
-    set only, with zero initial train outputs.
+    set only, with zero initial train outputs. With an iterative solver,
+    `predict_fn.solve_info` maps each solve to its `ft.predict.SolveInfo`
+    (iterations, residual, tolerance, preconditioner, time).
 
   Raises:
     NotPSDError: (from `predict_fn`) if `k_train_train` is not positive
       semi-definite, or a solve with it fails.
+    ValueError: for a negative or non-finite `diag_reg` or `learning_rate`,
+      and (from `predict_fn`) for negative or non-finite times (infinite
+      time is `t=None`).
+
+  Warns:
+    IllConditionedWarning: (from `predict_fn`) if `k_train_train` is float32
+      and ill-conditioned enough that its rounding can spoil the solution.
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -111,10 +132,18 @@ def gradient_descent_mse(
   >>> predict_fn(t=jnp.array([0., 10.]), fx_train_0=jnp.zeros((2, 1))).shape
   (2, 2, 1)
   """
+  checks.check_diag_reg(diag_reg)
+  checks.check_learning_rate(learning_rate)
   y_train = jnp.asarray(y_train)
-  k_train_train = jnp.asarray(k_train_train)
+  if not isinstance(k_train_train, (TiledKernel, jax.Array)):
+    k_train_train = jnp.asarray(k_train_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
   layout.check_train_kernel(k_train_train, "k_train_train")
+  config = solvers.resolve(solver, k_train_train, len(layout.kept_axes))
+  if config is not None:
+    return iterative.gradient_descent_mse(
+        k_train_train, y_train, learning_rate, diag_reg,
+        diag_reg_absolute_scale, layout, config)
   normalization = y_train.size
 
   @functools.lru_cache(1)
@@ -189,11 +218,15 @@ def gradient_descent_mse(
   ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
     """Train [and test] outputs at time[s] `t` (see `gradient_descent_mse`)."""
     _check_inputs(fx_train_0, fx_test_0, k_test_train)
+    checks.check_times(t)
     if fx_test_0 is not None:
       k_test_train = jnp.asarray(k_test_train)
       layout.test_kept_shape(k_test_train)
-    factors = cholesky() if t is None else eigh()
-    out = compute(t, fx_train_0, fx_test_0, k_test_train, factors)
+    with checks.solve_precision(k_train_train, y_train, t, fx_train_0,
+                                fx_test_0, k_test_train):
+      factors = cholesky() if t is None else eigh()
+      out = compute(t, fx_train_0, fx_test_0, k_test_train, factors)
+    out = checks.canonical_dtypes(out)
     linalg.check_solution(out, "k_train_train")
     return out
 
@@ -278,7 +311,8 @@ def gradient_descent(
     NotPSDError: (from `predict_fn`) if `k_train_train` is not positive
       semi-definite.
     ValueError: (from `predict_fn`) for `t=None`: the flow of a general loss
-      has no closed-form limit, ask for a finite time.
+      has no closed-form limit, ask for a finite time; for negative or
+      non-finite times or `learning_rate`.
 
   >>> import jax, jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -290,6 +324,7 @@ def gradient_descent(
   >>> fx.shape, bool(fx[1, 0, 0] > fx[0, 0, 0] > 0)
   ((2, 2, 2), True)
   """
+  checks.check_learning_rate(learning_rate)
   y_train = jnp.asarray(y_train)
   k_train_train = jnp.asarray(k_train_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
@@ -344,36 +379,10 @@ def gradient_descent(
                           atol=atol)
     return jax.tree_util.tree_map(lambda x: x[1:], path)
 
-  def predict_fn(
-      t: ArrayOrScalar = None,
-      fx_train_or_state_0: Union[ArrayOrScalar, ODEState] = 0.,
-      fx_test_0: ArrayOrScalar = None,
-      k_test_train: Optional[jax.typing.ArrayLike] = None,
-  ) -> Union[jax.Array, tuple[jax.Array, jax.Array], ODEState]:
-    """Train [and test] outputs at time[s] `t` (see `gradient_descent`)."""
-    given_state = isinstance(fx_train_or_state_0, ODEState)
-    if given_state:
-      if fx_test_0 is not None:
-        raise ValueError("fx_test_0 must be None when passing an ODEState; "
-                         "set ODEState.fx_test instead.")
-      state = fx_train_or_state_0
-      fx_train_0, fx_test_0 = state.fx_train, state.fx_test
-      qx_train_0, qx_test_0 = state.qx_train, state.qx_test
-    else:
-      fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
-    _check_inputs(fx_train_0, fx_test_0, k_test_train)
-    if t is None:
-      raise ValueError(
-          "gradient_descent integrates an ODE and needs a finite time t; for "
-          "the t=None (infinite-time) limit of the MSE use "
-          "gradient_descent_mse.")
-    if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
-      raise ValueError("The ODEState has momentum variables, but "
-                       "momentum is None.")
-
+  def integrate(t, fx_train_0, fx_test_0, qx_train_0, qx_test_0,
+                k_test_train, want_test):
     k_dd = k_dd_matrix()
     dtype = k_dd.dtype
-    want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
     fx_train_0 = jnp.broadcast_to(
         jnp.asarray(0. if fx_train_0 is None else fx_train_0, dtype),
         y_train.shape)
@@ -401,7 +410,43 @@ def gradient_descent(
     path = solve(state_0, t.reshape((-1,)), k_td)
     path = jax.tree_util.tree_map(
         lambda x: x.reshape(t_shape + x.shape[1:]), path)
+    return path
 
+  def predict_fn(
+      t: ArrayOrScalar = None,
+      fx_train_or_state_0: Union[ArrayOrScalar, ODEState] = 0.,
+      fx_test_0: ArrayOrScalar = None,
+      k_test_train: Optional[jax.typing.ArrayLike] = None,
+  ) -> Union[jax.Array, tuple[jax.Array, jax.Array], ODEState]:
+    """Train [and test] outputs at time[s] `t` (see `gradient_descent`)."""
+    given_state = isinstance(fx_train_or_state_0, ODEState)
+    if given_state:
+      if fx_test_0 is not None:
+        raise ValueError("fx_test_0 must be None when passing an ODEState; "
+                         "set ODEState.fx_test instead.")
+      state = fx_train_or_state_0
+      fx_train_0, fx_test_0 = state.fx_train, state.fx_test
+      qx_train_0, qx_test_0 = state.qx_train, state.qx_test
+    else:
+      fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
+    _check_inputs(fx_train_0, fx_test_0, k_test_train)
+    if t is None:
+      raise ValueError(
+          "gradient_descent integrates an ODE and needs a finite time t; for "
+          "the t=None (infinite-time) limit of the MSE use "
+          "gradient_descent_mse.")
+    if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
+      raise ValueError("The ODEState has momentum variables, but "
+                       "momentum is None.")
+    want_train, want_test = fx_train_0 is not None, fx_test_0 is not None
+
+    checks.check_times(t)
+    with checks.solve_precision(k_train_train, y_train, t, fx_train_0,
+                                fx_test_0, qx_train_0, qx_test_0,
+                                k_test_train):
+      path = integrate(t, fx_train_0, fx_test_0, qx_train_0, qx_test_0,
+                        k_test_train, want_test)
+    path = checks.canonical_dtypes(path)
     if given_state:
       return path
     return _pick(path.fx_train, path.fx_test, want_train, want_test)

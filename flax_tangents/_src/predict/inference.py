@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_tangents._src.predict import checks
+from flax_tangents._src.predict import iterative
 from flax_tangents._src.predict import linalg
+from flax_tangents._src.predict import solvers
+from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
 Axes = linalg.Axes
 Get = Union[None, str, Sequence[str]]
@@ -68,15 +72,30 @@ def _is_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray))
 
 
-def _kernel_of(k: Any, g: str, name: str) -> jax.Array:
+def _kernel_of(k: Any, g: str, name: str) -> Any:
   """`k` if it is an array, else its `g` field (a `Kernel` or namedtuple)."""
+  if isinstance(k, TiledKernel):
+    return k
   if _is_array(k):
     return jnp.asarray(k)
   value = getattr(k, g, None)
   if value is None:
     raise ValueError(f"{name} has no {g!r} kernel; pass a Kernel or a "
                      f"namedtuple with a {g!r} field.")
-  return jnp.asarray(value)
+  return value if isinstance(value, TiledKernel) else jnp.asarray(value)
+
+
+def _representative(k: Any) -> Any:
+  """One train kernel of `k` (to choose the solver by its size)."""
+  if isinstance(k, (TiledKernel, jax.Array, np.ndarray)):
+    return k
+  if isinstance(k, _LazyTrainKernels):
+    return None  # Computed on demand: stays dense.
+  for g in ("ntk", "nngp"):
+    value = getattr(k, g, None)
+    if value is not None:
+      return value
+  return None
 
 
 _solve_jit = jax.jit(linalg.cho_solve)
@@ -92,6 +111,8 @@ def gp_inference(
     diag_reg: float = 0.,
     diag_reg_absolute_scale: bool = False,
     trace_axes: Axes = (-1,),
+    *,
+    solver: solvers.SolverArg = "auto",
 ):
   r"""Exact Gaussian-process "posterior" with the NNGP, NTK or NTKGP.
 
@@ -115,6 +136,12 @@ def gp_inference(
     diag_reg_absolute_scale: `True` for `diag_reg` in absolute units, `False`
       for `diag_reg` times the kernel's mean diagonal.
     trace_axes: output axes along which the kernels are the identity.
+    solver: `'dense'` (Cholesky on one device), `'cg'` or
+      `ft.predict.CG(...)` (preconditioned conjugate gradients on the kernel
+      as an operator, never gathered; the train kernels may then be sharded
+      over a mesh or `ft.predict.TiledKernel`s on disk), or `'auto'`:
+      `'cg'` for a `TiledKernel` or an `(N, N)` kernel with `N > 10000`,
+      else `'dense'`.
 
   Returns:
     `predict_fn(get=None, k_test_train=None, k_test_test=None)`. `get` is
@@ -123,11 +150,17 @@ def gp_inference(
     a `Gaussian(mean, covariance)` when `k_test_test` is given (its `nngp`,
     or `ntk` for `'ntkgp'`). The NTK covariance needs both kernels in
     `k_train_train` and `k_test_train`. `k_test_train=None` gives train-set
-    outputs, `N(y_train, 0)`.
+    outputs, `N(y_train, 0)`. With an iterative solver,
+    `predict_fn.solve_info` maps each solve to its `ft.predict.SolveInfo`.
 
   Raises:
     NotPSDError: (from `predict_fn`) if a train kernel is not numerically
       positive definite after regularization.
+    ValueError: for a negative or non-finite `diag_reg`.
+
+  Warns:
+    IllConditionedWarning: (from `predict_fn`) if a train kernel is float32
+      and ill-conditioned enough that its rounding can spoil the solution.
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -138,8 +171,22 @@ def gp_inference(
   >>> print(jnp.round(mean, 4), jnp.round(cov, 4))
   [[0.6667]] [[0.3333]]
   """
+  checks.check_diag_reg(diag_reg)
   y_train = jnp.asarray(y_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
+  representative = _representative(k_train_train)
+  config = None
+  if representative is not None:
+    config = solvers.resolve(solver, representative, len(layout.kept_axes))
+  elif solver not in ("auto", "dense", None):
+    raise ValueError("gp_inference: an iterative solver needs the train "
+                     "kernels as arrays or TiledKernels.")
+  if config is not None:
+    layout.check_train_kernel(representative, "k_train_train")
+    return iterative.gp_inference(k_train_train, y_train, diag_reg,
+                                  diag_reg_absolute_scale, layout, config,
+                                  _kernel_of, _canonicalize_get, _package,
+                                  Gaussian)
 
   @functools.lru_cache(None)
   def factor(g: str) -> jax.Array:
@@ -215,9 +262,12 @@ def gp_inference(
       k_tts = {n: _kernel_of(k_test_test, n, "k_test_test") for n in priors}
     nngp_dd = (_kernel_of(k_train_train, "nngp", "k_train_train") if ntk_cov
                else None)
-    out = compute(gets, has_cov, k_tds, k_tts,
-                  {n: factor(n) for n in solved},
-                  {n: k_inv_y(n) for n in solved}, nngp_dd)
+    k_dds = [_kernel_of(k_train_train, n, "k_train_train") for n in solved]
+    with checks.solve_precision(y_train, k_dds, k_tds, k_tts, nngp_dd):
+      out = compute(gets, has_cov, k_tds, k_tts,
+                    {n: factor(n) for n in solved},
+                    {n: k_inv_y(n) for n in solved}, nngp_dd)
+    out = checks.canonical_dtypes(out)
     linalg.check_solution(out, "the train kernel")
     return _package(out, single, gets)
 
@@ -324,6 +374,8 @@ def gradient_descent_mse_ensemble(
   Raises:
     NotPSDError: (from `predict_fn`) if a train kernel is not positive
       semi-definite.
+    ValueError: for a negative or non-finite `diag_reg` or `learning_rate`,
+      and (from `predict_fn`) for negative or non-finite times.
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -335,6 +387,8 @@ def gradient_descent_mse_ensemble(
   >>> print(predict_fn(None, jnp.array([[1., 1.]]), 'ntk'))
   [[3.]]
   """
+  checks.check_diag_reg(diag_reg)
+  checks.check_learning_rate(learning_rate)
   x_train = jnp.asarray(x_train)
   y_train = jnp.asarray(y_train)
   layout = linalg.OutputLayout(y_train.shape, trace_axes)
@@ -416,6 +470,7 @@ def gradient_descent_mse_ensemble(
                  **kernel_fn_test_test_kwargs):
     """Mean [and covariance] at times `t`; see `gradient_descent_mse_ensemble`."""
     single, gets = _canonicalize_get(get, ("nngp", "ntk"))
+    checks.check_times(t)
     # The NTK covariance also needs the NNGP (the covariance at init).
     needed = tuple(g for g in ("nngp", "ntk")
                    if g in gets or (g == "nngp" and compute_cov))
@@ -442,9 +497,10 @@ def gradient_descent_mse_ensemble(
     if k_td is not None:
       for g in needed:
         layout.test_kept_shape(k_td[g], f"kernel_fn(x_test, x_train, {g!r})")
-    out = {g: finite_time(g, compute_cov, t, eigh(g), k_td, nngp_tt,
-                          train_kernels.get("nngp") if compute_cov else None)
-           for g in gets}
-    return _package(out, single, gets)
+    with checks.solve_precision(t, train_kernels, k_td, nngp_tt, y_train):
+      out = {g: finite_time(g, compute_cov, t, eigh(g), k_td, nngp_tt,
+                            train_kernels.get("nngp") if compute_cov else None)
+             for g in gets}
+    return _package(checks.canonical_dtypes(out), single, gets)
 
   return predict_fn

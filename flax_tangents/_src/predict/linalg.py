@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_tangents._src.predict import checks
+
 Axes = Union[int, Sequence[int]]
 
 
@@ -275,6 +277,10 @@ def psd_eigh(kernel: jax.Array, name: str, diag_reg: float,
       raise NotPSDError(_not_psd_message(
           name, "is not positive semi-definite", values,
           np.asarray(matrix), diag_reg, diag_reg_absolute_scale))
+    with jax.ensure_compile_time_eval():
+      checks.warn_if_ill_conditioned(
+          name, jnp.result_type(kernel), float(values[0]), float(values[-1]),
+          _mean_diagonal(kernel), diag_reg, diag_reg_absolute_scale)
   with jax.ensure_compile_time_eval():
     return jnp.maximum(evals, 0.), evecs
 
@@ -308,7 +314,42 @@ def psd_cholesky(kernel: jax.Array, name: str, diag_reg: float,
         name, "is not numerically positive definite (its Cholesky "
         "factorization yielded NaN)", evals, dense, diag_reg,
         diag_reg_absolute_scale))
+  if value is not None and checks.is_low_precision(jnp.result_type(kernel)):
+    with jax.ensure_compile_time_eval():
+      low, high = _extreme_eigenvalues(matrix, factor)
+      checks.warn_if_ill_conditioned(
+          name, jnp.result_type(kernel), float(low), float(high),
+          _mean_diagonal(kernel), diag_reg, diag_reg_absolute_scale)
   return factor
+
+
+def _mean_diagonal(kernel: jax.Array) -> float:
+  matrix = to_matrix(kernel)
+  return float(jnp.trace(matrix)) / matrix.shape[0]
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _extreme_eigenvalues(matrix: jax.Array, factor: jax.Array,
+                         iterations: int = 40) -> tuple[jax.Array, jax.Array]:
+  """Estimates of the smallest and largest eigenvalues of `matrix`.
+
+  Power iteration on `matrix` and inverse iteration with its Cholesky
+  `factor`, from fixed random starts: O(iterations * n^2), next to the
+  O(n^3) factorization. Both estimates err towards a smaller condition
+  number; after 40 iterations they are within a small factor of it.
+  """
+  n = matrix.shape[0]
+  start = jax.random.normal(jax.random.PRNGKey(0), (2, n), matrix.dtype)
+
+  def normalized(v):
+    return v / jnp.linalg.norm(v)
+
+  top = jax.lax.fori_loop(0, iterations, lambda _, v: normalized(matrix @ v),
+                          normalized(start[0]))
+  bottom = jax.lax.fori_loop(
+      0, iterations, lambda _, v: normalized(cho_solve(factor, v)),
+      normalized(start[1]))
+  return bottom @ matrix @ bottom, top @ matrix @ top
 
 
 def cho_solve(factor: jax.Array, rhs: jax.Array) -> jax.Array:

@@ -17,6 +17,7 @@ One call:
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable, Optional
 
@@ -118,8 +119,9 @@ class BatchedKernelFn:
     self.store_on_device = store_on_device
     self.checkpoint_dir = checkpoint_dir
     self.progress = progress
-    self._programs: dict[tuple, Callable[..., Any]] = {}
-    self._templates: dict[tuple, tile_outputs.OutputTemplate] = {}
+    # Shared by every ft.batch of the same kernel function, so that a new
+    # wrapper (a rerun notebook cell) neither recompiles nor retraces.
+    self._programs, self._templates, self._digests = _caches_for(kernel_fn)
     functools.update_wrapper(self, kernel_fn)
 
   # ------------------------------------------------------------------ call
@@ -155,42 +157,28 @@ class BatchedKernelFn:
     checkpoint, done = None, set()
     if self.checkpoint_dir is not None:
       checkpoint = tile_checkpoint.TileCheckpoint(
-          self.checkpoint_dir,
-          self._fingerprint(call, x1, x2, plan))
-      for ids, leaves in checkpoint.load():
-        if self.store_on_device:
-          assembler.add_host(ids, leaves)
-        else:
-          assembler.add(ids, leaves)
-        done.update(int(i) for i in ids if i >= 0)
-
-    todo = [tile for tile in plan.tiles if tile.id not in done]
-    progress = progress_lib.Progress(len(plan.tiles), len(done),
-                                     self.progress,
-                                     devices.is_primary_process())
+          self.checkpoint_dir, self._fingerprint(call, x1, x2, plan),
+          {"plan": plan.describe(),
+           "leaves": tile_outputs.describe_leaves(template)})
     try:
-      for kind in (DIAG, OFFDIAG, FULL):
-        tiles = [tile for tile in todo if tile.kind == kind]
-        if not tiles:
-          continue
-        program = self._program(call, kind, template, mesh)
-        for start in range(0, len(tiles), mesh.size):
-          chunk = tiles[start:start + mesh.size]
-          padding = [chunk[0]] * (mesh.size - len(chunk))
-          ids = np.asarray([t.id for t in chunk] + [-1] * len(padding))
-          rows = np.asarray([t.i for t in chunk + padding])
-          cols = np.asarray([t.j for t in chunk + padding])
-          inputs = [tile_rows(x1_padded, rows, b),
-                    tile_rows(x2_padded, cols, b),
-                    tile_rows(tiled1, rows, b), tile_rows(tiled2, cols, b)]
-          leaves = program(*devices.put_sharded(inputs, mesh), dynamic)
-          if checkpoint is not None:
-            checkpoint.save(ids, leaves)
+      if checkpoint is not None:
+        expected = {assemble.leaf_name(k): (leaf.shape,
+                                            np.dtype(leaf.dtype).name)
+                    for k, leaf in enumerate(template.leaves)}
+        for ids, leaves in checkpoint.load(len(plan.tiles), expected):
           if self.store_on_device:
-            assembler.add(ids, jax.block_until_ready(leaves))
+            assembler.add_host(ids, leaves)
           else:
-            assembler.add(ids, devices.gather_to_host(leaves))
-          progress.update(len(chunk))
+            assembler.add(ids, leaves)
+          done.update(int(i) for i in ids if i >= 0)
+      todo = [tile for tile in plan.tiles if tile.id not in done]
+      if checkpoint is not None and todo:
+        checkpoint.ensure_writable()
+      progress = progress_lib.Progress(len(plan.tiles), len(done),
+                                       self.progress,
+                                       devices.is_primary_process())
+      self._compute(call, template, plan, mesh, todo, assembler, checkpoint,
+                    progress, (x1_padded, x2_padded, tiled1, tiled2), dynamic)
     except BaseException:
       if checkpoint is not None:
         checkpoint.abandon()
@@ -199,6 +187,39 @@ class BatchedKernelFn:
       checkpoint.close()
     progress.close()
     return template.build(assembler.result(), call.n1, call.n2)
+
+  def _compute(self, call, template, plan, mesh, todo, assembler, checkpoint,
+               progress, padded_inputs, dynamic) -> None:
+    """Computes the tiles `todo` in rounds of one tile per device."""
+    x1_padded, x2_padded, tiled1, tiled2 = padded_inputs
+    b = plan.batch_size
+    for kind in (DIAG, OFFDIAG, FULL):
+      tiles = [tile for tile in todo if tile.kind == kind]
+      if not tiles:
+        continue
+      program = self._program(call, kind, template, mesh)
+      for start in range(0, len(tiles), mesh.size):
+        chunk = tiles[start:start + mesh.size]
+        padding = [chunk[0]] * (mesh.size - len(chunk))
+        ids = np.asarray([t.id for t in chunk] + [-1] * len(padding))
+        rows = np.asarray([t.i for t in chunk + padding])
+        cols = np.asarray([t.j for t in chunk + padding])
+        inputs = [tile_rows(x1_padded, rows, b),
+                  tile_rows(x2_padded, cols, b),
+                  tile_rows(tiled1, rows, b), tile_rows(tiled2, cols, b)]
+        leaves = program(*devices.put_sharded(inputs, mesh), dynamic)
+        if self.store_on_device:
+          if checkpoint is not None:
+            checkpoint.save(ids, leaves)  # Written while the next computes.
+          assembler.add(ids, jax.block_until_ready(leaves))
+        else:
+          host = devices.gather_to_host(leaves)
+          if checkpoint is not None:
+            # Under multi-host every process holds every tile on the host;
+            # each writes only its own devices' tiles, from `leaves`.
+            checkpoint.save(ids, leaves if devices.multi_process() else host)
+          assembler.add(ids, host)
+        progress.update(len(chunk))
 
   # ------------------------------------------------------------ programs
 
@@ -215,13 +236,7 @@ class BatchedKernelFn:
   def _template(self, call: _Call, x1: Any, x2: Any,
                 b: int) -> tile_outputs.OutputTemplate:
     kind = DIAG if call.symmetric else FULL
-    def tile_spec(x):
-      return jax.tree.map(
-          lambda leaf: jax.ShapeDtypeStruct((b,) + np.shape(leaf)[1:],
-                                            _dtype(leaf)), x)
-    specs = (tile_spec(x1), tile_spec(x1 if x2 is None else x2),
-             tile_spec({n: v[0] for n, v in call.tiled.items()}),
-             tile_spec({n: v[1] for n, v in call.tiled.items()}))
+    specs = self._tile_specs(call, x1, x2, b)
     key = call.program_key(kind)
     if key is not None:
       # Tracing the wrapped function costs time: reuse the template for
@@ -234,6 +249,17 @@ class BatchedKernelFn:
     if key is not None:
       self._templates[key] = template
     return template
+
+  @staticmethod
+  def _tile_specs(call: _Call, x1: Any, x2: Any, b: int) -> tuple:
+    """Abstract inputs of one tile: `(x1, x2, tiled1, tiled2)`."""
+    def tile_spec(x):
+      return jax.tree.map(
+          lambda leaf: jax.ShapeDtypeStruct((b,) + np.shape(leaf)[1:],
+                                            _dtype(leaf)), x)
+    return (tile_spec(x1), tile_spec(x1 if x2 is None else x2),
+            tile_spec({n: v[0] for n, v in call.tiled.items()}),
+            tile_spec({n: v[1] for n, v in call.tiled.items()}))
 
   def _new_template(self, call: _Call, kind: str, specs: tuple,
                     b: int) -> tile_outputs.OutputTemplate:
@@ -306,6 +332,26 @@ class BatchedKernelFn:
 
   # ---------------------------------------------------------- fingerprint
 
+  def _computation(self, call: _Call, x1: Any, x2: Any, b: int) -> str:
+    """Digest of the per-tile program: what the kernel function computes."""
+    kind = DIAG if call.symmetric else FULL
+    specs = self._tile_specs(call, x1, x2, b)
+    abstract_dynamic = [jax.ShapeDtypeStruct(np.shape(d), _dtype(d))
+                        for d in call.dynamic]
+    key = call.program_key(kind)
+    if key is not None:
+      # Cached like the compiled program it describes (`jax.jit` too
+      # assumes a function computes what it computed when first traced).
+      key += (jax.tree.structure(specs), tuple(jax.tree.leaves(specs)),
+              tuple(abstract_dynamic))
+      if key in self._digests:
+        return self._digests[key]
+    digest = fingerprint_lib.computation_identity(
+        self._one_tile(call, kind), *specs, abstract_dynamic)
+    if key is not None:
+      self._digests[key] = digest
+    return digest
+
   def _fingerprint(self, call: _Call, x1: Any, x2: Any,
                    plan: TilePlan) -> dict[str, str]:
     digest = fingerprint_lib.digest
@@ -315,11 +361,31 @@ class BatchedKernelFn:
         "batch_size": str(self.batch_size),
         "tiling": digest(plan.describe()),
         "get": repr(call.get),
-        "kernel_fn": fingerprint_lib.function_identity(self.kernel_fn),
+        "kernel_fn (what it computes)": self._computation(call, x1, x2,
+                                                          plan.batch_size),
         "array arguments (parameters)": digest(call.dynamic),
         "other arguments": digest(list(call.static)),
         "tiled arguments": digest(call.tiled),
     }
+
+
+_MAX_SHARED_CACHES = 16
+_SHARED_CACHES: collections.OrderedDict[Any, tuple[dict, dict, dict]] = (
+    collections.OrderedDict())
+
+
+def _caches_for(kernel_fn: Callable[..., Any]) -> tuple[dict, dict, dict]:
+  """Compiled programs, templates and digests of `kernel_fn`'s tiles."""
+  try:
+    caches = _SHARED_CACHES.pop(kernel_fn, None)
+  except TypeError:  # Unhashable: caches of its own.
+    return {}, {}, {}
+  if caches is None:
+    caches = ({}, {}, {})
+  _SHARED_CACHES[kernel_fn] = caches  # Most recently used last.
+  while len(_SHARED_CACHES) > _MAX_SHARED_CACHES:
+    _SHARED_CACHES.popitem(last=False)
+  return caches
 
 
 def _dtype(leaf: Any) -> Any:

@@ -17,9 +17,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 __all__ = [
+    "all_processes_agree",
     "default_mesh",
+    "gather_strings",
     "gather_to_host",
     "is_primary_process",
+    "multi_process",
     "put_replicated",
     "put_sharded",
     "result_sharding",
@@ -38,7 +41,8 @@ def tile_axis_spec(mesh: Mesh) -> PartitionSpec:
   return PartitionSpec(tuple(mesh.axis_names))
 
 
-def _multi_process() -> bool:
+def multi_process() -> bool:
+  """Whether this is one of several processes (`jax.distributed`)."""
   return jax.process_count() > 1
 
 
@@ -49,12 +53,12 @@ def is_primary_process() -> bool:
 
 def sync(name: str) -> None:
   """A barrier across processes; nothing on a single process."""
-  if _multi_process():
+  if multi_process():
     multihost_utils.sync_global_devices(name)
 
 
 def _put(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  if not _multi_process():
+  if not multi_process():
     return jax.device_put(host, sharding)
   # Every process holds the same host copy; each fills its own devices.
   return jax.make_array_from_callback(host.shape, sharding,
@@ -75,7 +79,7 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
         sharding, x.ndim):
       return x
-    if isinstance(x, jax.Array) and not _multi_process():
+    if isinstance(x, jax.Array) and not multi_process():
       return jax.device_put(x, sharding)
     return _put(np.asarray(x), sharding)
 
@@ -84,7 +88,7 @@ def put_replicated(tree: Any, mesh: Mesh) -> Any:
 
 def gather_to_host(tree: Any) -> Any:
   """Global arrays as host numpy arrays, on every process."""
-  if _multi_process():
+  if multi_process():
     return jax.tree.map(
         lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
         tree)
@@ -100,3 +104,31 @@ def result_sharding(mesh: Mesh, sizes: tuple[int, ...]) -> NamedSharding:
     if size % mesh.size == 0:
       return NamedSharding(mesh, PartitionSpec(*([None] * axis), spec))
   return NamedSharding(mesh, PartitionSpec())
+
+
+_MAX_MESSAGE_BYTES = 2048
+
+
+def gather_strings(text: str) -> list[str]:
+  """Every process's `text`, in process order (a collective)."""
+  if not multi_process():
+    return [text]
+  encoded = text.encode()[:_MAX_MESSAGE_BYTES]
+  buffer = np.zeros(_MAX_MESSAGE_BYTES + 4, np.uint8)
+  buffer[:4] = np.frombuffer(np.uint32(len(encoded)).tobytes(), np.uint8)
+  buffer[4:4 + len(encoded)] = np.frombuffer(encoded, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(buffer))
+  texts = []
+  for row in gathered.reshape(jax.process_count(), -1):
+    length = int(np.frombuffer(row[:4].tobytes(), np.uint32)[0])
+    texts.append(row[4:4 + length].tobytes().decode(errors="replace"))
+  return texts
+
+
+def all_processes_agree(mask: np.ndarray) -> np.ndarray:
+  """Elementwise AND of a boolean array over all processes (a collective)."""
+  if not multi_process():
+    return np.asarray(mask, bool)
+  gathered = np.asarray(multihost_utils.process_allgather(
+      np.asarray(mask, np.uint8)))
+  return gathered.reshape((jax.process_count(),) + np.shape(mask)).all(0)

@@ -130,7 +130,7 @@ def restore(path: PathLike, target: Any = None,
     path: the checkpoint directory.
     target: optional pytree giving the structure to restore into (e.g. a
       freshly initialized `TrainState`; its arrays may be abstract
-      `jax.ShapeDtypeStruct`s). Without it, the result is nested dicts and
+      `jax.ShapeDtypeStruct` leaves). Without it, the result is nested dicts and
       lists as orbax stores them.
     sharding: where to put the arrays: a `jax.sharding.Sharding` for every
       array (a `NamedSharding` that cannot split a leaf replicates it over

@@ -90,12 +90,15 @@ class OutputLeaf:
     dtype: its dtype.
     perm: for `PAIR` leaves, the transposing permutation, or `None` if the
       layout is unknown.
+    name: its name (`nngp`, `ntk`, a namedtuple field, or `get` for a bare
+      array), if it has one.
   """
   key: str
   role: str
   shape: tuple[int, ...]
   dtype: Any
   perm: Optional[tuple[int, ...]]
+  name: Optional[str] = None
 
 
 class OutputTemplate:
@@ -153,7 +156,8 @@ class OutputTemplate:
         if layout is not None and layout_ndim(layout) == rest:
           perm = transpose_permutation(layout)
       self.leaves.append(OutputLeaf(jax.tree_util.keystr(path), role,
-                                    tuple(leaf.shape), leaf.dtype, perm))
+                                    tuple(leaf.shape), leaf.dtype, perm,
+                                    name))
 
   @property
   def all_transposable(self) -> bool:
@@ -216,6 +220,14 @@ def empirical_layout_hint(trace_axes: Sequence[int],
         layout.append("pair")
     return tuple(layout)
   return hint
+
+
+def describe_leaves(template: OutputTemplate) -> list[dict[str, Any]]:
+  """JSON-able description of a template's leaves (for tile readers)."""
+  return [{"key": leaf.key, "name": leaf.name, "role": leaf.role,
+           "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
+           "perm": None if leaf.perm is None else list(leaf.perm)}
+          for leaf in template.leaves]
 
 
 def as_host_dtype(dtype: Any) -> np.dtype:

@@ -14,6 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from flax_tangents import predict
+from flax_tangents._src import nnx_adapter
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.empirical.api import empirical_ntk_fn
 from flax_tangents._src.empirical.linearize import linearize
@@ -136,10 +137,17 @@ def fit(
   Only the `'params'` collection of Flax variables is trained; other
   collections are held fixed. Outputs must have shape `(N, O)`.
 
+  A Flax NNX module is trained functionally: `fit(model, None, ...)` starts
+  from its current state and leaves the module unchanged; only its
+  `nnx.Param` variables are trained. `result.variables` is then an
+  `nnx.State` (`nnx.update(model, result.variables)` loads it) and
+  `result.linearized_variables` one for `ft.linearize(model)`.
+
   Args:
     apply_fn: `apply_fn(variables, x, **apply_kwargs) -> (N, O)`, e.g.
-      `model.apply`.
-    variables: initial variables (e.g. `model.init(key, x)`).
+      `model.apply`; or an `nnx.Module` called as `model(x, **apply_kwargs)`.
+    variables: initial variables (e.g. `model.init(key, x)`); for an
+      `nnx.Module`, None (its current state), a module or an `nnx.State`.
     optimizer: any `optax.GradientTransformation` (SGD, momentum, Adam, ...).
     x_train: training inputs.
     y_train: training targets `(N, O)` (one-hot for cross-entropy).
@@ -193,6 +201,10 @@ def fit(
   >>> result.steps.tolist(), result.network.train_loss.shape
   ([0, 5, 10], (3,))
   """
+  nnx_module = nnx_adapter.is_module(apply_fn)
+  if nnx_module:
+    apply_fn, variables = nnx_adapter.as_apply(apply_fn, variables,
+                                               "variables")
   apply_kwargs = dict(apply_kwargs or {})
   loss_fn = results.resolve_loss(loss)
   x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
@@ -340,7 +352,7 @@ def fit(
                                        **predict_kwargs)
 
   network, lin = curves["network"], curves.get("linearized")
-  return results.TrainResult(
+  result = results.TrainResult(
       steps=recorded, times=times, network=network, linearized=lin,
       ntk_empirical=ntk_empirical, ntk_analytic=ntk_analytic,
       distance_train=(None if lin is None else
@@ -351,6 +363,7 @@ def fit(
       linearized_variables=(rebuild(state["linearized"]["params"])
                             if linearized else None),
       completed=done == steps)
+  return nnx_adapter.with_states(result) if nnx_module else result
 
 
 def _analytic_ntk(kernel_fn, x_train, x_test):

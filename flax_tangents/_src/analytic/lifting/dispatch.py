@@ -1,47 +1,39 @@
-"""What `ft.kernel_fn` does with each module call that receives a kernel.
+"""The lifting side of `ft.kernel_fn`'s per-module dispatch.
 
-In order:
-
-1. a Flax lifted transform (`nn.scan`, `nn.remat`, ...): `transforms`;
-2. a module with a registered kernel rule: the rule replaces `__call__`;
-3. a stock Flax module without a rule (other than `nn.Sequential`): refused;
-4. any other module (user modules, `nn.Sequential`): its method is traced
-   and the trace is evaluated on kernels (`tracing`, `interpreter`), each
-   submodule call coming back here.
-
-The provenance of every kernel a call returns is recorded, so that sums and
-products of branches in the caller can be checked (`provenance`).
+`interceptor._interceptor` replaces a module with a registered rule by its
+rule and lifts every other module (user modules, `nn.Sequential`): `lift`
+traces its method and evaluates the trace on kernels (`tracing`,
+`interpreter`), each submodule call coming back to the interceptor. This
+module also records the provenance of every kernel a call returns (so that
+sums and products of branches in the caller can be checked), and refuses
+Flax lifted transforms that reach the interceptor directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Iterator
 
-import flax
 import flax.linen as nn
 import jax
 
-from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic.errors import KernelRuleError
-from flax_tangents._src.analytic.errors import PlainFunctionError
 from flax_tangents._src.analytic.lifting import elementwise_rules  # noqa: F401
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting import provenance as prov
 from flax_tangents._src.analytic.lifting import scan_rule  # noqa: F401
 from flax_tangents._src.analytic.lifting import shape_rules  # noqa: F401
-from flax_tangents._src.analytic.lifting import tracing
+from flax_tangents._src.analytic.lifting import tracing as tracing_lib
 from flax_tangents._src.analytic.lifting import transforms
 from flax_tangents._src.analytic.lifting.errors import LiftingError
 from flax_tangents._src.analytic.lifting.errors import _LIBRARY_DIRS
 from flax_tangents._src.analytic.lifting.interpreter import Interpreter
 from flax_tangents.kernel import Kernel
 
-__all__ = ["intercept"]
-
-# Stock Flax modules that only call their submodules: lifted like user ones.
-_TRANSPARENT_STOCK_MODULES = (nn.Sequential,)
+__all__ = ["call_depth", "check_transform", "lift", "record_rule_output",
+           "tracing"]
 
 
 class _Depth(threading.local):
@@ -70,23 +62,7 @@ def _fresh_affine_types() -> tuple[type, ...]:
           ftn_conv.ConvTranspose)
 
 
-def _no_rule_error(module: nn.Module) -> KernelRuleError:
-  return KernelRuleError(
-      f"{paths.describe(module)} has no infinite-width kernel rule. Use the "
-      "matching layer from `flax_tangents.nn` (e.g. `ftn.Dense`, "
-      "`ftn.Relu`), or register a rule with "
-      "`ft.register_kernel_rule(ModuleType, rule)`.")
-
-
-def _note_once(error: BaseException, module: nn.Module) -> None:
-  # Only the innermost module adds its path: that is where the error arose.
-  if not getattr(error, "_flax_tangents_noted", False):
-    error.add_note(f"(raised while computing the kernel of "
-                   f"{paths.describe(module)})")
-    error._flax_tangents_noted = True  # pylint: disable=protected-access
-
-
-def _record_rule_output(module: nn.Module, args: Any, out: Any) -> None:
+def record_rule_output(module: nn.Module, args: Any, out: Any) -> None:
   inputs = [prov.unknown(k) for k in kernels_in(args)]
   name = "/".join(paths.full_path(module)) + f"#{id(module)}"
   if isinstance(out, Kernel) and isinstance(module, _fresh_affine_types()):
@@ -109,7 +85,7 @@ def _user_line(error: BaseException) -> str:
   return "an unknown line"
 
 
-def _call_submodule(record: tracing.CallRecord, args: tuple[Any, ...],
+def _call_submodule(record: tracing_lib.CallRecord, args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
   child = record.module.clone(parent=None, _deep_clone=True)
   with paths.prefix(paths.full_path(record.module)):
@@ -121,7 +97,8 @@ def lift(module: nn.Module, method: str, args: tuple[Any, ...],
   """The kernel of `module.<method>(*args, **kwargs)` by lifting its code."""
   where = paths.describe(module)
   try:
-    trace = tracing.trace_method(module, method, args, kwargs)
+    with paths.prefix(paths.full_path(module)):
+      trace = tracing_lib.trace_method(module, method, args, kwargs)
   except (jax.errors.TracerBoolConversionError,
           jax.errors.ConcretizationTypeError,
           jax.errors.TracerIntegerConversionError,
@@ -136,62 +113,44 @@ def lift(module: nn.Module, method: str, args: tuple[Any, ...],
     return Interpreter(trace, where, _call_submodule).run(kernels)
 
 
-def _dispatch(next_fun: Callable[..., Any], module: nn.Module, method: str,
-              args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-  transform = transforms.enclosing_transform(module)
-  if transform is not None and transform.name not in transforms.TRANSPARENT:
-    # Reached only when the transformed module is the model itself (or is
-    # called by a rule): inside a lifted module, `scan_rule` handles it.
-    if transform.name != "scan":
-      raise transforms.refuse(transform)
-    raise KernelRuleError(
-        f"{transforms.describe(transform)} is the whole model; its kernel "
-        "is computed when it is called inside a module: wrap it, e.g. "
-        "`class Net(nn.Module): ... h, _ = Stack(...)(x, None)`.")
-  rule = registry.find_rule(type(module))
-  if rule is not None:
-    if method != "__call__":
-      raise KernelRuleError(
-          f"{paths.describe(module)}: its method `{method}` was called on a "
-          "kernel, but kernel rules replace `__call__` only.")
-    out = rule(module, *args, **kwargs)
-    _record_rule_output(module, (args, kwargs), out)
-    return out
-  is_stock = type(module).__module__.startswith("flax.")
-  if is_stock and not isinstance(module, _TRANSPARENT_STOCK_MODULES):
-    raise _no_rule_error(module)
-  del next_fun
-  return lift(module, method, args, kwargs)
 
 
-def intercept(next_fun: Callable[..., Any], args: tuple[Any, ...],
-              kwargs: dict[str, Any],
-              context: nn.module.InterceptorContext) -> Any:
-  """The per-module dispatch of `ft.kernel_fn` (see the module docstring)."""
-  if tracing.tracing() or not kernels_in((args, kwargs)):
-    return next_fun(*args, **kwargs)
-  module, method = context.module, context.method_name
-  if method == "setup":
-    return next_fun(*args, **kwargs)
+def set_no_rule_error(factory) -> None:
+  """The interceptor's error for a stock module without a rule, which
+  tracing raises when such a module cannot even run on stand-in arrays."""
+  tracing_lib.no_rule_error = factory
+
+
+def tracing() -> bool:
+  """Whether lifting is tracing a module (the interceptor must stand by)."""
+  return tracing_lib.tracing()
+
+
+@contextlib.contextmanager
+def call_depth() -> Iterator[None]:
+  """Marks a module call on kernels; provenance is forgotten at the top."""
   _depth.value += 1
   try:
-    return _dispatch(next_fun, module, method, args, kwargs)
-  except PlainFunctionError as e:
-    raise KernelRuleError(
-        f"{paths.describe(module)} passed a Kernel to a plain function (such "
-        "as `nn.relu` or `jnp.tanh`) outside a module call that can be "
-        "lifted. Use a layer from `flax_tangents.nn` instead (e.g. "
-        "`ftn.Relu()` for `nn.relu`), or give your module a rule with "
-        "`ft.register_kernel_rule`.") from e
-  except KernelRuleError:
-    raise
-  except (flax.errors.ScopeParamNotFoundError,
-          flax.errors.ScopeCollectionNotFound) as e:
-    raise _no_rule_error(module) from e
-  except Exception as e:  # pylint: disable=broad-except
-    _note_once(e, module)
-    raise
+    yield
   finally:
     _depth.value -= 1
     if _depth.value == 0:
       prov.clear()
+
+
+def check_transform(module: nn.Module) -> None:
+  """Refuses a Flax lifted transform reached by the interceptor directly.
+
+  Inside a lifted module, `nn.scan` is handled by `scan_rule` and other
+  transforms are refused while tracing; this is reached only when the
+  transformed module is the model itself (or is called by a rule).
+  """
+  transform = transforms.enclosing_transform(module)
+  if transform is None or transform.name in transforms.TRANSPARENT:
+    return
+  if transform.name != "scan":
+    raise transforms.refuse(transform)
+  raise KernelRuleError(
+      f"{transforms.describe(transform)} is the whole model; its kernel is "
+      "computed when it is called inside a module: wrap it, e.g. `class "
+      "Net(nn.Module): ... h, _ = Stack(...)(x, None)`.")

@@ -81,9 +81,10 @@ def _two_branches(interp: Interpreter, eqn: Equation,
     a, b = (interp.net(v, eqn) for v in values)
     if not prov.uncorrelated(a.provenance, b.provenance):
       raise interp.refuse(
-          eqn, "the two summands may be correlated (e.g. `x + relu(x)`, or "
-          "one layer called twice), so the kernel of their sum is not the "
-          "sum of their kernels. A sum is lifted when one summand is the "
+          eqn, "the two summands may be correlated or not centred (e.g. "
+          "`x + relu(x)`, `relu(a) - relu(b)`, or one layer called twice), "
+          "so the kernel of their sum is not the sum of their kernels. A sum "
+          "is lifted when one summand is the "
           "output of an affine layer (`nn.Dense`, `nn.Conv`, ...) that the "
           "other does not depend on, as in a residual block `x + "
           "Dense(relu(x))`.")

@@ -122,11 +122,14 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
   _state.inside_child += 1
   try:
     real = next_fun(*args, **kwargs)
-  except Exception:  # pylint: disable=broad-except
+  except Exception as e:  # pylint: disable=broad-except
     # A layer defined by its kernel only (no finite forward pass), or a
     # module reused with other shapes: its rule gives the output shapes.
     real = _outputs_from_rule(context.module, args, kwargs)
     if real is None:
+      if no_rule_error is not None and _is_stock(context.module):
+        # What the kernel computation would say (e.g. `nn.Embed` on floats).
+        raise no_rule_error(context.module) from e
       raise
   finally:
     _state.inside_child -= 1
@@ -144,6 +147,15 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
                                  n_inputs=len(operands)))
   return jax.tree.unflatten(
       out_tree, [next(opaque) if _is_array(x) else x for x in out_leaves])
+
+
+# `interceptor` installs its error for stock modules without a rule here.
+no_rule_error: Optional[Any] = None
+
+
+def _is_stock(module: nn.Module) -> bool:
+  return (type(module).__module__.startswith("flax.") and
+          not isinstance(module, nn.Sequential))
 
 
 def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:

@@ -151,7 +151,6 @@ def check_scan_parameters(transform: LiftedTransform,
     return
   mapped = [axis for f, axis in dict(kw.get("variable_axes", {})).items()
             if in_filter(f, "params")]
-  broadcast = kw.get("variable_broadcast", False)
   if not mapped:
     tied = broadcasts_params(transform)
     raise KernelRuleError(

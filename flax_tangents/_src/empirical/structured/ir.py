@@ -14,7 +14,7 @@ Only public APIs are used: `jax.make_jaxpr` and the types of
 
 from collections.abc import Callable, Sequence
 import dataclasses
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import jax
 from jax.extend import core as jex_core
@@ -37,6 +37,15 @@ _INLINED_CALLS = {
 }
 
 
+# Primitives never folded into constants (random, effects, calls).
+_NOT_FOLDED = frozenset({
+    "random_bits", "random_seed", "random_wrap", "random_unwrap",
+    "random_fold_in", "random_split", "threefry2x32", "rng_bit_generator",
+    "rng_uniform", "custom_jvp_call", "custom_vjp_call", "scan", "while",
+    "cond",
+})
+
+
 @dataclasses.dataclass(frozen=True)
 class Literal:
   """A constant operand of an equation."""
@@ -55,11 +64,14 @@ class Equation:
     params: its parameters.
     inputs: operand variable ids, or `Literal`s.
     outputs: result variable ids.
+    source_info: where the user's code bound it (for explanations).
   """
   primitive: jex_core.Primitive
   params: dict[str, Any]
   inputs: tuple[Atom, ...]
   outputs: tuple[int, ...]
+  source_info: Any = dataclasses.field(default=None, compare=False,
+                                       repr=False)
 
   @property
   def name(self) -> str:
@@ -85,6 +97,28 @@ class FlatProgram:
   consts: dict[int, Any]
   shapes: dict[int, tuple[int, ...]]
   dtypes: dict[int, Any]
+  _bodies: dict[tuple, "FlatProgram"] = dataclasses.field(
+      default_factory=dict, repr=False)
+  _cache: dict[str, Any] = dataclasses.field(default_factory=dict,
+                                             repr=False)
+
+  def body(self, index: int, key: str = "jaxpr",
+           branch: Optional[int] = None) -> "FlatProgram":
+    """The flat program of a body of equation `index` (a loop, a `cond`).
+
+    Args:
+      index: the equation's index in `equations`.
+      key: the parameter holding the body (`'jaxpr'` for `scan`,
+        `'body_jaxpr'`/`'cond_jaxpr'` for `while`, `'branches'` for `cond`).
+      branch: for `cond`, which branch.
+    """
+    cache_key = (index, key, branch)
+    if cache_key not in self._bodies:
+      closed = self.equations[index].params[key]
+      if branch is not None:
+        closed = closed[branch]
+      self._bodies[cache_key] = from_closed_jaxpr(closed)
+    return self._bodies[cache_key]
 
   def shape(self, atom: Atom) -> tuple[int, ...]:
     if isinstance(atom, Literal):
@@ -98,12 +132,62 @@ class FlatProgram:
 
   def consumers(self) -> dict[int, list[tuple[int, int]]]:
     """For each variable, the `(equation index, operand position)` uses."""
-    uses: dict[int, list[tuple[int, int]]] = {}
-    for i, eqn in enumerate(self.equations):
-      for k, atom in enumerate(eqn.inputs):
-        if not isinstance(atom, Literal):
-          uses.setdefault(atom, []).append((i, k))
-    return uses
+    if "consumers" not in self._cache:
+      uses: dict[int, list[tuple[int, int]]] = {}
+      for i, eqn in enumerate(self.equations):
+        for k, atom in enumerate(eqn.inputs):
+          if not isinstance(atom, Literal):
+            uses.setdefault(atom, []).append((i, k))
+      self._cache["consumers"] = uses
+    return self._cache["consumers"]
+
+  def producer(self, atom: Atom) -> Optional[int]:
+    """The index of the equation computing `atom` (None for inputs)."""
+    if "producers" not in self._cache:
+      self._cache["producers"] = {
+          v: i for i, eqn in enumerate(self.equations) for v in eqn.outputs
+      }
+    if isinstance(atom, Literal):
+      return None
+    return self._cache["producers"].get(atom)
+
+  def known_value(self, atom: Atom, max_size: int = 1 << 16
+                  ) -> Optional[np.ndarray]:
+    """The value of `atom` if it is computed from constants alone.
+
+    Only small integer and boolean values are folded (index arrays such as
+    `jnp.arange(batch)`); anything else gives None.
+    """
+    if isinstance(atom, Literal):
+      return np.asarray(atom.value)
+    known = self._cache.setdefault("known", {})
+    if atom not in known:
+      known[atom] = self._fold(atom, max_size)
+    return known[atom]
+
+  def _fold(self, var: int, max_size: int) -> Optional[np.ndarray]:
+    if var in self.consts:
+      value = self.consts[var]
+      return None if np.size(value) > max_size else np.asarray(value)
+    index = self.producer(var)
+    if index is None or np.prod(self.shapes[var]) > max_size:
+      return None
+    if not (np.issubdtype(self.dtypes[var], np.integer) or
+            np.issubdtype(self.dtypes[var], np.bool_)):
+      return None
+    eqn = self.equations[index]
+    if eqn.primitive.multiple_results or eqn.name in _NOT_FOLDED:
+      return None
+    values = [self.known_value(a, max_size) for a in eqn.inputs]
+    if any(v is None for v in values):
+      return None
+    try:
+      with jax.ensure_compile_time_eval():
+        out = eqn.primitive.bind(
+            *values, **eqn.primitive.get_bind_params(eqn.params))
+      return np.asarray(out)
+    except Exception:  # pylint: disable=broad-except
+      return None
 
 
 class _Builder:
@@ -159,7 +243,7 @@ class _Builder:
         outputs.append(var_id)
       self.equations.append(
           Equation(eqn.primitive, dict(eqn.params), tuple(inputs),
-                   tuple(outputs)))
+                   tuple(outputs), eqn.source_info))
     return [read(v) for v in jaxpr.outvars]
 
 

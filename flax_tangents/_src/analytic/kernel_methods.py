@@ -1,0 +1,162 @@
+"""`Kernel` methods: batch slicing, masking, indexing and NT's arithmetic.
+
+Every method gives the kernel of a transformed activation `y = f(x)`:
+
+- `k.slice(s1, s2)`: `x1[s1]`, `x2[s2]`;
+- `k[idx]`: `x[idx]` (batch slices apply to both batches, as in NT);
+- `k * c`, `c * k`, `k / c`: a constant factor, covariances times `c**2`;
+  `-k` is `k`;
+- `k + c`, `k - c`: a constant shift, adding `c**2`; exact only for centred
+  activations, so refused after a nonlinearity (NT adds `c**2` always);
+- `k1 + k2`, `k1 - k2`: the sum (or difference) of independent branches,
+  i.e. `FanInSum`; `k1 * k2`: their product, i.e. `FanInProd`.
+
+All act on every unit alike, so they apply exactly to each part of a
+mixture (see `mixtures`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_tangents._src.analytic import mixtures
+from flax_tangents.kernel import Kernel
+
+__all__ = ["add", "divide", "getitem", "multiply", "slice_batches"]
+
+_COV_FIELDS = ("nngp", "ntk", "cov1", "cov2")
+
+
+def _check_slice(s: Any, name: str) -> None:
+  if not isinstance(s, slice):
+    raise TypeError(f"Kernel.slice: `{name}` must be a `slice`, got "
+                    f"{type(s).__name__}; use `slice(start, stop)`.")
+
+
+def _slice_one(kernel: Kernel, n1_slice: slice, n2_slice: slice) -> Kernel:
+  same = kernel.cov2 is None and n1_slice == n2_slice
+  full_batch = not kernel.diagonal_batch
+
+  def own(cov, s):
+    return cov[s, s] if full_batch else cov[s]
+
+  cov2_source = kernel.cov1 if kernel.cov2 is None else kernel.cov2
+  cov1 = own(kernel.cov1, n1_slice)
+  cov2 = None if same else own(cov2_source, n2_slice)
+  n1 = len(range(*n1_slice.indices(kernel.shape1[0])))
+  n2 = len(range(*n2_slice.indices(kernel.shape2[0])))
+  mask2_source = kernel.mask1 if kernel.mask2 is None else kernel.mask2
+  return kernel.replace(
+      nngp=kernel.nngp[n1_slice, n2_slice],
+      ntk=None if kernel.ntk is None else kernel.ntk[n1_slice, n2_slice],
+      cov1=cov1, cov2=cov2, x1_is_x2=kernel.x1_is_x2 if same else False,
+      shape1=(n1,) + tuple(kernel.shape1[1:]),
+      shape2=(n2,) + tuple(kernel.shape2[1:]),
+      mask1=None if kernel.mask1 is None else kernel.mask1[n1_slice],
+      mask2=(None if same or mask2_source is None
+             else mask2_source[n2_slice]))
+
+
+def slice_batches(kernel: Kernel, n1_slice: slice, n2_slice: slice
+                  ) -> Kernel:
+  """The kernel of `x1[n1_slice]` and `x2[n2_slice]`."""
+  _check_slice(n1_slice, "n1_slice")
+  _check_slice(n2_slice, "n2_slice")
+  return mixtures.map_units(
+      kernel, lambda k: _slice_one(k, n1_slice, n2_slice))
+
+
+def _getitem_one(kernel: Kernel, idx: Any) -> Kernel:
+  from flax_tangents._src.analytic import resize  # import cycle
+  layer = "Kernel[...]"
+  full = resize.normalize_index(idx, kernel.shape1, layer)
+  batch, channel = full[0], full[-1]
+  if channel != slice(None):
+    raise ValueError(
+        f"{layer}: idx={idx!r} indexes the channel axis, which is infinite "
+        "in the kernel; index only the batch and spatial axes.")
+  if not isinstance(batch, slice):
+    raise ValueError(
+        f"{layer}: an integer on the batch axis would remove it, but a "
+        "Kernel always keeps one; use a slice such as `i:i + 1`.")
+  if batch != slice(None):
+    kernel = _slice_one(kernel, batch, batch)
+  rest = (slice(None),) + tuple(full[1:])
+  return resize.index_kernel(kernel, rest, layer)
+
+
+def getitem(kernel: Kernel, idx: Any) -> Kernel:
+  """The kernel of `x[idx]` (see `Kernel.__getitem__`)."""
+  return mixtures.map_units(kernel, lambda k: _getitem_one(k, idx))
+
+
+def _is_scalar(x: Any) -> bool:
+  if isinstance(x, numbers.Number) and not isinstance(x, bool):
+    return True
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) and (
+      np.ndim(x) == 0)
+
+
+def _scaled(kernel: Kernel, factor: Any) -> Kernel:
+  def scale(k: Kernel) -> Kernel:
+    return k.replace(**{f: None if getattr(k, f) is None else
+                        getattr(k, f) * factor for f in _COV_FIELDS})
+  return mixtures.map_units(kernel, scale)
+
+
+def multiply(kernel: Kernel, other: Any) -> Kernel:
+  """`kernel * other`: a constant factor, or the product of two branches."""
+  if isinstance(other, Kernel):
+    from flax_tangents._src.analytic import combinators  # import cycle
+    return combinators.fan_in_prod([kernel, other])
+  if not _is_scalar(other):
+    raise TypeError(
+        f"A Kernel can be multiplied by a scalar (covariances scale by its "
+        f"square) or by another Kernel (FanInProd), not by "
+        f"{type(other).__name__} of shape {np.shape(other)}. For a random "
+        "linear map use `ftn.Dense`.")
+  return _scaled(kernel, jnp.square(other))
+
+
+def divide(kernel: Kernel, other: Any) -> Kernel:
+  """`kernel / other` for a scalar `other`."""
+  if not _is_scalar(other):
+    raise TypeError(f"A Kernel can be divided by a scalar only, not by "
+                    f"{type(other).__name__}.")
+  return _scaled(kernel, 1 / jnp.square(other))
+
+
+def _shifted(kernel: Kernel, square: Any) -> Kernel:
+  if not kernel.is_gaussian:
+    where = "raw inputs" if kernel.is_input else "a non-centred activation"
+    raise ValueError(
+        f"`Kernel + c` (or `- c`) on {where}: shifting by a constant adds "
+        "`c**2` plus `2 c` times the mean, and the mean is known (zero) "
+        "only right after an affine layer. Add the constant there (e.g. "
+        "as the bias of the `Dense`/`Conv`: `b_std`), or after an affine "
+        "layer.")
+  return kernel.replace(
+      nngp=kernel.nngp + square, cov1=kernel.cov1 + square,
+      cov2=None if kernel.cov2 is None else kernel.cov2 + square,
+      is_gaussian=False, is_input=False)
+
+
+def add(kernel: Kernel, other: Any) -> Kernel:
+  """`kernel + other` (or `-`): a sum of branches, or a constant shift."""
+  if isinstance(other, Kernel):
+    from flax_tangents._src.analytic import combinators  # import cycle
+    return combinators.fan_in_sum([kernel, other])
+  if isinstance(other, numbers.Number) and other == 0:
+    return kernel  # lets `sum(kernels)` start from 0.
+  if not _is_scalar(other):
+    raise TypeError(
+        f"A Kernel can be added to another Kernel (FanInSum) or to a "
+        f"scalar constant, not to {type(other).__name__} of shape "
+        f"{np.shape(other)}.")
+  square = jnp.square(other)
+  return mixtures.map_units(kernel, lambda k: _shifted(k, square))
