@@ -178,3 +178,16 @@ def test_stock_attention_is_refused_with_the_reason():
                      match=r"nn.MultiHeadDotProductAttention \(module 'mha'"
                      r".*logits stay random.*GlobalSelfAttention"):
     ft.kernel_fn(Attention())(IMG1, IMG2)
+
+
+def test_readme_section_runs():
+  import os
+  import re
+  readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+  with open(readme) as f:
+    text = f.read()
+  section = text.split("## Kernels of unmodified Flax models")[1]
+  block = re.findall(r"```python\n(.*?)```", section, re.S)[0]
+  namespace = {}
+  exec(compile(block, "README.md", "exec"), namespace)  # pylint: disable=exec-used
+  assert namespace["nngp"].shape == namespace["ntk"].shape == (3, 2)

@@ -291,3 +291,32 @@ def test_monte_carlo_one_hidden_layer():
   assert_mc_close(nngp, np.asarray(k.nngp), n_se=5.0)
   # The standard-parameterization NTK of one hidden layer: also unbiased.
   assert_mc_close(ntk, np.asarray(k.ntk), n_se=5.0)
+
+
+def test_relu_plus_a_constant():
+  # E[(relu(u) + c)(relu(v) + c)] = E[relu relu] + c (E relu(u) + E relu(v))
+  # + c^2, with E relu(u) = sqrt(var / (2 pi)); checked against adaptive
+  # quadrature (Gauss-Hermite converges too slowly on the kink).
+  integrate = pytest.importorskip("scipy.integrate")
+  from flax_tangents._src.analytic.lifting import activations
+  from flax_tangents._src.analytic.lifting import expressions as ex
+  expr = ex.Apply(jax.lax.add_p, {}, (
+      ex.Apply(jax.lax.max_p, {}, (ex.ROOT, ex.Constant(np.asarray(0.0)))),
+      ex.Constant(np.asarray(0.7))))
+  activation = activations.recognize(expr)
+  assert activation.exact
+  c, v1, v2 = 0.6, 1.3, 0.9
+  f = lambda x: max(x, 0.0) + 0.7
+  s, a = np.sqrt(v1), c / np.sqrt(v1)
+  r = np.sqrt(v2 - a * a)
+  pdf = lambda z: np.exp(-z * z / 2) / np.sqrt(2 * np.pi)
+  inner = lambda z1: integrate.quad(lambda z2: pdf(z2) * f(a * z1 + r * z2),
+                                    -12, 12, points=[-a * z1 / r])[0]
+  want = integrate.quad(lambda z1: pdf(z1) * f(s * z1) * inner(z1), -12, 12,
+                        points=[0.0], epsabs=1e-13)[0]
+  got = activation.nngp_fn(jnp.asarray(c), jnp.asarray(v1), jnp.asarray(v2))
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  # And inside a model it runs (it is not the plain ReLU kernel).
+  shifted = ft.kernel_fn(_mlp(lambda x: nn.relu(x) + 0.7))(X1, X2, "nngp")
+  assert not np.allclose(shifted, ft.kernel_fn(_mlp(nn.relu))(X1, X2,
+                                                              "nngp"))

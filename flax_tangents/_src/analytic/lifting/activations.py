@@ -80,6 +80,18 @@ def _scaled(fns: tuple[GaussianExpectation, GaussianExpectation],
           lambda c, v1, v2: scale**2 * d_nngp_fn(c, v1, v2))
 
 
+def _shifted(nngp_fn: GaussianExpectation, shift: float,
+             mean_per_std: float) -> GaussianExpectation:
+  """`E[(phi(u) + s)(phi(v) + s)]` given `E[phi(u) phi(v)]`, for `phi` with
+  `E[phi(u)] = mean_per_std * sqrt(var(u))` (positively homogeneous)."""
+
+  def fn(c, v1, v2):
+    means = mean_per_std * (jnp.sqrt(v1) + jnp.sqrt(v2))
+    return nngp_fn(c, v1, v2) + shift * means + shift**2
+
+  return fn
+
+
 def _gelu_fns(amplitude: float, k: float):
   """`amplitude * gelu(k x)`: the exact GELU kernel at scaled variances."""
   s = k * k
@@ -97,11 +109,14 @@ def _closed_form(form: ex.Form) -> Optional[Activation]:
     fns = (functools.partial(gi_poly.polynomial_nngp, coef=poly),
            functools.partial(gi_poly.polynomial_d_nngp, coef=poly))
     return Activation(f"Polynomial(coef={poly})", *fns)
-  if keys <= {("x", 1), ("relu", 1)}:
+  if keys <= {("x", 1), ("relu", 1), ("1",)}:
     a = coef(("x", 1))
     b = a + coef(("relu", 1))
-    return Activation(f"ABRelu(a={a}, b={b})",
-                      functools.partial(gi.abrelu_nngp, a=a, b=b),
+    shift = coef(("1",))
+    nngp_fn = functools.partial(gi.abrelu_nngp, a=a, b=b)
+    if shift:
+      nngp_fn = _shifted(nngp_fn, shift, (b - a) / math.sqrt(2 * math.pi))
+    return Activation(f"ABRelu(a={a}, b={b}) + {shift}", nngp_fn,
                       functools.partial(gi.abrelu_d_nngp, a=a, b=b))
   if len(keys) == 1:
     (key,), (scale,) = keys, form.values()
