@@ -5,13 +5,13 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close, sample_kernels
+from mc_nngp_utils import sample_nngp
+from mc_utils import assert_mc_close
 
 RS = np.random.RandomState(0)
 X1, X2 = RS.randn(3, 5), RS.randn(2, 5)
@@ -84,8 +84,7 @@ def test_mnist_cnn_monte_carlo():
   # Widths 32, 64 and 256 as in the example: a few percent of finite-width
   # bias is expected, so the tolerance includes 10% of the kernel's scale.
   nngp = ft.kernel_fn(CNN())(IMG1, IMG2, "nngp")
-  samples, _ = sample_kernels(CNN(), jnp.asarray(IMG1), jnp.asarray(IMG2),
-                              jax.random.key(0), 48)
+  samples = sample_nngp(CNN(), IMG1, IMG2, jax.random.key(0), 64)
   assert_mc_close(samples, np.asarray(nngp), n_se=5.0, bias=0.1)
 
 
@@ -129,15 +128,7 @@ def test_batch_norm_inference_is_an_affine_map():
 def test_batch_norm_inference_monte_carlo():
   model = ConvBN(bias_init=nn.initializers.normal(0.3))
   nngp = ft.kernel_fn(model)(IMG1, IMG2, "nngp")
-
-  def one(key):
-    variables = model.init(key, IMG1)
-    out1 = model.apply(variables, IMG1)
-    out2 = model.apply(variables, IMG2)
-    return out1 @ out2.T / out1.shape[-1]
-
-  keys = jax.random.split(jax.random.key(2), 256)
-  samples = np.asarray(jax.jit(jax.vmap(one))(keys))
+  samples = sample_nngp(model, IMG1, IMG2, jax.random.key(2), 256)
   assert_mc_close(samples, np.asarray(nngp), n_se=5.0)
 
 

@@ -43,6 +43,7 @@ from flax_tangents._src.analytic import gaussian_integrals as gi
 from flax_tangents._src.analytic import gaussian_integrals_exp as gi_exp
 from flax_tangents._src.analytic import gaussian_integrals_poly as gi_poly
 from flax_tangents._src.analytic.lifting import expressions as ex
+from flax_tangents._src.analytic.lifting import normal_form as nf
 from flax_tangents._src.analytic.lifting import quadrature
 
 __all__ = ["Activation", "QUADRATURE_DEGREE", "recognize"]
@@ -100,12 +101,12 @@ def _gelu_fns(amplitude: float, k: float):
               s * c, s * v1, s * v2))
 
 
-def _closed_form(form: ex.Form) -> Optional[Activation]:
+def _closed_form(form: nf.Form) -> Optional[Activation]:
   keys = set(form)
   kinds = {k[0] for k in keys}
   coef = lambda key: form.get(key, 0.0)
   if kinds <= {"1", "x"}:
-    poly = ex._polynomial_of(form)  # pylint: disable=protected-access
+    poly = nf.polynomial_of(form)
     fns = (functools.partial(gi_poly.polynomial_nngp, coef=poly),
            functools.partial(gi_poly.polynomial_d_nngp, coef=poly))
     return Activation(f"Polynomial(coef={poly})", *fns)
@@ -197,7 +198,7 @@ def _erf_mixture(a: float, slope: float, shift: float):
   return phi, nngp_fn, d_nngp_fn
 
 
-def _reference(form: ex.Form):
+def _reference(form: nf.Form):
   """A closed form close to a smooth function, for a control variate.
 
   Returns `(phi, nngp_fn, d_nngp_fn)` or `None`. `a tanh(c x) + d` (and the
@@ -261,7 +262,7 @@ def _with_error_estimate(name: str, fn: Callable[[int], GaussianExpectation]
   return expectation
 
 
-def _numerical(expr: ex.Expr, form: Optional[ex.Form],
+def _numerical(expr: ex.Expr, form: Optional[nf.Form],
                description: str) -> Activation:
   phi = functools.partial(ex.evaluate, expr)
   d_phi = jnp.vectorize(jax.grad(lambda x: ex.evaluate(expr, x)))
@@ -301,7 +302,7 @@ def recognize(expr: ex.Expr, description: str = "phi"
     An `Activation` (closed form, or quadrature for smooth functions), or
     `None` for functions with kinks or poles that match no closed form.
   """
-  form = ex.normal_form(expr)
+  form = nf.normal_form(expr)
   if form is not None:
     found = _closed_form(form)
     if found is not None:

@@ -68,12 +68,9 @@ def record_rule_output(module: nn.Module, args: Any, out: Any) -> None:
   if isinstance(out, Kernel) and isinstance(module, _fresh_affine_types()):
     prov.record(out, prov.fresh(name, inputs))
     return
-  from flax_tangents.nn import combinators as ftn_combinators  # pylint: disable=g-import-not-at-top
-  concatenates = isinstance(module, ftn_combinators.FanInConcat)
   for kernel in kernels_in(out):
     if prov.lookup(kernel) is None:
-      prov.record(kernel, prov.opaque(inputs, name,
-                                      homogeneous=not concatenates))
+      prov.record(kernel, prov.opaque(inputs, name))
 
 
 def _user_line(error: BaseException) -> str:

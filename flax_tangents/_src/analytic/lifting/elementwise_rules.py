@@ -15,6 +15,7 @@ import numpy as np
 
 from flax_tangents._src.analytic import combinators
 from flax_tangents._src.analytic.lifting import expressions as ex
+from flax_tangents._src.analytic.lifting import normal_form as nf
 from flax_tangents._src.analytic.lifting import provenance as prov
 from flax_tangents._src.analytic.lifting import spatial_ops
 from flax_tangents._src.analytic.lifting.interpreter import Interpreter
@@ -68,7 +69,7 @@ def _linear_net(interp: Interpreter, eqn: Equation, value: Value
   """The value as a (scaled) kernel, if it is linear in its root."""
   if isinstance(value, Net):
     return value
-  if isinstance(value, Elem) and ex.linear_scale(value.expr) is not None:
+  if isinstance(value, Elem) and nf.linear_scale(value.expr) is not None:
     return interp.materialize(value)
   return None
 
@@ -90,7 +91,10 @@ def _two_branches(interp: Interpreter, eqn: Equation,
           "Dense(relu(x))`.")
     if name == "sub":
       b = Net(spatial_ops.scale(b.kernel, -1.0), b.provenance)
-    kernel = combinators.fan_in_sum([a.kernel, b.kernel])
+    if a.kernel.shape1 != b.kernel.shape1:
+      raise interp.refuse(eqn, f"the summands have shapes {a.kernel.shape1} "
+                          f"and {b.kernel.shape1}")
+    kernel = spatial_ops.add(a.kernel, b.kernel)
     return Net(kernel, prov.sum_of(a.provenance, b.provenance))
   if name == "mul" and not any(isinstance(v, Const) for v in values):
     a, b = (interp.net(v, eqn) for v in values)

@@ -18,6 +18,7 @@ import numpy as np
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
 from flax_tangents._src.analytic.lifting import activations
 from flax_tangents._src.analytic.lifting import expressions as ex
+from flax_tangents._src.analytic.lifting import normal_form as nf
 from flax_tangents._src.analytic.lifting import provenance as prov
 from flax_tangents._src.analytic.lifting import spatial_ops
 from flax_tangents._src.analytic.lifting import tracing
@@ -92,7 +93,7 @@ class Interpreter:
 
   def materialize(self, value: Elem) -> Net:
     root = value.root
-    factor = ex.linear_scale(value.expr)
+    factor = nf.linear_scale(value.expr)
     if factor is not None:
       return Net(spatial_ops.scale(root.kernel, factor), root.provenance)
     ops = [op for op in ex.walk(value.expr) if isinstance(op, ex.Apply)]

@@ -41,17 +41,8 @@ class Term:
 
 @dataclasses.dataclass(frozen=True)
 class Provenance:
-  """The summands of a value (see the module docstring).
-
-  Attributes:
-    terms: the summands.
-    homogeneous: all channels have the same kernel. False after a channel
-      concatenation of different branches (until an affine layer mixes
-      them): only a homogeneous value may have some of its channels
-      selected.
-  """
+  """The summands of a value (see the module docstring)."""
   terms: tuple[Term, ...]
-  homogeneous: bool = True
 
   @property
   def deps(self) -> frozenset[str]:
@@ -69,13 +60,10 @@ def fresh(name: str, inputs: Iterable[Provenance]) -> Provenance:
   return Provenance((Term(name, deps),))
 
 
-def opaque(inputs: Iterable[Provenance], *names: str,
-           homogeneous: bool = True) -> Provenance:
+def opaque(inputs: Iterable[Provenance], *names: str) -> Provenance:
   """A value computed from `inputs` (and layers `names`) in any other way."""
-  inputs = list(inputs)
   deps = frozenset(names).union(*(p.deps for p in inputs))
-  return Provenance((Term(None, deps),), homogeneous and all(
-      p.homogeneous for p in inputs))
+  return Provenance((Term(None, deps),))
 
 
 def _pair_uncorrelated(a: Term, b: Term) -> bool:
@@ -100,7 +88,7 @@ def independent(a: Provenance, b: Provenance) -> bool:
 
 
 def sum_of(a: Provenance, b: Provenance) -> Provenance:
-  return Provenance(a.terms + b.terms, a.homogeneous and b.homogeneous)
+  return Provenance(a.terms + b.terms)
 
 
 # Provenance of kernels returned by module calls, by `id` of the kernel (the

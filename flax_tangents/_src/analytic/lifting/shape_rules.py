@@ -15,6 +15,7 @@ import numpy as np
 from flax_tangents._src.analytic import combinators
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import resize
 from flax_tangents._src.analytic.lifting import provenance as prov
 from flax_tangents._src.analytic.lifting import spatial_ops
@@ -182,10 +183,12 @@ def _channels(interp, eqn, net: Net, in_shape, start, limit, step) -> Net:
   last = len(in_shape) - 1
   if (start, limit, step) == (0, in_shape[last], 1):
     return net
-  if not net.homogeneous:
+  if not mixtures.identically_distributed(net.kernel):
     raise interp.refuse(
-        eqn, "it selects some channels of a concatenation of different "
-        "branches, whose kernel depends on which channels are kept")
+        eqn, "it selects some channels of a value whose channels differ in "
+        "distribution (the raw inputs, a flattening, or a concatenation of "
+        "different branches), whose kernel then depends on which channels "
+        "are kept")
   count = len(range(start, limit, step))
   kernel = net.kernel
   return Net(kernel.replace(shape1=kernel.shape1[:-1] + (count,),
@@ -314,5 +317,4 @@ def concatenate(interp, eqn, values):
     kernel = combinators.fan_in_concat([n.kernel for n in nets], axis=axis)
   except NotImplementedError as e:
     raise interp.refuse(eqn, str(e)) from e
-  return [Net(kernel, prov.opaque([n.provenance for n in nets],
-                                  homogeneous=axis != ndim - 1))]
+  return [Net(kernel, prov.opaque([n.provenance for n in nets]))]

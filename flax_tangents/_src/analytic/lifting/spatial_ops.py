@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import resize
 from flax_tangents._src.analytic.spatial import flatten_kernel
 from flax_tangents.kernel import Kernel
 
 __all__ = [
+    "add",
     "axis_maps",
     "merge_into_channels",
     "scale",
@@ -37,9 +39,30 @@ def _with_spatial(kernel: Kernel, spatial: Sequence[int]) -> dict[str, Any]:
 
 
 def scale(kernel: Kernel, factor: Any) -> Kernel:
-  """The kernel of `factor * x` for a scalar `factor`."""
+  """The kernel of `factor * x` for a scalar `factor` (every unit alike, so
+  a mixture keeps its parts)."""
   square = factor * factor
-  return covariance.map_covariances(kernel, lambda cov, _: square * cov)
+  return mixtures.map_units(kernel, lambda k: covariance.map_covariances(
+      k, lambda cov, _: square * cov))
+
+
+def add(a: Kernel, b: Kernel) -> Kernel:
+  """The kernel of `x + y` for values whose cross-moments vanish.
+
+  The caller has established that (`provenance`); the result is Gaussian
+  when both are.
+  """
+  def total(field):
+    x, y = getattr(a, field), getattr(b, field)
+    return None if x is None or y is None else x + y
+
+  out = a.replace(nngp=total("nngp"), ntk=total("ntk"), cov1=total("cov1"),
+                  cov2=total("cov2"),
+                  is_gaussian=a.is_gaussian and b.is_gaussian,
+                  is_input=False)
+  if mixtures.is_mixed(a) or mixtures.is_mixed(b):
+    mixtures.mark_mixed(out)
+  return out
 
 
 def spatial_reshape(kernel: Kernel, spatial: Sequence[int]) -> Kernel:
@@ -146,7 +169,8 @@ def merge_into_channels(kernel: Kernel, n_axes: int) -> Kernel:
   channels1 = kernel.shape1[-1] * math.prod(sizes[keep:])
   channels2 = kernel.shape2[-1] * math.prod(sizes[keep:])
   out = covariance.map_covariances(kernel, merged)
-  return out.replace(
+  # Units are (location, channel) pairs of different variances: a mixture.
+  return mixtures.mark_mixed(out.replace(
       shape1=(kernel.shape1[0],) + tuple(sizes[:keep]) + (channels1,),
       shape2=(kernel.shape2[0],) + tuple(sizes[:keep]) + (channels2,),
-      is_gaussian=False)
+      is_gaussian=False))

@@ -47,11 +47,6 @@ class Net:
   kernel: Kernel
   provenance: Provenance
 
-  @property
-  def homogeneous(self) -> bool:
-    """All channels have the same kernel (see `Provenance.homogeneous`)."""
-    return self.provenance.homogeneous
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Elem:
