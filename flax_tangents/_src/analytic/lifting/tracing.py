@@ -26,6 +26,7 @@ import jax
 from jax.extend import core as jex_core
 import numpy as np
 
+from flax_tangents._src.analytic import call_args as call_args_lib
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic.lifting import program as program_lib
@@ -185,7 +186,8 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
     call_args, call_kwargs = jax.tree.map(
         lambda x: as_kernel(x) if isinstance(x, jax.core.Tracer) else x,
         (call_args, call_kwargs))
-    out = rule(module, *call_args, **call_kwargs)
+    out = rule(module, *call_args,
+               **call_args_lib.rule_kwargs(rule, call_kwargs))
     found.append(out)
     return 0
 
