@@ -346,3 +346,22 @@ def test_relu_plus_a_constant():
   shifted = ft.kernel_fn(_mlp(lambda x: nn.relu(x) + 0.7))(X1, X2, "nngp")
   assert not np.allclose(shifted, ft.kernel_fn(_mlp(nn.relu))(X1, X2,
                                                               "nngp"))
+
+
+def test_float32_and_gradients():
+  # float32 inputs give float32 kernels close to float64 ones (quadrature
+  # included), and lifted kernels are differentiable in the inputs, as
+  # those of the same model written with ftn layers.
+  lifted, reference = _mlp(nn.silu), _mlp(ftn.ElementwiseNumerical(
+      fn=nn.silu, deg=64))
+  k32 = _kernels(lifted, X1.astype(np.float32), X2.astype(np.float32))
+  k64 = _kernels(lifted, X1, X2)
+  assert k32.nngp.dtype == np.float32
+  _assert_same_kernels(k32, k64, rtol=2e-5, atol=1e-6)
+
+  def total(model):
+    return jax.grad(lambda x: _kernel_fn(model)(x, X2, get="ntk").sum())(
+        jnp.asarray(X1))
+
+  np.testing.assert_allclose(total(lifted), total(reference), rtol=1e-6,
+                             atol=1e-9)
