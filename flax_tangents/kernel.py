@@ -58,8 +58,10 @@ class Kernel:
     shape2: shape of the activations on the second batch.
     batch_axis: batch axis of the activations (0).
     channel_axis: channel axis of the activations (-1), taken to infinity.
-    mask1: optional mask of the first batch (unused by built-in layers).
-    mask2: optional mask of the second batch.
+    mask1: optional boolean mask of padding in the first batch, `(N1,
+      *spatial, C or 1)` (`True` at padding; see `mask` and `ft.kernel_fn`'s
+      `mask_constant`).
+    mask2: the same for the second batch (`None` when `x1_is_x2`).
 
   >>> import jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -223,8 +225,50 @@ class Kernel:
     def permute_shape(shape):
       return (shape[0],) + tuple(shape[1 + a] for a in axes) + (shape[-1],)
 
+    def permute_mask(mask):
+      if mask is None:
+        return None
+      return jnp.transpose(mask, (0,) + tuple(1 + a for a in axes) +
+                           (mask.ndim - 1,))
+
     return self._map_covariances(permute).replace(
-        shape1=permute_shape(self.shape1), shape2=permute_shape(self.shape2))
+        shape1=permute_shape(self.shape1), shape2=permute_shape(self.shape2),
+        mask1=permute_mask(self.mask1), mask2=permute_mask(self.mask2))
+
+  def mask(self, mask1: Optional[jax.typing.ArrayLike],
+           mask2: Optional[jax.typing.ArrayLike]) -> "Kernel":
+    """Zeroes the covariances of masked (padding) locations.
+
+    As Neural Tangents' `Kernel.mask`: every covariance entry that involves
+    a masked location of either batch becomes zero, and the masks are stored
+    in `mask1`/`mask2`, so that later layers skip those locations (global
+    average pooling, attention, layer norm) and propagate them.
+
+    Args:
+      mask1: boolean `(N1, *spatial, 1)`, `True` at padding; `None` masks
+        nothing.
+      mask2: the same for the second batch; ignored when `x1_is_x2`.
+
+    Returns:
+      The masked kernel.
+
+    Raises:
+      NotImplementedError: for masks that differ between channels (last
+        axis longer than 1), which a kernel cannot represent.
+
+    >>> import jax.numpy as jnp
+    >>> import flax_tangents as ft
+    >>> k = ft.Kernel.from_inputs(jnp.ones((2, 3, 4)))    # 2 inputs, 3 tokens
+    >>> mask = jnp.array([[False, False, True], [False, True, True]])[..., None]
+    >>> k.mask(mask, None).cov1[1]                       # 2nd input: 1 token
+    Array([[1., 0., 0.],
+           [0., 0., 0.],
+           [0., 0., 0.]], dtype=float...)
+    """
+    from flax_tangents._src.analytic import masking  # avoid import cycle
+
+    as_mask = lambda m: None if m is None else jnp.asarray(m, bool)
+    return masking.mask_kernel(self, as_mask(mask1), as_mask(mask2))
 
   def reverse(self) -> "Kernel":
     """Reverses the order of spatial axes in all covariances."""
@@ -262,10 +306,12 @@ class Kernel:
     Returns:
       The kernel of `y`.
 
+    Padding masks (`mask1`, `mask2`) follow NT's rule: an output entry is
+    padding iff no real input entry reaches it with a non-zero weight.
+
     Raises:
       ValueError: if the channel axis is contracted or batched, sizes do not
         match, or the kernel's layout lacks the covariances needed.
-      NotImplementedError: for a kernel carrying masks.
 
     >>> import numpy as np
     >>> import flax_tangents as ft

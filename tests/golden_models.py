@@ -148,11 +148,10 @@ def build_layer(spec: Sequence[Any]) -> nn.Module:
       args["dimension_numbers"] = ((tuple(lc), tuple(rc)),
                                    (tuple(lb), tuple(rb)))
   if name == "Dropout":
-    mode = args.pop("mode", "train")
-    args["deterministic"] = mode != "train"
+    args.setdefault("mode", "train")
     # NT's `rate` is the probability of KEEPING a unit; Flax's (and
-    # ftn.Dropout's) is the probability of dropping one.
-    args["rate"] = 1.0 - args["rate"]
+    # ftn.Dropout's) `rate` is the probability of dropping one.
+    args["keep_rate"] = args.pop("rate")
   return getattr(ftn, name)(**args)
 
 
@@ -160,5 +159,22 @@ def build_layers(specs: Sequence[Sequence[Any]]) -> list[nn.Module]:
   return [build_layer(s) for s in specs]
 
 
+class GraphSerial(nn.Module):
+  """Layers in sequence, the call's `pattern` going to every Aggregate.
+
+  (`nn.Sequential` passes call keywords to its first layer only.)
+  """
+  layers: Sequence[nn.Module]
+
+  def __call__(self, x, pattern=None):
+    for layer in self.layers:
+      x = (layer(x, pattern=pattern) if isinstance(layer, ftn.Aggregate)
+           else layer(x))
+    return x
+
+
 def build_model(case: dict[str, Any]) -> nn.Module:
-  return nn.Sequential(build_layers(case["layers"]))
+  layers = build_layers(case["layers"])
+  if any(isinstance(layer, ftn.Aggregate) for layer in layers):
+    return GraphSerial(layers)
+  return nn.Sequential(layers)

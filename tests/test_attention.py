@@ -122,6 +122,97 @@ def test_monte_carlo(name):
   assert_mc_close(ntk, k.ntk, bias=4 / 128)
 
 
+def _location_covariance(decay, size):
+  """R of the embeddings on a 1-D sequence, written out (not the library's)."""
+  if decay is None:
+    return np.eye(size)
+  d = np.abs(np.arange(size)[:, None] - np.arange(size)[None, :])
+  return decay(d**2.0)
+
+
+POSITIONAL = [  # (pos_emb_type, n_chan_pos_emb, val_pos_emb, decay)
+    ("SUM", None, False, None),
+    ("SUM", None, True, lambda d: np.exp(-d / 3)),
+    ("CONCAT", None, False, lambda d: 1 / (1 + d)),
+    ("CONCAT", 2, True, None),
+]
+
+
+@pytest.mark.parametrize("linear_scaling", [True, False],
+                         ids=["linear", "sqrt_identity"])
+@pytest.mark.parametrize("kind,n_emb,val,decay", POSITIONAL)
+def test_positional_embeddings_closed_form(kind, n_emb, val, decay,
+                                           linear_scaling):
+  # On raw inputs (C = 6 channels, zero NTK): keys and queries see
+  # E = w_x C_x + w_e R, with (w_x, w_e) = (1, W_e^2) for SUM and the
+  # channel fractions (C, W_e^2 C_e) / (C + C_e) for CONCAT; values see E
+  # with val_pos_emb, C_x otherwise; the embeddings' NTK is w_e R.
+  qk, ov, b, w_e = 0.9, 1.2, 0.2, 0.8
+  layer = ftn.GlobalSelfAttention(
+      5, 4, 4, 2, linear_scaling=linear_scaling, W_query_std=0.9,
+      W_out_std=1.2, b_std=b, W_pos_emb_std=w_e, pos_emb_type=kind,
+      n_chan_pos_emb=n_emb, val_pos_emb=val, pos_emb_decay_fn=decay,
+      attention_mechanism="SOFTMAX" if linear_scaling else "IDENTITY")
+  c1, c2, c12 = _input_covariances(X1, X2)
+  R = _location_covariance(decay, X1.shape[1])
+  total = 6 + (0 if kind == "SUM" else n_emb or 6)
+  w_x, w_e = (1.0, w_e**2) if kind == "SUM" else (6 / total,
+                                                  w_e**2 * (total - 6) / total)
+  e1, e2, e12 = (w_x * c + w_e * R for c in (c1, c2, c12))
+  v12, theta_e = (e12 if val else c12), w_e * R + 0 * c12
+  theta_v = theta_e if val else 0 * c12
+  k = ft.kernel_fn(layer)(X1, X2, ("nngp", "ntk"))
+  if linear_scaling:
+    softmax = lambda g: np.exp(g) / np.exp(g).sum(-1, keepdims=True)
+    g1, g2 = softmax(qk * e1), softmax(qk * e2)
+    weigh = lambda c: np.einsum("asp,abpq,btq->abst", g1, c, g2)
+    nngp = ov**2 * weigh(v12) + b**2
+    ntk = ov**2 * (weigh(theta_v) + 2 * weigh(v12)) + b**2
+  else:
+    dot = lambda a, c: np.einsum("abst,abst->ab", a, c)[:, :, None, None]
+    scale = (qk * ov)**2
+    nngp = scale * dot(e12, v12) * e12 + b**2
+    ntk = scale * ((dot(theta_e, v12) + dot(e12, theta_v)) * e12 +
+                   dot(e12, v12) * (theta_e + 4 * e12)) + b**2
+  np.testing.assert_allclose(k.nngp, nngp, rtol=1e-12)
+  np.testing.assert_allclose(k.ntk, ntk, rtol=1e-12)
+
+
+POSITIONAL_MC = {
+    # Linear scaling: the embeddings' empirical covariance (C_e = 64
+    # channels) enters the softmax weights, an O(1/C_e) bias.
+    "concat_decay_values": lambda n_out: nn.Sequential([
+        ftn.Dense(128, b_std=0.1), ftn.GlobalSelfAttention(
+            n_out, 128, 8, 8, W_key_std=1.4, pos_emb_type="CONCAT",
+            n_chan_pos_emb=64, val_pos_emb=True, W_pos_emb_std=1.2,
+            pos_emb_decay_fn=lambda d: np.exp(-d / 2))]),
+    # Square-root scaling: Gaussian attention weights, keys and queries
+    # embedded but not the values.
+    "sum_sqrt_identity": lambda n_out: nn.Sequential([
+        ftn.Dense(128), ftn.GlobalSelfAttention(
+            n_out, 128, 8, 8, linear_scaling=False,
+            attention_mechanism="IDENTITY", pos_emb_type="SUM",
+            W_pos_emb_std=0.9)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POSITIONAL_MC))
+def test_positional_embeddings_monte_carlo(name):
+  # Finite layers (embeddings drawn by model.init) converge to the kernel.
+  # NNGP: 32 networks, 256 outputs; NTK: 16 networks, one output. 5
+  # standard errors plus 4/64 of the scale (widths 64 to 128).
+  x1, x2 = X1[:2, :, :3], X2[:, :, :3]
+  nngp, _ = sample_kernels(POSITIONAL_MC[name](256), x1, x2,
+                           jax.random.key(8), 32, batch_size=32,
+                           with_ntk=False)
+  _, ntk = sample_kernels(POSITIONAL_MC[name](1), x1, x2, jax.random.key(9),
+                          16, batch_size=16)
+  k = jax.jit(ft.kernel_fn(POSITIONAL_MC[name](1)), static_argnames="get")(
+      x1, x2, ("nngp", "ntk"))
+  assert_mc_close(nngp, k.nngp, bias=4 / 64)
+  assert_mc_close(ntk, k.ntk, bias=4 / 64)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_dtypes(dtype):
   model = nn.Sequential([ftn.Dense(8), ftn.GlobalSelfAttention(8, 4, 4, 2),
@@ -142,15 +233,25 @@ def test_errors():
   with pytest.raises(NotImplementedError, match="closed form"):
     ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2,
                                          linear_scaling=False))(x)
-  with pytest.raises(NotImplementedError, match="positional embeddings"):
-    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM"))(x)
+  with pytest.raises(ValueError, match="pos_emb_type"):
+    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SIN"))(x)
+  with pytest.raises(ValueError, match="n_chan_pos_emb"):
+    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
+                                         n_chan_pos_emb=3))(x)
+  not_psd = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
+                                    pos_emb_decay_fn=lambda d: 1.0 - d)
+  with pytest.raises(ValueError, match="positive semi-definite"):
+    ft.kernel_fn(not_psd)(x)
+  with pytest.raises(ValueError, match="positive semi-definite"):
+    not_psd.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match="attention_mechanism"):
     ft.kernel_fn(ftn.GlobalSelfAttention(
         4, 4, 4, 2, attention_mechanism="TANH"))(x)
   with pytest.raises(ValueError, match="spatial"):
     ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2))(x[:, 0])
-  layer = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="CONCAT")
-  with pytest.raises(NotImplementedError, match="positional embeddings"):
+  layer = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
+                                  n_chan_pos_emb=2)
+  with pytest.raises(ValueError, match="n_chan_pos_emb"):
     layer.init(jax.random.key(0), x)
 
 

@@ -144,7 +144,7 @@ def test_compiles_once_per_tile_shape():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="batch_size"):
-    ft.batch(rbf, 0)
+    ft.batch(rbf, -1)
   with pytest.raises(NotImplementedError, match="inputs"):
     ft.batch(rbf, 2)(ft.Kernel.from_inputs(X1))
 

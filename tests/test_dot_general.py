@@ -186,3 +186,26 @@ def test_dtypes(dtype):
   k64 = ft.kernel_fn(model)(MC_X1, None, "ntk")
   np.testing.assert_allclose(k, k64, rtol=1e-5 if dtype == jnp.float32
                              else 1e-14)
+
+
+def test_masks_follow_nt_rule():
+  # Padding (entries equal to -9) is read as zeros; an output position is
+  # padding iff no real position reaches it with a non-zero weight. The
+  # kernel's masks equal the finite layer's, and its covariances those of
+  # the zeroed inputs.
+  pad = -9.0
+  x = RNG.randn(3, 4, 2)
+  x[0, 2:] = pad
+  x[1, 1] = pad
+  rhs = np.array([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+  model = nn.Sequential([ftn.Conv(3, (1,)), ftn.DotGeneral(
+      rhs=rhs, dimension_numbers=(((1,), (0,)), ((), ())))])
+  k = ft.kernel_fn(model)(x, None, mask_constant=pad)
+  variables = model.init(jax.random.key(0), x)
+  y = model.apply(variables, ft.MaskedArray.from_mask_constant(x, pad))
+  np.testing.assert_array_equal(k.mask1, y.mask)
+  assert k.mask1[0].ravel().tolist() == [False, True]   # only rows 2, 3
+  assert not k.mask1[1].any()
+  zeroed = np.where(x == pad, 0.0, x)
+  np.testing.assert_allclose(k.nngp, ft.kernel_fn(model)(zeroed).nngp,
+                             rtol=1e-12)

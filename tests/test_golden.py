@@ -12,32 +12,6 @@ CASES = load_cases()
 # Golden cases whose layers or arguments are not built yet, each with the
 # reason. They are strict xfails: the row must go when the case passes.
 PENDING: dict[str, str] = {
-    "index_batch_slice_spatial":
-        "Index on the batch axis and the golden builder's idx form (issue 10.4)",
-    "aggregate_1d_sparse":
-        "Aggregate(implementation='SPARSE') (issue 10.5)",
-    "aggregate_2d_axis2_sparse":
-        "Aggregate(implementation='SPARSE') (issue 10.5)",
-    "concat_spatial_axis":
-        "FanInConcat along a spatial axis (issue 10.4)",
-    "concat_batch_axis":
-        "FanInConcat along the batch axis (issue 10.4)",
-    "attn_pos_sum":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_sum_val_decay":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_concat":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "attn_pos_concat_val_decay":
-        "GlobalSelfAttention positional embeddings (issue 10.2)",
-    "mask_conv1d_relu_gap":
-        "masking with mask_constant (issue 10.1)",
-    "mask_attention_softmax":
-        "masking with mask_constant (issue 10.1)",
-    "mask_avgpool":
-        "masking with mask_constant (issue 10.1)",
-    "mask_flatten":
-        "masking with mask_constant (issue 10.1)",
 }
 
 

@@ -34,6 +34,8 @@ from typing import Any, Optional
 
 import jax
 
+from flax_tangents.typing import PyTree
+
 __all__ = [
     "REST",
     "LinenLike",
@@ -49,7 +51,6 @@ __all__ = [
     "with_states",
 ]
 
-PyTree = Any
 # The key of the non-`nnx.Param` state in the variables built here.
 REST = "nnx_state"
 

@@ -50,6 +50,7 @@ from flax_tangents.nn.relu import LeakyRelu
 from flax_tangents.nn.relu import Relu
 from flax_tangents.nn.resize import ImageResize
 from flax_tangents.nn.resize import Index
+from flax_tangents.nn.resize import Slice
 from flax_tangents.nn.shape import Flatten
 from flax_tangents.nn.shape import Identity
 
@@ -99,5 +100,6 @@ __all__ = (
     "Sigmoid_like",
     "Sign",
     "Sin",
+    "Slice",
     "SumPool",
 )

@@ -12,9 +12,21 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import combinators
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.analytic import masking
+from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import split
 from flax_tangents.kernel import Kernel
 
 __all__ = ["FanInConcat", "FanInProd", "FanInSum"]
+
+
+def _merge(branches: Sequence[Any], merge_values, merge_masks) -> Any:
+  """Merges branches; with `MaskedArray`s, zeroes each one's padding first."""
+  values, masks, masked = zip(*map(split, branches))
+  merged = merge_values(list(values))
+  if not any(masked):
+    return merged
+  return MaskedArray(merged, merge_masks(list(masks)))
 
 
 @kernel_rule(lambda module, kernels, **kw: combinators.fan_in_sum(kernels))
@@ -32,7 +44,8 @@ class FanInSum(nn.Module):
   """
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
-    return functools.reduce(operator.add, branches)
+    return _merge(branches, functools.partial(functools.reduce, operator.add),
+                  masking.sum_masks)
 
 
 def _concat_rule(module: "FanInConcat", kernels: Sequence[Kernel],
@@ -45,8 +58,17 @@ def _concat_rule(module: "FanInConcat", kernels: Sequence[Kernel],
 class FanInConcat(nn.Module):
   """Concatenates a list of branches along `axis` (channels by default).
 
+  Along the channel axis the kernel is the channel-weighted mean of the
+  branches' kernels. Along the batch axis or a spatial axis it is NT's
+  block concatenation: the branches' kernels on the diagonal blocks and
+  zero between branches, which needs every branch to end in its own affine
+  layer (independent zero-mean Gaussians; others raise `ValueError`).
+  Concatenating along the batch axis puts branch `i`'s copy of input `n` at
+  row `i * N + n`, for `x1` and `x2` alike (`ft.batch` refuses such
+  models: tiles of the batch would not be independent).
+
   Attributes:
-    axis: the concatenation axis; kernels support the channel axis only.
+    axis: the concatenation axis of the `(N, *spatial, C)` activations.
 
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
@@ -57,7 +79,11 @@ class FanInConcat(nn.Module):
   axis: int = -1
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
-    return jnp.concatenate(branches, axis=self.axis)
+    return _merge(
+        branches, lambda values: jnp.concatenate(values, axis=self.axis),
+        lambda masks: masking.concat_masks(
+            masks, [jnp.shape(v) for v, _, _ in map(split, branches)],
+            self.axis))
 
 
 @kernel_rule(lambda module, kernels, **kw: combinators.fan_in_prod(kernels))
@@ -71,4 +97,5 @@ class FanInProd(nn.Module):
   """
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
-    return functools.reduce(operator.mul, branches)
+    return _merge(branches, functools.partial(functools.reduce, operator.mul),
+                  masking.sum_masks)

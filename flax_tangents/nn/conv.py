@@ -17,9 +17,11 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.affine import check_width_scale
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn._parameterization import affine_params
 
@@ -74,6 +76,13 @@ class _ConvBase(nn.Module):
     pads, circular = conv_math.pad_config(padding, spatial_shape, kernel_size,
                                           strides)
     return kernel_size, strides, pads, circular
+
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
+    """A location is padding iff its receptive field's centre is (as NT)."""
+    kernel_size, strides, pads, circular = self.geometry(shape[1:-1])
+    return masking.window_mask(masking.collapse_channels(mask), kernel_size,
+                               strides, pads, circular)
 
   def _weights(self, kernel_shape: tuple[int, ...], fan_in: int
                ) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -135,6 +144,7 @@ class Conv(_ConvBase):
   (2, 5, 5, 4)
   """
 
+  @supports_masking(_ConvBase.output_mask)
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel_size, strides, pads, circular = self.geometry(x.shape[1:-1])
@@ -184,7 +194,16 @@ def _conv_transpose_rule(module: "ConvTranspose", kernel: Kernel,
       module.width_scale()[0],
       spatial_map=spatial_map,
       shape1=(kernel.shape1[0],) + out_spatial + (module.width,),
-      shape2=(kernel.shape2[0],) + out_spatial + (module.width,))
+      shape2=(kernel.shape2[0],) + out_spatial + (module.width,),
+      mask_map=lambda mask: masking.transpose_window_mask(
+          mask, kernel_size, strides, padding))
+
+
+def _transpose_output_mask(module: "ConvTranspose", mask: jax.Array,
+                           shape: Sequence[int]) -> Optional[jax.Array]:
+  kernel_size, strides, _, _ = module.geometry(shape[1:-1])
+  return masking.transpose_window_mask(mask, kernel_size, strides,
+                                       module.padding.upper())
 
 
 @kernel_rule(_conv_transpose_rule)
@@ -216,6 +235,7 @@ class ConvTranspose(_ConvBase):
   (2, 10, 4)
   """
 
+  @supports_masking(_transpose_output_mask)
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel_size, strides, _, _ = self.geometry(x.shape[1:-1])
@@ -287,6 +307,7 @@ class ConvLocal(_ConvBase):
   (2, 4, 4, 4)
   """
 
+  @supports_masking(_ConvBase.output_mask)
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel_size, strides, pads, circular = self.geometry(x.shape[1:-1])

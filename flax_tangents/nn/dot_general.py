@@ -10,7 +10,9 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import dot_general as dot_math
+from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["DotGeneral"]
@@ -42,6 +44,9 @@ def _dot_general_rule(module: "DotGeneral", kernel: Kernel,
     covariance.require_spatial_covariances(kernel, "DotGeneral")
   if layout.contracts_batch:
     covariance.require_batch_covariances(kernel, "DotGeneral")
+  if layout.contracts_batch or 0 in layout.x_batch:
+    # Outputs depend on other inputs, or on an input's position.
+    requirements.record_batch_mixing("DotGeneral")
   return kernel.dot_general(other, other, is_lhs, module.dimension_numbers)
 
 
@@ -93,6 +98,16 @@ class DotGeneral(nn.Module):
   dimension_numbers: Any = _NO_AXES
   precision: Any = None
 
+  def output_mask(self, mask: jax.Array,
+                  shape: tuple[int, ...]) -> Optional[jax.Array]:
+    """Padding iff no real entry reaches it with a non-zero weight (NT)."""
+    other, is_lhs = _constant(self)
+    if other is None:
+      return mask
+    return dot_math.dot_mask(mask, shape, other, is_lhs,
+                             self.dimension_numbers)
+
+  @supports_masking(output_mask)
   def __call__(self, x: jax.Array) -> jax.Array:
     other, is_lhs = _constant(self)
     if other is None:

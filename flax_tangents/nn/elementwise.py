@@ -11,6 +11,7 @@ from flax_tangents._src.analytic.elementwise import GaussianExpectation
 from flax_tangents._src.analytic.elementwise import derivative_in_covariance
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["Elementwise", "ElementwiseBase"]
@@ -48,6 +49,7 @@ class ElementwiseBase(nn.Module):
   def kernel_fns(self) -> tuple[GaussianExpectation, GaussianExpectation]:
     raise NotImplementedError
 
+  @supports_masking()
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.activation(x)
 

@@ -8,9 +8,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.affine import check_width_scale
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn._parameterization import affine_params
 
@@ -69,6 +71,7 @@ class Dense(nn.Module):
   param_dtype: Any = jnp.float32
   s: Sequence[int] = (1, 1)
 
+  @supports_masking(lambda self, mask, shape: masking.collapse_channels(mask))
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = check_width_scale(self.s, self.parameterization, "Dense")

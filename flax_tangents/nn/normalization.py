@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import MaybeMasked
+from flax_tangents._src.masked_array import split
 from flax_tangents.kernel import Kernel
+from flax_tangents.typing import Axes
 
 __all__ = ["LayerNorm", "layer_norm_kernel"]
-
-Axes = Union[int, Sequence[int]]
 
 
 def _canonical_axes(axis: Axes, ndim: int) -> tuple[int, ...]:
@@ -66,13 +69,20 @@ def layer_norm_kernel(kernel: Kernel, axis: Axes, eps: float,
         f"{layer} is applied to {where}; its infinite-width kernel is "
         "implemented only for Gaussian inputs. Put it right after a "
         "`Dense`/`Conv` (or attention) layer.")
-  # Averaged axes of the variance arrays `(N, *spatial)`.
+  # Averaged axes of the variance arrays `(N, *spatial)`; padded locations
+  # are skipped (their variances are zero).
   reduce = tuple(a for a in axes if a != ndim - 1)
   var1, var2 = covariance.diagonal_variances(kernel)
-  normalizer = lambda v: eps + (jnp.mean(v, axis=reduce, keepdims=True)
-                                if reduce else v)
-  var1 = normalizer(var1)
-  var2 = var1 if kernel.cov2 is None else normalizer(var2)
+  mask1, mask2 = masking.kernel_masks(kernel)
+
+  def normalizer(v, mask):
+    if not reduce:
+      return eps + v
+    loc = masking.location_mask(mask, layer)
+    return eps + masking.masked_mean(v, loc, reduce, keepdims=True)
+
+  var1 = normalizer(var1, mask1)
+  var2 = var1 if kernel.cov2 is None else normalizer(var2, mask2)
 
   def divide(cov, va, vb, batch_pair):
     if cov is None:
@@ -121,8 +131,11 @@ class LayerNorm(nn.Module):
   axis: Axes = -1
   eps: float = 1e-12
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    axes = _canonical_axes(self.axis, x.ndim)
-    mean = jnp.mean(x, axis=axes, keepdims=True)
-    var = jnp.var(x, axis=axes, keepdims=True)
-    return (x - mean) / jnp.sqrt(var + self.eps)
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
+    value, mask, was_masked = split(x)
+    axes = _canonical_axes(self.axis, value.ndim)
+    # Statistics over unpadded entries only.
+    mean = masking.masked_mean(value, mask, axes, keepdims=True)
+    var = masking.masked_mean((value - mean)**2, mask, axes, keepdims=True)
+    y = (value - mean) / jnp.sqrt(var + self.eps)
+    return MaskedArray(y, mask) if was_masked else y

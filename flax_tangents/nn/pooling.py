@@ -12,8 +12,13 @@ import numpy as np
 
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.spatial import global_pool_kernel
+from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import MaybeMasked
+from flax_tangents._src.masked_array import split
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["AvgPool", "GlobalAvgPool", "GlobalSumPool", "SumPool"]
@@ -46,6 +51,12 @@ class _Pool(nn.Module):
   def normalization(self) -> Optional[str]:
     """`None` (sum), `'window'` or `'edges'` (see `pool_covariance`)."""
     return None
+
+  def output_mask(self, mask: jax.Array,
+                  shape: Sequence[int]) -> Optional[jax.Array]:
+    """A pooled location is padding iff its window's centre is (as NT)."""
+    window, strides, pads, circular = self.geometry(shape[1:-1])
+    return masking.window_mask(mask, window, strides, pads, circular)
 
   def pool(self, x: jax.Array) -> jax.Array:
     window, strides, pads, circular = self.geometry(x.shape[1:-1])
@@ -85,9 +96,10 @@ def _pool_rule(module: _Pool, kernel: Kernel, **kwargs: Any) -> Kernel:
   out_spatial = tuple(
       conv_math.conv_output_size(size, k, s, pad) for size, k, s, pad in
       zip(kernel.shape1[1:-1], window, strides, pads))
-  return covariance.map_covariances(kernel, pooled).replace(
+  out = covariance.map_covariances(kernel, pooled).replace(
       shape1=(kernel.shape1[0],) + out_spatial + (kernel.shape1[-1],),
       shape2=(kernel.shape2[0],) + out_spatial + (kernel.shape2[-1],))
+  return masking.map_masks(out, kernel, module.output_mask)
 
 
 @kernel_rule(_pool_rule)
@@ -117,6 +129,7 @@ class AvgPool(_Pool):
   def normalization(self) -> Optional[str]:
     return "edges" if self.normalize_edges else "window"
 
+  @supports_masking(_Pool.output_mask)
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.pool(x)
 
@@ -136,6 +149,7 @@ class SumPool(_Pool):
   Array([2., 2.], dtype=float...)
   """
 
+  @supports_masking(_Pool.output_mask)
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.pool(x)
 
@@ -162,8 +176,13 @@ class GlobalAvgPool(nn.Module):
   (2, 3)
   """
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.mean(x, axis=_spatial_axes(x))
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
+    value, mask, was_masked = split(x)
+    # Padded locations are skipped (NT's masked mean).
+    y = masking.masked_mean(value, mask, _spatial_axes(value))
+    if not was_masked:
+      return y
+    return MaskedArray(y, masking.global_mask(mask, "GlobalAvgPool"))
 
 
 @kernel_rule(_global_rule(average=False))
@@ -176,5 +195,9 @@ class GlobalSumPool(nn.Module):
   Array([16., 16., 16.], dtype=float...)
   """
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.sum(x, axis=_spatial_axes(x))
+  def __call__(self, x: MaybeMasked) -> MaybeMasked:
+    value, mask, was_masked = split(x)
+    y = jnp.sum(value, axis=_spatial_axes(value))
+    if not was_masked:
+      return y
+    return MaskedArray(y, masking.global_mask(mask, "GlobalSumPool"))

@@ -3,54 +3,46 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import gaussian_integrals as gi
-from flax_tangents._src.analytic.elementwise import elementwise_kernel
-from flax_tangents._src.analytic.registry import kernel_rule
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.elementwise import GaussianExpectation
 from flax_tangents.nn.elementwise import ElementwiseBase
 
 __all__ = ["ABRelu", "Abs", "LeakyRelu", "Relu"]
 
 
-def _arc_cosine_fns(a: float, b: float):
-  return (functools.partial(gi.abrelu_nngp, a=a, b=b),
-          functools.partial(gi.abrelu_d_nngp, a=a, b=b))
-
-
-def _scale_covariances(kernel: Kernel, factor: jax.Array) -> Kernel:
-  scale = lambda x: None if x is None else x * factor
-  return kernel.replace(nngp=scale(kernel.nngp), cov1=scale(kernel.cov1),
-                        cov2=scale(kernel.cov2))
-
-
-def _relu_family_rule(module: ElementwiseBase, kernel: Kernel,
-                      **kwargs: Any) -> Kernel:
-  """The arc-cosine rule, optionally on covariances rescaled to O(1).
+def _rescaled(fn: GaussianExpectation, degree: int) -> GaussianExpectation:
+  """`fn` evaluated on arguments divided by their largest magnitude.
 
   The arc-cosine kernel is positively homogeneous of degree 1 in
-  `(cov12, var1, var2)` and its derivative of degree 0, so dividing the
-  covariances by `max |nngp|` and multiplying the result back changes
-  nothing mathematically; it keeps very deep networks, whose covariances
-  grow or shrink geometrically, inside the floating-point range (NT's
-  `do_stabilize`).
+  `(cov12, var1, var2)` and its derivative of degree 0, so
+  `s**degree * fn(cov12 / s, var1 / s, var2 / s)` is `fn` itself; with `s`
+  the largest variance it keeps very deep networks, whose covariances grow
+  or shrink geometrically, inside the floating-point range (NT's
+  `do_stabilize`, which divides by `max |nngp|`).
   """
-  del kwargs
-  nngp_fn, d_nngp_fn = module.kernel_fns()
-  layer = type(module).__name__
-  if not module.do_stabilize:
-    return elementwise_kernel(kernel, nngp_fn, d_nngp_fn, layer)
-  factor = jnp.maximum(jnp.max(jnp.abs(kernel.nngp)), 1e-12)
-  out = elementwise_kernel(_scale_covariances(kernel, 1 / factor), nngp_fn,
-                           d_nngp_fn, layer)
-  return _scale_covariances(out, factor)
+
+  def stable_fn(cov12, var1, var2):
+    scale = jnp.maximum(jnp.maximum(jnp.max(var1), jnp.max(var2)),
+                        jnp.max(jnp.abs(cov12)))
+    scale = jnp.maximum(scale, jnp.finfo(jnp.result_type(cov12)).tiny)
+    out = fn(cov12 / scale, var1 / scale, var2 / scale)
+    return out * scale if degree == 1 else out
+
+  return stable_fn
 
 
-@kernel_rule(_relu_family_rule)
+def _arc_cosine_fns(a: float, b: float, do_stabilize: bool = False):
+  nngp_fn = functools.partial(gi.abrelu_nngp, a=a, b=b)
+  d_nngp_fn = functools.partial(gi.abrelu_d_nngp, a=a, b=b)
+  if not do_stabilize:
+    return nngp_fn, d_nngp_fn
+  return _rescaled(nngp_fn, 1), _rescaled(d_nngp_fn, 0)
+
+
 class ABRelu(ElementwiseBase):
   """`a * min(x, 0) + b * max(x, 0)`, with its arc-cosine kernel.
 
@@ -76,10 +68,9 @@ class ABRelu(ElementwiseBase):
     return jnp.where(x > 0, self.b * x, self.a * x)
 
   def kernel_fns(self):
-    return _arc_cosine_fns(self.a, self.b)
+    return _arc_cosine_fns(self.a, self.b, self.do_stabilize)
 
 
-@kernel_rule(_relu_family_rule)
 class Relu(ElementwiseBase):
   """`max(x, 0)`.
 
@@ -98,10 +89,9 @@ class Relu(ElementwiseBase):
     return jax.nn.relu(x)
 
   def kernel_fns(self):
-    return _arc_cosine_fns(0.0, 1.0)
+    return _arc_cosine_fns(0.0, 1.0, self.do_stabilize)
 
 
-@kernel_rule(_relu_family_rule)
 class LeakyRelu(ElementwiseBase):
   """`x` for positive inputs, `alpha * x` otherwise.
 
@@ -117,10 +107,9 @@ class LeakyRelu(ElementwiseBase):
     return jnp.where(x > 0, x, self.alpha * x)
 
   def kernel_fns(self):
-    return _arc_cosine_fns(self.alpha, 1.0)
+    return _arc_cosine_fns(self.alpha, 1.0, self.do_stabilize)
 
 
-@kernel_rule(_relu_family_rule)
 class Abs(ElementwiseBase):
   """`|x|`.
 
@@ -134,4 +123,4 @@ class Abs(ElementwiseBase):
     return jnp.abs(x)
 
   def kernel_fns(self):
-    return _arc_cosine_fns(-1.0, 1.0)
+    return _arc_cosine_fns(-1.0, 1.0, self.do_stabilize)

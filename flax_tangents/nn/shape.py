@@ -7,8 +7,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.spatial import flatten_kernel
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["Flatten", "Identity"]
@@ -27,6 +29,7 @@ class Flatten(nn.Module):
   (2, 60)
   """
 
+  @supports_masking(lambda self, mask, shape: masking.flatten_mask(mask, shape))
   def __call__(self, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 

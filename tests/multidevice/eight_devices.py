@@ -94,6 +94,10 @@ def checks():
     batched = ft.batch(kernel_fn, 3)
     close(batched(X1, None, ("nngp", "ntk")), exact(X1, None, ("nngp", "ntk")))
     close(batched(X1, X2), exact(X1, X2))
+    # NT's calls: batch_size=0 splits the rows of x1 over the 8 devices;
+    # device_count=2 uses two of them.
+    close(ft.batch(kernel_fn)(X1, X2), exact(X1, X2))
+    close(ft.batch(kernel_fn, 3, device_count=2)(X1, X2), exact(X1, X2))
 
   def empirical():
     model = nn.Sequential([nn.Dense(16), nn.relu, nn.Dense(3)])

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Sequence
 
 import jax
 
+from flax_tangents._src.analytic import masking
 from flax_tangents.kernel import Kernel
 
 __all__ = ["PARAMETERIZATIONS", "affine_kernel", "check_parameterization",
@@ -68,7 +69,10 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
                   parameterization: str, fan_in: int,
                   spatial_map: Optional[Callable[[jax.Array, int],
                                                  jax.Array]] = None,
-                  shape1: tuple[int, ...], shape2: tuple[int, ...]) -> Kernel:
+                  shape1: tuple[int, ...], shape2: tuple[int, ...],
+                  mask_map: Optional[Callable[[jax.Array],
+                                              Optional[jax.Array]]] = None
+                  ) -> Kernel:
   """Kernel after `W x + b` with i.i.d. Gaussian `W`, `b`.
 
   `spatial_map(cov, n_batch_axes)` is the average over a weight's receptive
@@ -91,6 +95,9 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
     spatial_map: averaging over the receptive field; `None` for identity.
     shape1: shape of the layer's outputs on the first batch.
     shape2: shape on the second batch.
+    mask_map: maps a padding mask of whole input locations `(N, *spatial,
+      1)` to that of the outputs (the identity for a dense layer; see
+      `masking.window_mask`). Input masks are first collapsed over channels.
 
   Returns:
     The kernel of the (Gaussian) outputs.
@@ -118,7 +125,13 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
   else:
     bias_grad = 0.0 if b_std is None else 1.0
     ntk = fan_in * nngp_in + bias_grad + w_var * ntk_in
-  return kernel.replace(
+  def out_mask(mask, shape):
+    del shape
+    mask = masking.collapse_channels(mask)
+    return mask if mask_map is None else mask_map(mask)
+
+  out = kernel.replace(
       nngp=nngp, ntk=ntk, cov1=affine(mapped("cov1")),
       cov2=affine(mapped("cov2")), is_gaussian=True, is_input=False,
       shape1=shape1, shape2=shape2)
+  return masking.map_masks(out, kernel, out_mask)

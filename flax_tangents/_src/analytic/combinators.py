@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import operator
-from typing import Sequence
+from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
+from flax_tangents._src.analytic import requirements
 from flax_tangents.kernel import Kernel
 
 __all__ = ["channel_average", "fan_in_concat", "fan_in_prod", "fan_in_sum"]
@@ -42,6 +45,12 @@ def _combine(kernels: Sequence[Kernel], field: str, fn) -> jax.Array:
   return None if any(v is None for v in values) else fn(values)
 
 
+def _summed_masks(kernels: Sequence[Kernel]) -> dict[str, Any]:
+  """Masks of a sum or product: padding where every branch is."""
+  return dict(mask1=masking.sum_masks([k.mask1 for k in kernels]),
+              mask2=masking.sum_masks([k.mask2 for k in kernels]))
+
+
 def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   """Kernel of the sum of branches.
 
@@ -50,10 +59,13 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   last affine layer, as in the residual `x + conv(relu(x))` with `x` the
   output of an affine layer. A branch after a nonlinearity has a non-zero
   mean whose products the kernel cannot carry, so (as in Neural Tangents)
-  every branch must be Gaussian.
+  every branch must be Gaussian. A branch repeated as the same kernel
+  object (`y + y`, `y - y`) is fully correlated with itself, not
+  independent, and is refused: write `2 * y` (or drop `y - y`).
 
   Raises:
-    ValueError: for a non-Gaussian branch, or branches of different shapes.
+    ValueError: for a non-Gaussian or repeated branch, or branches of
+      different shapes.
   """
   _check_branches(kernels, "FanInSum")
   if len(kernels) == 1:
@@ -61,12 +73,17 @@ def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
   for i, k in enumerate(kernels):
     if not k.is_gaussian:
       raise ValueError(_not_centred_message(k, i, "FanInSum"))
+  if len({id(k) for k in kernels}) < len(kernels):
+    raise ValueError(
+        "FanInSum: a branch is added to itself (`y + y` or `y - y`); it is "
+        "fully correlated with itself, not an independent branch. Scale it "
+        "instead (`2 * y`, e.g. `ftn.DotGeneral(lhs=2.)`).")
   add = lambda values: functools.reduce(operator.add, values)
   first = kernels[0]
   return first.replace(
       nngp=_combine(kernels, "nngp", add), ntk=_combine(kernels, "ntk", add),
       cov1=_combine(kernels, "cov1", add), cov2=_combine(kernels, "cov2", add),
-      is_gaussian=True, is_input=False)
+      is_gaussian=True, is_input=False, **_summed_masks(kernels))
 
 
 def _not_centred_message(kernel: Kernel, index: int, layer: str) -> str:
@@ -98,31 +115,120 @@ def channel_average(kernels: Sequence[Kernel]) -> Kernel:
       cov1=_combine(kernels, "cov1", weighted),
       cov2=_combine(kernels, "cov2", weighted),
       shape1=first.shape1[:-1] + (total,), shape2=first.shape2[:-1] + (total,),
-      is_gaussian=False, is_input=all(k.is_input for k in kernels))
+      is_gaussian=False, is_input=all(k.is_input for k in kernels),
+      mask1=masking.concat_masks([k.mask1 for k in kernels],
+                                 [k.shape1 for k in kernels], -1),
+      mask2=masking.concat_masks([k.mask2 for k in kernels],
+                                 [k.shape2 for k in kernels], -1))
 
 
 def fan_in_concat(kernels: Sequence[Kernel], axis: int = -1) -> Kernel:
-  """Kernel of branches concatenated along the channel axis.
+  """Kernel of branches concatenated along `axis`.
 
-  The result is the channel-weighted mean of the branch kernels (what the
-  next affine layer needs); it keeps the branch kernels as parts of a
-  mixture, so that a nonlinearity applied next acts on each branch's units
-  with their own kernel (see `mixtures`).
+  Along the channel axis the result is the channel-weighted mean of the
+  branch kernels (what the next affine layer needs); it keeps the branch
+  kernels as parts of a mixture, so that a nonlinearity applied next acts on
+  each branch's units with their own kernel (see `mixtures`).
+
+  Along a spatial or the batch axis it is the block matrix of the branches'
+  covariances along that axis (NT's block concatenation): diagonal blocks
+  are the branches' own kernels, and off-diagonal blocks, the covariance
+  between two branches, are zero: the branches must be independent
+  zero-mean Gaussians, which every branch ending in its own affine layer
+  (`Dense`, `Conv`, ...) is. A branch repeated as the same kernel object
+  (`concat([y, y])`) gets its own kernel as the cross block.
 
   Raises:
-    NotImplementedError: for concatenation along a non-channel axis.
+    ValueError: for `axis` out of range, non-Gaussian branches concatenated
+      along a non-channel axis (their nonzero means correlate the blocks),
+      or branches whose shapes differ off the concatenation axis.
   """
   n_dims = len(kernels[0].shape1)
-  if axis % n_dims != n_dims - 1:
-    raise NotImplementedError(
-        f"FanInConcat along axis {axis} of {n_dims}-D activations: only the "
-        "channel axis (-1) is supported in the infinite-width limit. "
-        "Concatenate along channels, or merge with FanInSum.")
+  if not -n_dims <= axis < n_dims:
+    raise ValueError(f"FanInConcat: axis={axis} is out of range for "
+                     f"{n_dims}-D activations.")
+  axis %= n_dims
+  if axis != n_dims - 1:
+    return _block_concat(kernels, axis)
   _check_branches(kernels, "FanInConcat", same_channels=False)
   if len(kernels) == 1:
     return kernels[0]
   return mixtures.with_parts(channel_average(kernels), tuple(kernels),
                              mixtures.CONCAT)
+
+
+def _check_concat_shapes(kernels: Sequence[Kernel], axis: int) -> None:
+  _check_branches(kernels[:1], "FanInConcat")
+  first = kernels[0]
+  drop = lambda shape: shape[:axis] + shape[axis + 1:]
+  for i, k in enumerate(kernels):
+    if (drop(k.shape1) != drop(first.shape1) or
+        drop(k.shape2) != drop(first.shape2)):
+      raise ValueError(
+          f"FanInConcat(axis={axis}): branch {i} has activations of shape "
+          f"{k.shape1} / {k.shape2}, branch 0 has {first.shape1} / "
+          f"{first.shape2}; they may differ only along axis {axis}.")
+    if (k.diagonal_batch, k.diagonal_spatial, k.cov2 is None) != (
+        first.diagonal_batch, first.diagonal_spatial, first.cov2 is None):
+      raise ValueError("FanInConcat: branches carry different kernel "
+                       "layouts.")
+    if not k.is_gaussian:
+      raise ValueError(
+          f"FanInConcat(axis={axis}): branch {i} is not a zero-mean "
+          "Gaussian (it does not end in an affine layer such as Dense or "
+          "Conv), so its covariance with the other branches is not zero "
+          "and the concatenated kernel is unknown. End every branch with an "
+          "affine layer, or concatenate along the channel axis (-1).")
+
+
+def _block_concat(kernels: Sequence[Kernel], axis: int) -> Kernel:
+  """Block concatenation along the batch (0) or a spatial axis."""
+  _check_concat_shapes(kernels, axis)
+  if axis == 0:
+    requirements.record_batch_mixing("FanInConcat(axis=0)")
+  first = kernels[0]
+
+  def concat(field: str) -> Optional[jax.Array]:
+    values = [getattr(k, field) for k in kernels]
+    if any(v is None for v in values):
+      return None
+    n_batch = 2 if field in ("nngp", "ntk") or not first.diagonal_batch else 1
+    if axis == 0:
+      pair = (0, 1) if n_batch == 2 else (0,)
+    elif first.diagonal_spatial:
+      pair = (n_batch + axis - 1,)
+    else:
+      pair = (n_batch + 2 * (axis - 1), n_batch + 2 * (axis - 1) + 1)
+    if len(pair) == 1:
+      # Only the diagonal of the block matrix is stored: the branches' own.
+      return jnp.concatenate(values, axis=pair[0])
+    rows = []
+    for i, v_i in enumerate(values):
+      row = []
+      for j, v_j in enumerate(values):
+        if i == j or kernels[i] is kernels[j]:
+          row.append(v_i)
+        else:
+          shape = list(v_i.shape)
+          shape[pair[1]] = v_j.shape[pair[1]]
+          row.append(jnp.zeros(shape, v_i.dtype))
+      rows.append(jnp.concatenate(row, axis=pair[1]))
+    return jnp.concatenate(rows, axis=pair[0])
+
+  def new_shape(shape_of) -> tuple[int, ...]:
+    shape = list(shape_of(first))
+    shape[axis] = sum(shape_of(k)[axis] for k in kernels)
+    return tuple(shape)
+
+  return first.replace(
+      nngp=concat("nngp"), ntk=concat("ntk"), cov1=concat("cov1"),
+      cov2=concat("cov2"), shape1=new_shape(lambda k: k.shape1),
+      shape2=new_shape(lambda k: k.shape2), is_gaussian=True,
+      is_input=False,
+      mask1=masking.concat_masks([k.mask1 for k in kernels],
+                                 [k.shape1 for k in kernels], axis),
+      mask2=masking.concat_masks([k.mask2 for k in kernels],
+                                 [k.shape2 for k in kernels], axis))
 
 
 def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
@@ -167,7 +273,8 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
   out = first.replace(
       nngp=_combine(kernels, "nngp", mul), ntk=product_rule_ntk(),
       cov1=_combine(kernels, "cov1", mul), cov2=_combine(kernels, "cov2", mul),
-      is_gaussian=False, is_input=all(k.is_input for k in kernels))
+      is_gaussian=False, is_input=all(k.is_input for k in kernels),
+      **_summed_masks(kernels))
   if uneven and not out.is_input:
     out = mixtures.mark_mixed(out)
   return out

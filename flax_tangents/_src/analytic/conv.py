@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import affine
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.spatial_maps import circular_fold_matrix
 
@@ -359,7 +360,9 @@ def conv_kernel(kernel, *, filter_shape: Sequence[int],
       fan_in=kernel.shape1[-1] * math.prod(filter_shape) / s_in,
       spatial_map=spatial_map,
       shape1=(kernel.shape1[0],) + out_spatial + (features,),
-      shape2=(kernel.shape2[0],) + out_spatial + (features,))
+      shape2=(kernel.shape2[0],) + out_spatial + (features,),
+      mask_map=lambda mask: masking.window_mask(mask, filter_shape, strides,
+                                                pads, circular))
 
 
 def check_spatial_input(kernel, n_spatial: int, layer: str) -> None:

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from flax_tangents.kernel import Kernel
 
-__all__ = ["DotAxis", "DotLayout", "dot_layout", "kernel_dot_general",
-           "apply_dot_general"]
+__all__ = ["DotAxis", "DotLayout", "apply_dot_general", "dot_layout",
+           "dot_mask", "kernel_dot_general"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -164,6 +164,22 @@ def apply_dot_general(x: jax.Array, other: jax.Array, is_lhs: bool,
   return y[None] if layout.contracts_batch else y
 
 
+def dot_mask(mask: Optional[jax.Array], shape: tuple[int, ...],
+             other: jax.Array, is_lhs: bool,
+             dimension_numbers: Any) -> Optional[jax.Array]:
+  """The padding mask after `dot_general` (NT's rule).
+
+  An output entry is padding iff no real (unmasked) input entry reaches it
+  with a non-zero weight of `other`.
+  """
+  if mask is None:
+    return None
+  shape = tuple(shape[:-1]) + (mask.shape[-1],)
+  real = jnp.logical_not(jnp.broadcast_to(mask, shape)).astype(jnp.float32)
+  weights = (jnp.asarray(other) != 0).astype(jnp.float32)
+  return apply_dot_general(real, weights, is_lhs, dimension_numbers) == 0
+
+
 def _check_sizes(layout: DotLayout, shape: tuple[int, ...],
                  other: jax.Array) -> None:
   for o_axis, x_axis in layout.paired().items():
@@ -245,10 +261,6 @@ def kernel_dot_general(kernel: Kernel, other1: jax.Array, other2: jax.Array,
         "Kernel.dot_general contracts the batch axis, which needs full "
         "batch covariances in cov1/cov2, but the kernel has "
         "`diagonal_batch=True`.")
-  if kernel.mask1 is not None or kernel.mask2 is not None:
-    raise NotImplementedError(
-        "Kernel.dot_general does not propagate masks (mask1/mask2) yet; "
-        "apply the masks before contracting.")
   n_cov = 1 if kernel.diagonal_batch else 2
   dtype = kernel.nngp.dtype
   other1, other2 = other1.astype(dtype), other2.astype(dtype)
@@ -260,4 +272,8 @@ def kernel_dot_general(kernel: Kernel, other1: jax.Array, other2: jax.Array,
       cov1=contract(kernel.cov1, n_cov, other1, other1),
       cov2=contract(kernel.cov2, n_cov, other2, other2),
       shape1=_out_shape(layout, kernel.shape1, other1),
-      shape2=_out_shape(layout, kernel.shape2, other2))
+      shape2=_out_shape(layout, kernel.shape2, other2),
+      mask1=dot_mask(kernel.mask1, kernel.shape1, other1, is_lhs,
+                     dimension_numbers),
+      mask2=dot_mask(kernel.mask2, kernel.shape2, other2, is_lhs,
+                     dimension_numbers))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional
 
 import flax
 import flax.linen as nn
@@ -24,6 +24,7 @@ import numpy as np
 from flax_tangents._src.analytic import call_args
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import inputs
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import rule_checks
@@ -31,11 +32,15 @@ from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.errors import PlainFunctionError
 from flax_tangents._src.analytic.lifting import dispatch
 from flax_tangents._src.analytic.lifting import paths
+from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents.kernel import Kernel
+from flax_tangents.typing import AnalyticKernelFn
+from flax_tangents.typing import Get
 
 __all__ = ["kernel_fn"]
 
-Get = Union[None, str, Sequence[str]]
+call_args.register_front_end_arg("mask_constant")  # taken by `kernel_fn_`
+
 _KERNEL_FIELDS = tuple(Kernel.__dataclass_fields__)
 
 # Stock Flax modules that only call their submodules: lifted as user modules.
@@ -147,6 +152,7 @@ def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
         _check_call(module, args, kwargs)
         output = rule(module, *args, **call_args.rule_kwargs(rule, kwargs))
         rule_checks.check_rule_output(rule, module, output)
+        output = masking.remask_output(output, type(module).__name__)
         dispatch.record_rule_output(module, (args, kwargs), output)
         return output
       return dispatch.lift(module, context.method_name, args, kwargs)
@@ -360,7 +366,7 @@ def _check_kernel_layout(kernels: list[Kernel],
             f"{asked})`), or omit `{name}`.")
 
 
-def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
+def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> AnalyticKernelFn:
   """The analytic NNGP / NTK function of `model`'s infinite-width limit.
 
   The model's own `__call__` runs on kernels instead of arrays: each module
@@ -377,7 +383,7 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
 
   Returns:
     `kernel_fn(x1_or_kernel, x2=None, get=None, *, diagonal_batch=None,
-    diagonal_spatial=None, **kwargs)`.
+    diagonal_spatial=None, mask_constant=None, **kwargs)`.
 
     - `x1`, `x2`: arrays of shape `(N, *spatial, C)`; `x2=None` means
       `x2 = x1`. For a model whose `__call__` takes a tuple, list or dict of
@@ -389,6 +395,11 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
     - `diagonal_batch`, `diagonal_spatial`: NT's layout arguments. `None`
       chooses the cheapest layout the model allows; `False` forces full
       covariances; `True` is refused if a layer needs full covariances.
+    - `mask_constant`: NT's masking. Input entries equal to it (NaN: NaN
+      entries) are padding: they read as zeros, masks follow every layer,
+      and pooling, attention and layer norm skip padded locations
+      (variable-length sequences). `ft.MaskedArray` inputs carry their
+      masks instead.
     - `kwargs`: an argument that the model's `__call__` names goes there
       (for `nn.Sequential`: if its first layer names it, as Flax does); any
       other is offered to every layer whose rule names it, as NT passes
@@ -451,7 +462,7 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
   def kernel_fn_(x1_or_kernel: Any, x2: Any = None, get: Get = None, *,
                  diagonal_batch: Optional[bool] = None,
                  diagonal_spatial: Optional[bool] = None,
-                 **kwargs: Any) -> Any:
+                 mask_constant: Any = None, **kwargs: Any) -> Any:
     _check_diagonal_arg("diagonal_batch", diagonal_batch)
     _check_diagonal_arg("diagonal_spatial", diagonal_spatial)
     passed, offered = _route_kwargs(model, {**apply_kwargs, **kwargs})
@@ -463,15 +474,23 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
         raise ValueError("Pass either a Kernel or inputs x1 (and x2), not "
                          "a Kernel and x2.")
       _check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
+      if mask_constant is not None:
+        raise ValueError(
+            "mask_constant masks entries of input arrays; a Kernel carries "
+            "its masks in mask1/mask2 (see `Kernel.mask`).")
 
       def with_ntk(k):
         if isinstance(k, Kernel) and compute_ntk and k.ntk is None:
-          return k.replace(ntk=jnp.zeros_like(k.nngp))
+          k = k.replace(ntk=jnp.zeros_like(k.nngp))
+        if isinstance(k, Kernel):
+          k = masking.remask(k, "the Kernel passed in")
         return k
       kernels = jax.tree.map(with_ntk, x1_or_kernel, is_leaf=_is_kernel)
       return _select(_run_model(model, kernels, passed, offered), get)
 
-    x1, x2 = inputs.input_leaves(x1_or_kernel, x2)
+    (x1, masks1), (x2, masks2) = (_masked_inputs(x, mask_constant)
+                                  for x in (x1_or_kernel, x2))
+    x1, x2 = inputs.input_leaves(x1, x2)
     inputs.check_finite_inputs(x1, x2)
     recorded, spatial_output = requirement_pass(x1, x2, passed, offered,
                                                 compute_ntk)
@@ -480,11 +499,54 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> Callable[..., Any]:
     kernels = _input_kernels(x1, x2, diagonal_batch=layout[0],
                              diagonal_spatial=layout[1],
                              compute_ntk=compute_ntk)
+    kernels = _with_masks(kernels, masks1, masks2)
     output = _select(_run_model(model, kernels, passed, offered), get)
     inputs.check_finite_output(output, x1, x2)
     return output
 
   return kernel_fn_
+
+
+def _masked_inputs(x: Any, mask_constant: Any
+                   ) -> tuple[Any, list[Optional[jax.Array]]]:
+  """Inputs with padding zeroed, and the masks of their array leaves.
+
+  Padding is given by `mask_constant` (entries equal to it) or by
+  `ft.MaskedArray` leaves; masks come in the order of `jax.tree.leaves`.
+  """
+  if x is None:
+    return None, []
+  leaves, tree = jax.tree.flatten(
+      x, is_leaf=lambda a: isinstance(a, MaskedArray))
+  values, masks = [], []
+  for leaf in leaves:
+    if isinstance(leaf, MaskedArray):
+      if mask_constant is not None:
+        raise ValueError("Pass either MaskedArray inputs or mask_constant, "
+                         "not both.")
+      value = jnp.asarray(leaf.masked_value)
+      mask = None if leaf.mask is None else jnp.broadcast_to(
+          jnp.asarray(leaf.mask, bool), value.shape)
+    elif mask_constant is None or isinstance(leaf, Kernel):
+      value, mask = leaf, None
+    else:
+      value = jnp.asarray(leaf)
+      mask = masking.from_mask_constant(value, mask_constant)
+    values.append(masking.zero_masked(value, mask))
+    masks.append(mask)
+  return jax.tree.unflatten(tree, values), masks
+
+
+def _with_masks(kernels: Any, masks1: list[Optional[jax.Array]],
+                masks2: list[Optional[jax.Array]]) -> Any:
+  """Input kernels with their masks (in the order of the inputs' leaves)."""
+  if not any(m is not None for m in masks1 + masks2):
+    return kernels
+  leaves, tree = jax.tree.flatten(kernels, is_leaf=_is_kernel)
+  masks2 = masks2 or [None] * len(leaves)
+  leaves = [k.replace(mask1=m1, mask2=m2)
+            for k, m1, m2 in zip(leaves, masks1, masks2)]
+  return jax.tree.unflatten(tree, leaves)
 
 
 def _input_kernels(x1: Any, x2: Any, **layout: bool) -> Any:

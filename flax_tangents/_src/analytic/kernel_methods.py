@@ -87,7 +87,10 @@ def _getitem_one(kernel: Kernel, idx: Any) -> Kernel:
   if batch != slice(None):
     kernel = _slice_one(kernel, batch, batch)
   rest = (slice(None),) + tuple(full[1:])
-  return resize.index_kernel(kernel, rest, layer)
+  out = resize.index_kernel(kernel, rest, layer)
+  from flax_tangents._src.analytic import masking  # import cycle
+  return masking.map_masks(out, kernel,
+                           lambda mask, shape: masking.index_mask(mask, rest))
 
 
 def getitem(kernel: Kernel, idx: Any) -> Kernel:

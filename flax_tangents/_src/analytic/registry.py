@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional, TypeVar
 
-__all__ = ["find_rule", "kernel_rule", "register_kernel_rule"]
+__all__ = ["find_rule", "kernel_rule", "register_kernel_rule", "requires"]
 
 KernelRule = Callable[..., Any]
 ModuleT = TypeVar("ModuleT", bound=type)
@@ -91,3 +92,65 @@ def find_rule(module_type: type) -> Optional[KernelRule]:
     if rule is not None:
       return rule
   return None
+
+
+def requires(*, diagonal_batch: bool = True,
+             diagonal_spatial: bool = True) -> Callable[[KernelRule],
+                                                        KernelRule]:
+  """Declares which covariances a custom kernel rule needs (NT's `requires`).
+
+  `ft.kernel_fn` stores only the covariances that the whole network needs
+  (for example just spatial diagonals when nothing mixes locations). A rule
+  that mixes locations must declare `diagonal_spatial=False`; one that mixes
+  inputs of a batch, `diagonal_batch=False`; the model's kernels then carry
+  full covariances from the inputs up to the rule. The built-in layers
+  declare their needs themselves.
+
+  Args:
+    diagonal_batch: whether the rule works with only the batch diagonals of
+      `cov1`/`cov2` (`False`: it needs input-input covariances).
+    diagonal_spatial: whether it works with only spatial diagonals
+      (`False`: it needs location-location covariances).
+
+  Returns:
+    A decorator for a rule `(module, kernel_or_kernels, **kwargs) -> kernel`.
+
+  >>> import flax.linen as nn
+  >>> import jax.numpy as jnp
+  >>> import flax_tangents as ft
+  >>> from flax_tangents import nn as ftn
+  >>> @ft.requires(diagonal_spatial=False)
+  ... def flip_rule(module, k, **kwargs):   # reverses the (one) spatial axis
+  ...   return k.replace(nngp=k.nngp[:, :, ::-1, ::-1],
+  ...                    ntk=k.ntk[:, :, ::-1, ::-1],
+  ...                    cov1=k.cov1[..., ::-1, ::-1])
+  >>> @ft.kernel_rule(flip_rule)
+  ... class Flip(nn.Module):
+  ...   def __call__(self, x):
+  ...     return x[:, ::-1]
+  >>> model = nn.Sequential([ftn.Conv(8, (2,)), Flip(), ftn.Flatten()])
+  >>> ft.kernel_fn(model)(jnp.ones((2, 5, 3))).diagonal_spatial
+  False
+  """
+  from flax_tangents._src.analytic import covariance  # avoid import cycle
+  from flax_tangents.kernel import Kernel
+
+  def decorate(rule: KernelRule) -> KernelRule:
+    layer = getattr(rule, "__qualname__", repr(rule))
+
+    @functools.wraps(rule)
+    def rule_with_requirements(module: Any, kernel: Any,
+                               **kwargs: Any) -> Any:
+      kernels = (kernel if isinstance(kernel, (list, tuple)) else [kernel])
+      for k in kernels:
+        if not isinstance(k, Kernel):
+          continue
+        if not diagonal_spatial:
+          covariance.require_spatial_covariances(k, layer)
+        if not diagonal_batch:
+          covariance.require_batch_covariances(k, layer)
+      return rule(module, kernel, **kwargs)
+
+    return rule_with_requirements
+
+  return decorate

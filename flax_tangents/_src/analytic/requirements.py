@@ -15,8 +15,9 @@ import dataclasses
 import threading
 from typing import Iterator, Optional
 
-__all__ = ["Recording", "is_recording", "record_full_batch",
-           "record_full_spatial", "recording"]
+__all__ = ["Recording", "is_recording", "record_batch_mixing",
+           "record_full_batch", "record_full_spatial", "recording",
+           "watching_batch_mixing"]
 
 
 @dataclasses.dataclass
@@ -61,3 +62,32 @@ def record_full_batch(layer: str) -> None:
   active = _active()
   if active is not None:
     active.full_batch.append(layer)
+
+
+@contextlib.contextmanager
+def watching_batch_mixing() -> Iterator[list[str]]:
+  """Collects the layers run inside that combine inputs along the batch axis.
+
+  Separate from `recording` (which marks a shapes-only requirement pass):
+  `ft.batch` watches real passes, whose kernels must be computed in full.
+  """
+  previous = getattr(_state, "batch_mixing", None)
+  current: list[str] = []
+  _state.batch_mixing = current
+  try:
+    yield current
+  finally:
+    _state.batch_mixing = previous
+    if previous is not None:
+      previous.extend(current)
+
+
+def record_batch_mixing(layer: str) -> None:
+  """Notes that `layer` concatenates, selects or mixes along the batch axis.
+
+  The kernel of a tile of such a layer's inputs is not a tile of its
+  kernel, so `ft.batch` refuses models containing one.
+  """
+  watched = getattr(_state, "batch_mixing", None)
+  if watched is not None:
+    watched.append(layer)

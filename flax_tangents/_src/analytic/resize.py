@@ -1,19 +1,21 @@
-"""Covariances through resizing and indexing of spatial axes.
+"""Covariances through resizing and indexing of spatial and batch axes.
 
-Both layers act on each spatial dimension separately and linearly: output
-location `t` is `sum_p M[t, p] x[p]`, with `M` the interpolation matrix of
+Both layers act on each axis separately and linearly: output location `t`
+is `sum_p M[t, p] x[p]`, with `M` the interpolation matrix of
 `jax.image.resize` (obtained by resizing an identity basis, so it follows
 JAX's conventions exactly, for every method) or a 0/1 selection matrix for
 indexing. On the pair of axes `(S, S')` of a covariance this is `M (x) M`;
 on the single axis of the diagonal layout it is exact only when every output
 reads at most one input (then `M * M` maps variances), which holds for
-nearest-neighbour resizing and for every index.
+nearest-neighbour resizing and for every index. The batch axis is treated
+the same way (`M1` for `x1`, `M2` for `x2`): its pair is `(N1, N2)` in
+`nngp`/`ntk` and `(N, N)` in `cov1`/`cov2` unless `diagonal_batch`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ import numpy as np
 
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents.kernel import Kernel
 
@@ -88,8 +91,7 @@ def _apply_axis_maps(kernel: Kernel, mats: Sequence[np.ndarray],
   """Applies `y = M_i x` along spatial dimension `i` to every covariance."""
   sizes = kernel.shape1[1:-1]
   diagonal = kernel.diagonal_spatial
-  is_selection = all(np.count_nonzero(m, axis=1).max(initial=0) <= 1
-                     for m in mats)
+  is_selection = all(_is_selection(m) for m in mats)
   if not is_selection:
     covariance.require_spatial_covariances(kernel, layer)
 
@@ -110,14 +112,54 @@ def _apply_axis_maps(kernel: Kernel, mats: Sequence[np.ndarray],
       shape2=(kernel.shape2[0],) + tuple(out_spatial) + (kernel.shape2[-1],))
 
 
+def _is_selection(m: np.ndarray) -> bool:
+  return np.count_nonzero(m, axis=1).max(initial=0) <= 1
+
+
+def map_batch_axis(kernel: Kernel, m1: np.ndarray, m2: np.ndarray,
+                   layer: str) -> Kernel:
+  """Applies `y = M1 x1`, `y = M2 x2` along the batch axis of every array.
+
+  Such a layer mixes or selects inputs, so the kernel of a batch tile is not
+  a tile of the kernel: it is recorded for `ft.batch`, which refuses it.
+
+  Raises:
+    ValueError: if an `M` mixes inputs and `cov1`/`cov2` keep only the
+      batch diagonal (possible only for a `Kernel` passed in by hand).
+  """
+  requirements.record_batch_mixing(layer)
+  selection = _is_selection(m1) and _is_selection(m2)
+  if not selection:
+    covariance.require_batch_covariances(kernel, layer)
+
+  def own(cov: Optional[jax.Array], m: np.ndarray) -> Optional[jax.Array]:
+    if cov is None:
+      return None
+    if kernel.diagonal_batch:
+      return conv_math.fold_axes(cov, (0,), m * m)
+    return conv_math.fold_axes(cov, (0, 1), m)
+
+  def cross(cov: Optional[jax.Array]) -> Optional[jax.Array]:
+    if cov is None:
+      return None
+    return conv_math.fold_axes(conv_math.fold_axes(cov, (0,), m1), (1,), m2)
+
+  return kernel.replace(
+      nngp=cross(kernel.nngp), ntk=cross(kernel.ntk),
+      cov1=own(kernel.cov1, m1), cov2=own(kernel.cov2, m2),
+      shape1=(m1.shape[0],) + tuple(kernel.shape1[1:]),
+      shape2=(m2.shape[0],) + tuple(kernel.shape2[1:]))
+
+
 def resize_kernel(kernel: Kernel, shape: Sequence[int], *, method: Method,
                   antialias: bool, layer: str = "ImageResize") -> Kernel:
   """The kernel of `jax.image.resize(x, shape)` given the kernel of `x`.
 
   Args:
     kernel: the input kernel, activations `(N, *spatial, C)`.
-    shape: the target shape, one entry per axis; `-1` keeps an axis. Batch
-      and channel entries must keep their axes.
+    shape: the target shape, one entry per axis; `-1` keeps an axis. The
+      channel entry must keep its axis; resizing the batch axis (`x1` and
+      `x2` to the same size) mixes inputs, as NT allows.
     method: a `jax.image.resize` method.
     antialias: as for `jax.image.resize`.
     layer: name for error messages.
@@ -126,22 +168,27 @@ def resize_kernel(kernel: Kernel, shape: Sequence[int], *, method: Method,
     The output kernel.
 
   Raises:
-    ValueError: if `shape` resizes the batch or channel axis, or a method
-      other than nearest resizes a kernel that keeps only spatial diagonals.
+    ValueError: if `shape` resizes the channel axis, or a method other than
+      nearest resizes a kernel that keeps only spatial diagonals.
   """
   shape = tuple(int(s) for s in shape)
   out1 = resolve_resize_shape(shape, kernel.shape1, layer)
   out2 = resolve_resize_shape(shape, kernel.shape2, layer)
-  if out1[0] != kernel.shape1[0] or out2[0] != kernel.shape2[0]:
-    raise ValueError(
-        f"{layer}: shape={shape} resizes the batch axis (inputs "
-        f"{kernel.shape1}, {kernel.shape2}); set shape[0] = -1.")
   if out1[-1] != kernel.shape1[-1] or out2[-1] != kernel.shape2[-1]:
     raise ValueError(
         f"{layer}: shape={shape} resizes the channel axis, which is not "
         "defined in the infinite-width limit; set shape[-1] = -1.")
   if isinstance(method, str):
     method = jax.image.ResizeMethod.from_string(method)
+  if shape[0] != -1:
+    # Even a resize to the current size makes outputs depend on how many
+    # inputs are passed together.
+    requirements.record_batch_mixing(layer)
+  if shape[0] != -1 and (out1[0], out2[0]) != (kernel.shape1[0],
+                                              kernel.shape2[0]):
+    kernel = map_batch_axis(
+        kernel, resize_matrix(kernel.shape1[0], out1[0], method, antialias),
+        resize_matrix(kernel.shape2[0], out2[0], method, antialias), layer)
   in_spatial, out_spatial = kernel.shape1[1:-1], out1[1:-1]
   if in_spatial == out_spatial:
     return kernel
@@ -201,23 +248,40 @@ def normalize_index(idx: Any, shape: Sequence[int],
   return tuple(out)
 
 
+def _selection(index: slice, size: int) -> np.ndarray:
+  return np.eye(size)[index]
+
+
 def index_kernel(kernel: Kernel, idx: Any, layer: str = "Index") -> Kernel:
   """The kernel of `x[idx]` given the kernel of `x`.
 
-  `idx` may only select along spatial axes: the batch and channel entries
-  must be `:`. An integer drops its spatial axis (both axes of the pair).
+  `idx` selects along spatial axes and, with a slice, the batch axis (the
+  same slice of `x1` and of `x2`, as NT); the channel entry must be `:`. An
+  integer drops its spatial axis (both axes of the pair).
 
   Raises:
-    ValueError: if `idx` touches the batch or channel axis, or selects no
-      location.
+    ValueError: if `idx` indexes the channel axis, has an integer on the
+      batch axis, or selects nothing.
   """
   idx1 = normalize_index(idx, kernel.shape1, layer)
-  normalize_index(idx, kernel.shape2, layer)
-  for axis, name in ((0, "batch"), (-1, "channel")):
-    if idx1[axis] != slice(None):
+  idx2 = normalize_index(idx, kernel.shape2, layer)
+  if idx1[-1] != slice(None):
+    raise ValueError(
+        f"{layer}: idx={idx!r} indexes the channel axis; the kernel keeps "
+        "the channel axis whole, so use `:` there.")
+  if not isinstance(idx1[0], slice):
+    raise ValueError(
+        f"{layer}: idx={idx!r} has an integer on the batch axis, which would "
+        "remove it; every activation keeps a batch axis, so use a slice "
+        f"(e.g. {idx1[0]}:{idx1[0] + 1}).")
+  if idx1[0] != slice(None):
+    m1 = _selection(idx1[0], kernel.shape1[0])
+    m2 = _selection(idx2[0], kernel.shape2[0])
+    if not (len(m1) and len(m2)):
       raise ValueError(
-          f"{layer}: idx={idx!r} indexes the {name} axis; the kernel keeps "
-          f"{name} axes whole, so use `:` there (index only spatial axes).")
+          f"{layer}: idx={idx!r} selects no input from batches of sizes "
+          f"{kernel.shape1[0]} and {kernel.shape2[0]}.")
+    kernel = map_batch_axis(kernel, m1, m2, layer)
   spatial = idx1[1:-1]
   sizes = kernel.shape1[1:-1]
   if all(i == slice(None) for i in spatial):

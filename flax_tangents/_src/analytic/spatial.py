@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents.kernel import Kernel
 
@@ -47,12 +49,18 @@ def flattened_average(kernel: Kernel) -> Kernel:
     return jnp.mean(cov, axis=tuple(range(n_batch, cov.ndim)))
 
   size = lambda shape: math.prod(shape[1:])
-  return covariance.map_covariances(kernel, mean_of_diagonal).replace(
+  out = covariance.map_covariances(kernel, mean_of_diagonal).replace(
       **_drop_spatial_shape(kernel, size(kernel.shape1), size(kernel.shape2)))
+  # Padded entries are zeros among the flattened channels: the mean above
+  # counts them as such, and the mask follows its entries.
+  return masking.map_masks(out, kernel, masking.flatten_mask)
 
 
 def global_pool_kernel(kernel: Kernel, *, average: bool, layer: str) -> Kernel:
   """Kernel after summing or averaging over all locations.
+
+  With padding masks the average is over unpadded locations only, and the
+  output is padding when all locations are.
 
   Raises:
     ValueError: if the kernel keeps only spatial diagonals.
@@ -61,10 +69,21 @@ def global_pool_kernel(kernel: Kernel, *, average: bool, layer: str) -> Kernel:
   if n_spatial == 0:
     return kernel
   covariance.require_spatial_covariances(kernel, layer)
-  reduce = jnp.mean if average else jnp.sum
+  mask11, mask12, mask22 = masking.pair_masks(
+      kernel, *masking.kernel_masks(kernel), layer)
+  masks = {"nngp": mask12, "ntk": mask12, "cov1": mask11, "cov2": mask22}
 
-  def pooled(cov: jax.Array, n_batch: int) -> jax.Array:
-    return reduce(cov, axis=tuple(range(n_batch, cov.ndim)))
+  def pooled(name: str, cov: Optional[jax.Array]) -> Optional[jax.Array]:
+    if cov is None:
+      return None
+    axes = tuple(range(covariance.batch_ndim(kernel, name), cov.ndim))
+    if average:
+      # The mean over pairs of unpadded locations (NT's masked mean).
+      return masking.masked_mean(cov, masks[name], axes)
+    return jnp.sum(masking.zero_masked(cov, masks[name]), axis=axes)
 
-  return covariance.map_covariances(kernel, pooled).replace(
+  out = kernel.replace(
+      **{name: pooled(name, getattr(kernel, name)) for name in masks},
       **_drop_spatial_shape(kernel, kernel.shape1[-1], kernel.shape2[-1]))
+  return masking.map_masks(
+      out, kernel, lambda mask, shape: masking.global_mask(mask, layer))

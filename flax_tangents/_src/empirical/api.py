@@ -35,6 +35,9 @@ from flax_tangents._src.empirical import auto
 from flax_tangents._src.empirical import dispatch
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.implementation import NtkImplementation
+from flax_tangents.typing import ApplyFn
+from flax_tangents.typing import EmpiricalGetKernelFn
+from flax_tangents.typing import EmpiricalKernelFn as KernelFn
 
 __all__ = [
     "empirical_kernel_fn",
@@ -42,9 +45,6 @@ __all__ = [
     "empirical_ntk_fn",
     "empirical_ntk_vp_fn",
 ]
-
-ApplyFn = Callable[..., layout.PyTree]
-KernelFn = Callable[..., layout.PyTree]
 
 
 def _tuple_axes(axes: layout.Axes) -> tuple[int, ...]:
@@ -246,7 +246,7 @@ def empirical_kernel_fn(
     vmap_axes: Any = None,
     implementation: Union[NtkImplementation,
                           int] = NtkImplementation.JACOBIAN_CONTRACTION,
-) -> KernelFn:
+) -> EmpiricalGetKernelFn:
   """Returns a function computing the empirical NNGP and/or NTK of `f`.
 
   Args:

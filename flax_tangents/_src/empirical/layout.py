@@ -19,11 +19,14 @@ negative) into a sorted tuple of non-negative ints and checks them.
 
 from collections.abc import Sequence
 import math
-from typing import Any, Optional, Union
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax_tangents.typing import Axes
+from flax_tangents.typing import PyTree
 
 __all__ = [
     "Axes",
@@ -36,9 +39,6 @@ __all__ = [
     "traced_size",
     "zip_axes",
 ]
-
-PyTree = Any
-Axes = Union[int, Sequence[int]]
 
 
 def canonicalize_axes(axes: Axes, ndim: int, name: str = "axes") -> tuple[

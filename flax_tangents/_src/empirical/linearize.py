@@ -16,11 +16,10 @@ import jax.numpy as jnp
 
 from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical import arguments
+from flax_tangents.typing import ApplyFn
+from flax_tangents.typing import PyTree
 
 __all__ = ["linearize", "taylor_expand"]
-
-PyTree = Any
-ApplyFn = Callable[..., PyTree]
 
 
 def _is_float(leaf: Any) -> bool:

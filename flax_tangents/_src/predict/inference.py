@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +23,9 @@ from flax_tangents._src.predict import iterative
 from flax_tangents._src.predict import linalg
 from flax_tangents._src.predict import solvers
 from flax_tangents._src.scale.tiled_kernel import TiledKernel
+from flax_tangents.typing import Get
 
 Axes = linalg.Axes
-Get = Union[None, str, Sequence[str]]
 
 
 class Gaussian(NamedTuple):

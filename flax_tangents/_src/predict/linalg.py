@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.predict import checks
-
-Axes = Union[int, Sequence[int]]
+from flax_tangents.typing import Axes
 
 
 class NotPSDError(ValueError):

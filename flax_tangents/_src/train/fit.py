@@ -19,8 +19,8 @@ from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.empirical.api import empirical_ntk_fn
 from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.train import results
+from flax_tangents.typing import PyTree
 
-PyTree = Any
 _AUTO = "auto"
 
 
