@@ -92,10 +92,11 @@ def test_resize_after_conv_is_resize_of_covariances():
   # Neural Tangents does) is the same as M (x) M on each pair.
   x1, x2 = _inputs((4, 3))
   conv = ftn.Conv(4, (2, 2), padding="SAME", W_std=1.3, b_std=0.2)
-  before = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
+  conv2 = conv.clone()  # a reused instance would share weights
+  before = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2]))(x1, x2)
   for method in ("linear", "nearest"):
     layer = ftn.ImageResize((-1, 3, 6, -1), method)
-    got = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer]))(x1,
+    got = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2, layer]))(x1,
                                                                        x2)
     assert got.shape1 == (2, 3, 6, 4) and got.shape2 == (3, 3, 6, 4)
     for field in ("nngp", "ntk", "cov1", "cov2"):
@@ -110,12 +111,13 @@ def test_resize_after_conv_is_resize_of_covariances():
 def test_resize_then_flatten_needs_full_covariances():
   x1, x2 = _inputs((3, 3))
   conv = ftn.Conv(4, (2, 2), padding="SAME", b_std=0.1)
+  conv2 = conv.clone()  # a reused instance would share weights
   resize = ftn.ImageResize((-1, 5, 4, -1), "linear")
   # Below a Flatten only spatial diagonals are needed, unless a layer mixes
   # locations: the linear resize does, so its input carries full ones.
-  top = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, resize,
+  top = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2, resize,
                                     ftn.Flatten(), ftn.Dense(1)]))(x1, x2)
-  full = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, resize]))(x1,
+  full = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2, resize]))(x1,
                                                                        x2)
   mean_diag = spatial_diagonal(full.nngp, 2, 2, False).mean(axis=(2, 3))
   np.testing.assert_allclose(top.nngp, mean_diag, rtol=1e-12)
@@ -161,16 +163,17 @@ def test_index_of_inputs(spatial, idx, diagonal):
 def test_index_after_conv():
   x1, x2 = _inputs((4, 5))
   conv = ftn.Conv(4, (2, 3), padding="CIRCULAR", b_std=0.1)
-  before = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv]))(x1, x2)
+  conv2 = conv.clone()  # a reused instance would share weights
+  before = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2]))(x1, x2)
   layer = ftn.Index(np.s_[:, 1:3, 2])
-  got = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer]))(x1, x2)
+  got = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2, layer]))(x1, x2)
   assert got.shape1 == (2, 2, 4)
   for field in ("nngp", "ntk", "cov1", "cov2"):
     cov = getattr(before, field)
     want = cov[(slice(None),) * (cov.ndim - 4) + (slice(1, 3),) * 2 + (2, 2)]
     np.testing.assert_allclose(getattr(got, field), want, rtol=1e-12)
   # Index mixes no locations: a Flatten on top keeps the diagonal layout.
-  flat = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv, layer,
+  flat = _kernel_fn(nn.Sequential([conv, ftn.Relu(), conv2, layer,
                                      ftn.Flatten(), ftn.Dense(1)]))(x1, x2)
   mean_diag = spatial_diagonal(got.nngp, 2, 1, False).mean(axis=2)
   np.testing.assert_allclose(flat.nngp, mean_diag, rtol=1e-12)

@@ -26,6 +26,7 @@ from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.lifting.initializers import entry_variance
+from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn.dropout import dropout_rule
@@ -37,7 +38,7 @@ __all__: list[str] = []
 
 def describe_stock(module: nn.Module) -> str:
   """`"stock nn.Dense (module 'path')"`, for messages."""
-  path = "/".join(map(str, module.path)) or "<top-level module>"
+  path = paths.path_string(module)
   return f"stock nn.{type(module).__name__} (module '{path}')"
 
 

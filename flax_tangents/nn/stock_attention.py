@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 
 from flax_tangents._src.analytic.errors import KernelRuleError
+from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
 
@@ -25,7 +26,7 @@ __all__: list[str] = []
 def _stock_attention_rule(module: nn.MultiHeadDotProductAttention,
                           *args: Any, **kwargs: Any) -> Kernel:
   del args, kwargs
-  path = "/".join(map(str, module.path)) or "<top-level module>"
+  path = paths.path_string(module)
   raise KernelRuleError(
       f"stock nn.{type(module).__name__} (module '{path}', num_heads="
       f"{module.num_heads}) has no infinite-width kernel: with Flax's "

@@ -15,6 +15,7 @@ import numpy as np
 
 from flax_tangents._src.analytic.lifting.initializers import InitializerError
 from flax_tangents._src.analytic.lifting.initializers import entry_variance
+from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn.normalization import layer_norm_kernel
@@ -23,7 +24,7 @@ __all__: list[str] = []
 
 
 def _where(module: nn.Module) -> str:
-  path = "/".join(map(str, module.path)) or "<top-level module>"
+  path = paths.path_string(module)
   return f"stock nn.{type(module).__name__} (module '{path}')"
 
 
@@ -37,7 +38,9 @@ def _add_scale_and_bias_gradients(out: Kernel, normalized_nngp,
   outputs themselves, so a nonlinearity `phi` applied next would need
   `E[phi'(u) phi'(v) u v]`, which the kernel cannot carry: with a scale the
   output is marked non-Gaussian (an affine layer, which averages the
-  contribution over channels exactly, must come next).
+  contribution over channels exactly, must come next). Without an NTK
+  (`get='nngp'`) the scale's gradient plays no role and the output stays
+  Gaussian.
   """
   if out.ntk is not None:
     ntk = out.ntk
@@ -46,7 +49,7 @@ def _add_scale_and_bias_gradients(out: Kernel, normalized_nngp,
     if use_bias:
       ntk = ntk + 1.0
     out = out.replace(ntk=ntk)
-  if use_scale:
+  if use_scale and out.ntk is not None:
     out = out.replace(is_gaussian=False)
   return out
 

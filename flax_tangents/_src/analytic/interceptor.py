@@ -2,8 +2,10 @@
 
 The model is applied to a `Kernel` inside `flax.linen.intercept_methods`.
 Every module call that receives a kernel is intercepted: a module with a
-registered rule is replaced by its rule; any other user module is entered, so
-modules composed of ruled modules need nothing. No parameters are created.
+registered rule is replaced by its rule; any other module (user modules,
+`nn.Sequential`) is lifted: its code is traced, submodule calls kept opaque,
+and the trace is evaluated on kernels (`lifting`), so plain functions such
+as `nn.relu` or `x.reshape` need no rewrite. No parameters are created.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import rule_checks
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.errors import PlainFunctionError
+from flax_tangents._src.analytic.lifting import dispatch
+from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents.kernel import Kernel
 from flax_tangents.typing import AnalyticKernelFn
@@ -48,7 +52,7 @@ _route_kwargs = front_end.route_kwargs
 _select = front_end.select
 _structure_key = front_end.structure_key
 
-# Stock Flax modules that only call their submodules: entered as user modules.
+# Stock Flax modules that only call their submodules: lifted as user modules.
 _TRANSPARENT_STOCK_MODULES = (nn.Sequential,)
 
 
@@ -62,9 +66,8 @@ def _kernels_in(tree: Any) -> list[Kernel]:
 
 
 def _describe(module: nn.Module) -> str:
-  path = "/".join(str(p) for p in module.path) or "<top-level module>"
-  cls = type(module)
-  return f"module '{path}' of type {cls.__module__}.{cls.__qualname__}"
+  # Full paths: lifted modules apply their submodules in nested `apply`s.
+  return paths.describe(module)
 
 
 def _no_rule_error(module: nn.Module) -> KernelRuleError:
@@ -85,6 +88,9 @@ def _note_once(error: BaseException, module: nn.Module) -> None:
     error.add_note(f"(raised while computing the kernel of "
                    f"{_describe(module)})")
     error._flax_tangents_noted = True  # pylint: disable=protected-access
+
+
+dispatch.set_no_rule_error(_no_rule_error)
 
 
 def _setup(next_fun: Callable[..., Any], module: nn.Module) -> Any:
@@ -123,28 +129,39 @@ def _check_call(module: nn.Module, args: tuple[Any, ...],
 def _interceptor(next_fun: Callable[..., Any], args: tuple[Any, ...],
                  kwargs: dict[str, Any],
                  context: nn.module.InterceptorContext) -> Any:
+  if dispatch.tracing():
+    # Lifting is tracing a module on arrays: the real code runs.
+    return next_fun(*args, **kwargs)
   if context.method_name == "setup":
     return _setup(lambda: next_fun(*args, **kwargs), context.module)
-  if context.method_name != "__call__" or not _kernels_in((args, kwargs)):
+  if not _kernels_in((args, kwargs)):
     return next_fun(*args, **kwargs)
   module = context.module
+  dispatch.check_transform(module)
   rule = registry.find_rule(type(module))
   if rule is None:
     is_stock = type(module).__module__.startswith("flax.")
     if is_stock and not isinstance(module, _TRANSPARENT_STOCK_MODULES):
       raise _no_rule_error(module)
+  elif context.method_name != "__call__":
+    raise KernelRuleError(
+        f"{_describe(module)}: its method `{context.method_name}` was called "
+        "on a kernel, but kernel rules replace `__call__` only.")
   try:
-    if rule is not None:
-      _check_call(module, args, kwargs)
-      with lineage.layer(module.path):
-        output = rule(module, *args, **call_args.rule_kwargs(rule, kwargs))
-      rule_checks.check_rule_output(rule, module, output)
-      return masking.remask_output(output, type(module).__name__)
-    return next_fun(*args, **kwargs)
+    with dispatch.call_depth():
+      if rule is not None:
+        _check_call(module, args, kwargs)
+        with lineage.layer(paths.full_path(module)):
+          output = rule(module, *args, **call_args.rule_kwargs(rule, kwargs))
+        rule_checks.check_rule_output(rule, module, output)
+        output = masking.remask_output(output, type(module).__name__)
+        dispatch.record_rule_output(module, (args, kwargs), output)
+        return output
+      return dispatch.lift(module, context.method_name, args, kwargs)
   except PlainFunctionError as e:
     raise KernelRuleError(
         f"{_describe(module)} passed a Kernel to a plain function (such as "
-        "`nn.relu` or `jnp.tanh`), which has no infinite-width rule. Use a "
+        "`nn.relu` or `jnp.tanh`) outside code that lifting traces. Use a "
         "layer from `flax_tangents.nn` instead (e.g. `ftn.Relu()` for "
         "`nn.relu`), or give your module a rule with "
         "`ft.register_kernel_rule`.") from e

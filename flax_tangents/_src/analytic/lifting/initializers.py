@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
-from flax.linen import initializers as flax_init
 from flax.linen import spmd  # noqa: F401  (with_partitioning lives in core)
 from flax.core import meta
 
