@@ -6,8 +6,9 @@ parameters (`ft.linearize`) side by side, from the same variables, with any
 cross-entropy. At chosen steps it records losses, accuracies, outputs and the
 function-space distance between the two, and predicts the same quantities at
 the matching gradient-flow times `t = step * learning_rate` with `ft.predict`,
-from the empirical NTK at initialization and, for models built from
-`flax_tangents.nn`, from the analytic infinite-width NTK. Training state is
+from the empirical NTK at initialization and, for models with an exact
+infinite-width limit (built from `flax_tangents.nn`, or stock Flax layers that
+`ft.kernel_fn` lifts), from the analytic infinite-width NTK. Training state is
 checkpointed with orbax; a stopped run resumes where it left off.
 
 >>> import jax, jax.numpy as jnp, optax
@@ -20,7 +21,7 @@ checkpointed with orbax; a stopped run resumes where it left off.
 >>> result = ft.train.fit(model.apply, variables, optax.sgd(0.5), x, y,
 ...                       steps=20, record_steps=10, learning_rate=0.5)
 >>> sorted(result.final_gaps())[:2]
-['linearized-ntk_empirical/fx_train', 'linearized-ntk_empirical/train_loss']
+['linearized-ntk_analytic/fx_train', 'linearized-ntk_analytic/train_loss']
 """
 
 from flax_tangents._src.train.fit import fit

@@ -215,7 +215,7 @@ def test_repeated_branches_are_correlated():
   np.testing.assert_allclose(
       ft.kernel_fn(_Repeated("concat"))(x, X2[:, 0], "nngp"), base.nngp,
       rtol=1e-12)
-  with pytest.raises(ValueError, match="added to itself"):
+  with pytest.raises(ValueError, match="both depend on"):
     ft.kernel_fn(_Repeated("sum"))(x)
   with pytest.raises(ValueError, match="multiplied by itself"):
     ft.kernel_fn(_Repeated("prod"))(x)

@@ -85,7 +85,7 @@ class GlobalSelfAttention(nn.Module):
   above then counts the embedding channels. The layer is thus tied to the
   spatial shape seen at `init`.
 
-  Inputs may be `ft.MaskedArray`s (padding, e.g. of variable-length
+  Inputs may be masked arrays (`ft.MaskedArray`, padding, e.g. of variable-length
   sequences): padded keys get no attention weight, padded locations no
   embedding, and a location of the output is padding iff all channels of
   the input location were.

@@ -79,6 +79,11 @@ class FanInConcat(nn.Module):
   axis: int = -1
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
+    n_dims = jnp.ndim(split(branches[0])[0])
+    if not -n_dims <= self.axis < n_dims:
+      raise ValueError(f"FanInConcat: axis={self.axis} is out of range for "
+                       f"{n_dims}-D inputs; use an axis in [-{n_dims}, "
+                       f"{n_dims}).")
     return _merge(
         branches, lambda values: jnp.concatenate(values, axis=self.axis),
         lambda masks: masking.concat_masks(

@@ -40,13 +40,14 @@ def _dot_general_rule(module: "DotGeneral", kernel: Kernel,
   n_x = len(kernel.shape1)
   layout = dot_math.dot_layout(n_x, other.ndim, is_lhs,
                                module.dimension_numbers)
+  if layout.contracts_batch or 0 in layout.x_batch:
+    # Outputs depend on other inputs, or on an input's position. Recorded
+    # first, so that `ft.batch` names this rather than a refusal below.
+    requirements.record_batch_mixing("DotGeneral")
   if layout.contracts_spatial(n_x):
     covariance.require_spatial_covariances(kernel, "DotGeneral")
   if layout.contracts_batch:
     covariance.require_batch_covariances(kernel, "DotGeneral")
-  if layout.contracts_batch or 0 in layout.x_batch:
-    # Outputs depend on other inputs, or on an input's position.
-    requirements.record_batch_mixing("DotGeneral")
   return kernel.dot_general(other, other, is_lhs, module.dimension_numbers)
 
 

@@ -110,7 +110,7 @@ def estimate(jaxpr) -> Cost:
   """The estimated cost of a (closed) JAXPR.
 
   >>> import jax, jax.numpy as jnp
-  >>> c = estimate(jax.make_jaxpr(lambda a: a @ a)(jnp.ones((4, 4))))
+  >>> c = estimate(jax.make_jaxpr(lambda a: a @ a)(jnp.ones((4, 4), "float32")))
   >>> c.flops, c.largest
   (128.0, 64)
   """

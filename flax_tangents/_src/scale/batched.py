@@ -121,7 +121,7 @@ class BatchedKernelFn:
     self.progress = progress
     # Shared by every ft.batch of the same kernel function, so that a new
     # wrapper (a rerun notebook cell) neither recompiles nor retraces.
-    self._programs, self._templates, self._digests = _caches_for(kernel_fn)
+    self._programs, self._templates = _caches_for(kernel_fn)
     functools.update_wrapper(self, kernel_fn)
 
   # ------------------------------------------------------------------ call
@@ -135,8 +135,13 @@ class BatchedKernelFn:
     call = _Call(x1, x2, args, kwargs)
     mesh = self.mesh if self.mesh is not None else devices.default_mesh()
     b = min(self.batch_size, max(call.n1, call.n2))
+    # Traced on every call: a kernel function with state (an NNX model
+    # called with `params=None`, a mutated module) may compute something
+    # else than at its last call, and neither its cached program nor its
+    # checkpoint may then be reused.
+    computation = self._computation(call, x1, x2, b)
 
-    template = self._template(call, x1, x2, b)
+    template = self._template(call, x1, x2, b, computation)
     mirror = call.symmetric and template.all_transposable
     plan = TilePlan(call.n1, call.n2, b, call.symmetric, mirror)
 
@@ -157,7 +162,8 @@ class BatchedKernelFn:
     checkpoint, done = None, set()
     if self.checkpoint_dir is not None:
       checkpoint = tile_checkpoint.TileCheckpoint(
-          self.checkpoint_dir, self._fingerprint(call, x1, x2, plan),
+          self.checkpoint_dir, self._fingerprint(call, x1, x2, plan,
+                                                 computation),
           {"plan": plan.describe(),
            "leaves": tile_outputs.describe_leaves(template)})
     try:
@@ -178,7 +184,8 @@ class BatchedKernelFn:
                                        self.progress,
                                        devices.is_primary_process())
       self._compute(call, template, plan, mesh, todo, assembler, checkpoint,
-                    progress, (x1_padded, x2_padded, tiled1, tiled2), dynamic)
+                    progress, (x1_padded, x2_padded, tiled1, tiled2), dynamic,
+                    computation)
     except BaseException:
       if checkpoint is not None:
         checkpoint.abandon()
@@ -189,7 +196,7 @@ class BatchedKernelFn:
     return template.build(assembler.result(), call.n1, call.n2)
 
   def _compute(self, call, template, plan, mesh, todo, assembler, checkpoint,
-               progress, padded_inputs, dynamic) -> None:
+               progress, padded_inputs, dynamic, computation) -> None:
     """Computes the tiles `todo` in rounds of one tile per device."""
     x1_padded, x2_padded, tiled1, tiled2 = padded_inputs
     b = plan.batch_size
@@ -197,7 +204,7 @@ class BatchedKernelFn:
       tiles = [tile for tile in todo if tile.kind == kind]
       if not tiles:
         continue
-      program = self._program(call, kind, template, mesh)
+      program = self._program(call, kind, template, mesh, computation)
       for start in range(0, len(tiles), mesh.size):
         chunk = tiles[start:start + mesh.size]
         padding = [chunk[0]] * (mesh.size - len(chunk))
@@ -233,8 +240,8 @@ class BatchedKernelFn:
       return self.kernel_fn(x1, None if kind == DIAG else x2, *args, **kwargs)
     return one_tile
 
-  def _template(self, call: _Call, x1: Any, x2: Any,
-                b: int) -> tile_outputs.OutputTemplate:
+  def _template(self, call: _Call, x1: Any, x2: Any, b: int,
+                computation: str) -> tile_outputs.OutputTemplate:
     kind = DIAG if call.symmetric else FULL
     specs = self._tile_specs(call, x1, x2, b)
     key = call.program_key(kind)
@@ -242,7 +249,8 @@ class BatchedKernelFn:
       # Tracing the wrapped function costs time: reuse the template for
       # calls with the same structure, shapes and static arguments.
       key += (b, jax.tree.structure(specs), tuple(jax.tree.leaves(specs)),
-              tuple((np.shape(d), _dtype(d)) for d in call.dynamic))
+              tuple((np.shape(d), _dtype(d)) for d in call.dynamic),
+              computation)
       if key in self._templates:
         return self._templates[key]
     template = self._new_template(call, kind, specs, b)
@@ -302,11 +310,13 @@ class BatchedKernelFn:
     return lambda rest: layout
 
   def _program(self, call: _Call, kind: str,
-               template: tile_outputs.OutputTemplate,
-               mesh: Mesh) -> Callable[..., Any]:
+               template: tile_outputs.OutputTemplate, mesh: Mesh,
+               computation: str) -> Callable[..., Any]:
     key = call.program_key(kind)
+    # `computation` in the key: `jax.jit` would otherwise keep what a
+    # stateful kernel function computed when first traced.
     cache_key = None if key is None else key + (
-        mesh, template.treedef, tuple(template.leaves))
+        mesh, template.treedef, tuple(template.leaves), computation)
     if cache_key is not None and cache_key in self._programs:
       return self._programs[cache_key]
     roles = ((tile_outputs.PAIR,) if kind == OFFDIAG else
@@ -338,22 +348,11 @@ class BatchedKernelFn:
     specs = self._tile_specs(call, x1, x2, b)
     abstract_dynamic = [jax.ShapeDtypeStruct(np.shape(d), _dtype(d))
                         for d in call.dynamic]
-    key = call.program_key(kind)
-    if key is not None:
-      # Cached like the compiled program it describes (`jax.jit` too
-      # assumes a function computes what it computed when first traced).
-      key += (jax.tree.structure(specs), tuple(jax.tree.leaves(specs)),
-              tuple(abstract_dynamic))
-      if key in self._digests:
-        return self._digests[key]
-    digest = fingerprint_lib.computation_identity(
+    return fingerprint_lib.computation_identity(
         self._one_tile(call, kind), *specs, abstract_dynamic)
-    if key is not None:
-      self._digests[key] = digest
-    return digest
 
-  def _fingerprint(self, call: _Call, x1: Any, x2: Any,
-                   plan: TilePlan) -> dict[str, str]:
+  def _fingerprint(self, call: _Call, x1: Any, x2: Any, plan: TilePlan,
+                   computation: str) -> dict[str, str]:
     digest = fingerprint_lib.digest
     return {
         "x1": digest(x1),
@@ -361,8 +360,7 @@ class BatchedKernelFn:
         "batch_size": str(self.batch_size),
         "tiling": digest(plan.describe()),
         "get": repr(call.get),
-        "kernel_fn (what it computes)": self._computation(call, x1, x2,
-                                                          plan.batch_size),
+        "kernel_fn (what it computes)": computation,
         "array arguments (parameters)": digest(call.dynamic),
         "other arguments": digest(list(call.static)),
         "tiled arguments": digest(call.tiled),
@@ -370,18 +368,18 @@ class BatchedKernelFn:
 
 
 _MAX_SHARED_CACHES = 16
-_SHARED_CACHES: collections.OrderedDict[Any, tuple[dict, dict, dict]] = (
+_SHARED_CACHES: collections.OrderedDict[Any, tuple[dict, dict]] = (
     collections.OrderedDict())
 
 
-def _caches_for(kernel_fn: Callable[..., Any]) -> tuple[dict, dict, dict]:
-  """Compiled programs, templates and digests of `kernel_fn`'s tiles."""
+def _caches_for(kernel_fn: Callable[..., Any]) -> tuple[dict, dict]:
+  """Compiled programs and output templates of `kernel_fn`'s tiles."""
   try:
     caches = _SHARED_CACHES.pop(kernel_fn, None)
   except TypeError:  # Unhashable: caches of its own.
-    return {}, {}, {}
+    return {}, {}
   if caches is None:
-    caches = ({}, {}, {})
+    caches = ({}, {})
   _SHARED_CACHES[kernel_fn] = caches  # Most recently used last.
   while len(_SHARED_CACHES) > _MAX_SHARED_CACHES:
     _SHARED_CACHES.popitem(last=False)

@@ -179,8 +179,9 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
       first = jax.numpy.broadcast_to(per_example, (n1,) + x.shape[1:])
       second = None if n2 is None else jax.numpy.broadcast_to(
           per_example, (n2,) + x.shape[1:])
+      # Full covariances (abstract, so free): no rule refuses its input.
       return covariance.inputs_to_kernel(
-          first, second, diagonal_batch=True,
+          first, second, diagonal_batch=False,
           diagonal_spatial=False).replace(is_gaussian=True, is_input=False)
 
     call_args, call_kwargs = jax.tree.map(
