@@ -22,6 +22,7 @@ from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.empirical.linearize import taylor_expand
 from flax_tangents._src.empirical.plan import empirical_ntk_plan
 from flax_tangents._src.masked_array import MaskedArray
+from flax_tangents._src.masked_array import supports_masking
 from flax_tangents._src.masked_array import unmask_fn
 from flax_tangents.batching import batch
 from flax_tangents.kernel import Kernel
@@ -49,6 +50,7 @@ __all__ = (
     "predict",
     "register_kernel_rule",
     "requires",
+    "supports_masking",
     "taylor_expand",
     "train",
     "typing",

@@ -32,6 +32,16 @@ _NT_ORDER = ("n_samples", "batch_size", "device_count", "store_on_device",
              "trace_axes", "diagonal_axes", "vmap_axes", "implementation")
 
 
+_MASK_CONSTANT_FIX = (
+    "monte_carlo_kernel_fn(...)(x1, x2, get, mask_constant=c): the finite "
+    "networks take padding as `ft.MaskedArray` inputs, not as a keyword "
+    "(NT passes it to apply_fn and needs `unmask_fn` for the outputs). Sample "
+    "a model that masks its own inputs and unmasks its outputs, e.g. a Linen "
+    "module whose __call__ is `return model(ft.MaskedArray.from_mask_constant("
+    "x, c)).unmask()`; its Monte Carlo kernel converges to "
+    "`ft.kernel_fn(model)(x1, x2, get, mask_constant=c)`.")
+
+
 class _StaxNetwork:
   """NT's `(init_fn, apply_fn)` pair with a Flax-like `init`/`apply`."""
 
@@ -190,6 +200,8 @@ def _monte_carlo_kernel_fn(model, key, n_samples, batch_size, mesh,
 
   def kernel_fn(x1: Any, x2: Any = None, get: Any = None,
                 **apply_kwargs: Any) -> Any:
+    if "mask_constant" in apply_kwargs:
+      raise TypeError(_MASK_CONSTANT_FIX)
     if generator:
       return estimates(x1, x2, get, apply_kwargs)
     estimate = None

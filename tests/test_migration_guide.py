@@ -65,3 +65,19 @@ def test_named_equivalents_exist():
       for part in path.split("."):
         assert hasattr(obj, part), f"{name}: {module}.{path} does not exist"
         obj = getattr(obj, part)
+
+
+def test_parity_is_closed_and_the_summary_counts_match():
+  # Issue 10's bar: every row is same, renamed or a deliberate difference,
+  # and the guide's summary line states the table's counts.
+  rows = _rows()
+  counts = {s: sum(status == s for _, _, status in rows) for s in STATUSES}
+  open_rows = [name for name, _, status in rows
+               if status in ("partial", "missing", "NIE")]
+  assert not open_rows, f"rows that are not closed: {open_rows}"
+  with open(GUIDE) as f:
+    text = " ".join(f.read().split())
+  summary = (f"Of NT's {len(rows)} public names: {counts['same']} same, "
+             f"{counts['renamed']} renamed, {counts['deliberate']} deliberate "
+             f"differences (each with its reason), 0 partial, 0 missing.")
+  assert summary in text, counts

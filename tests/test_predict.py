@@ -382,8 +382,9 @@ def test_input_errors():
     predict.gradient_descent_mse(k, y)(1., None)
   with pytest.raises(ValueError, match="shape"):
     predict.gradient_descent_mse(np.eye(4), y)
-  with pytest.raises(ValueError, match="finite time"):
-    predict.gradient_descent(_mse, k, y)(None, 0.)
+  with pytest.raises(ValueError, match="jax.jit"):
+    jax.jit(lambda f: predict.gradient_descent(_mse, k, y)(None, f))(
+        jnp.zeros((3, 2)))
   with pytest.raises(ValueError, match="get"):
     predict.gp_inference(k, y)("bad", np.ones((1, 3)))
 
@@ -520,3 +521,58 @@ def test_float32_ill_conditioned_kernel_warns_with_fix():
   with warnings.catch_warnings():
     warnings.simplefilter("error", predict.IllConditionedWarning)
     predict.gp_inference(k.astype(np.float64), y)("nngp", eye)
+
+
+# ------------------------------------ gradient_descent(t=None), NT's t=inf ---
+
+
+def test_ode_infinite_time_matches_closed_form(golden):
+  # NT reads t=None as t=inf; for the MSE the limit has a closed form.
+  g = golden
+  k_dd, k_td = g["ntk_train_train"], g["ntk_test_train"]
+  y, f0, f0_test = g["y_train"], g["fx_train_0"], g["fx_test_0"]
+  closed = predict.gradient_descent_mse(k_dd, y, learning_rate=0.3)(
+      None, f0, f0_test, k_td)
+  ode = predict.gradient_descent(_mse, k_dd, y, learning_rate=0.3)
+  fx_train, fx_test = ode(None, f0, f0_test, k_td)
+  assert fx_train.shape == y.shape and fx_test.shape == f0_test.shape
+  assert_close(fx_train, closed[0], rtol=1e-7)
+  assert_close(fx_test, closed[1], rtol=1e-7)
+
+
+def test_ode_infinite_time_with_momentum_returns_state():
+  # The heavy-ball flow on the MSE ends where plain gradient flow ends, with
+  # zero momentum; trace_axes=() and an ODEState in and out.
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(6, 6))
+  k = a @ a.T / 6 + 0.5 * np.eye(6)  # (3 examples x 2 outputs) squared
+  y = rng.normal(size=(3, 2))
+  k4 = k.reshape(3, 2, 3, 2).transpose(0, 2, 1, 3)
+  closed = predict.gradient_descent_mse(k4, y, trace_axes=())(None, 0., 0.,
+                                                              k4[:1])
+  state = predict.gradient_descent(_mse, k4, y, learning_rate=0.5,
+                                   momentum=0.5, trace_axes=())(
+                                       None, predict.ODEState(
+                                           np.zeros((3, 2)), np.zeros((1, 2))),
+                                       k_test_train=k4[:1])
+  assert isinstance(state, predict.ODEState)
+  assert_close(state.fx_train, closed[0], rtol=1e-7)
+  assert_close(state.fx_test, closed[1], rtol=1e-7)
+  np.testing.assert_allclose(state.qx_train, 0., atol=1e-7)
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "momentum_1",
+                                  "ill_conditioned"])
+def test_ode_infinite_time_refuses_what_does_not_converge(case):
+  k, y = np.array([[2., 1.], [1., 2.]]), np.eye(2)
+  if case == "cross_entropy":  # outputs grow like log(t) forever
+    run = predict.gradient_descent(cross_entropy, k, y)
+    match = "did not converge"
+  elif case == "momentum_1":  # no friction: the flow oscillates forever
+    run = predict.gradient_descent(_mse, k, y, momentum=1.)
+    match = "momentum >= 1"
+  else:  # a slow mode out of an explicit solver's reach
+    run = predict.gradient_descent(_mse, np.diag([1., 1e-9]), y)
+    match = "steps"
+  with pytest.raises(predict.ConvergenceError, match=match):
+    run(None, np.zeros((2, 2)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -88,14 +89,41 @@ class MaskedArray:
   def __add__(self, other: Any) -> "MaskedArray":
     # A residual sum `x + y`, as NT's FanInSum: each branch is zeroed under
     # its own mask and a location stays padding if it is in every branch.
-    if not isinstance(other, (MaskedArray, jax.Array)) and not hasattr(
-        other, "shape"):
+    # `x + c` keeps the mask: padding is read as zeros by every later layer
+    # (as the kernel's `Kernel + c`, which keeps zero covariances there).
+    if not _is_operand(other):
       return NotImplemented
     a, mask_a, _ = split(self)
     b, mask_b, _ = split(other)
     return MaskedArray(a + b, masking.sum_masks([mask_a, mask_b]))
 
   __radd__ = __add__
+
+  def __sub__(self, other: Any) -> "MaskedArray":
+    if not _is_operand(other):
+      return NotImplemented
+    return self + (-other)
+
+  def __rsub__(self, other: Any) -> "MaskedArray":
+    return (-self) + other
+
+  def __neg__(self) -> "MaskedArray":
+    return MaskedArray(-self.masked_value, self.mask)
+
+  def __mul__(self, other: Any) -> "MaskedArray":
+    # `x * c`, or NT's FanInProd `x * y` (padding where every factor is).
+    if not _is_operand(other):
+      return NotImplemented
+    a, mask_a, _ = split(self)
+    b, mask_b, _ = split(other)
+    return MaskedArray(a * b, masking.sum_masks([mask_a, mask_b]))
+
+  __rmul__ = __mul__
+
+  def __truediv__(self, other: Any) -> "MaskedArray":
+    if not isinstance(other, numbers.Number) and jnp.ndim(other) != 0:
+      return NotImplemented
+    return MaskedArray(self.masked_value / other, self.mask)
 
   def __jax_array__(self):
     raise TypeError(
@@ -109,6 +137,12 @@ class MaskedArray:
 
 jax.tree_util.register_dataclass(
     MaskedArray, data_fields=["masked_value", "mask"], meta_fields=[])
+
+def _is_operand(x: Any) -> bool:
+  """Whether `x` combines with a `MaskedArray` (a number or an array)."""
+  return (isinstance(x, (MaskedArray, numbers.Number)) or hasattr(x, "shape")
+          ) and not isinstance(x, bool)
+
 
 # What a layer returns: an array, or a `MaskedArray` for masked inputs.
 MaybeMasked = Union[jax.Array, MaskedArray]
@@ -124,12 +158,36 @@ def split(x: Any) -> tuple[Any, Optional[jax.Array], bool]:
 def supports_masking(
     out_mask: Optional[Callable[[Any, jax.Array, Sequence[int]],
                                 Optional[jax.Array]]] = None):
-  """Decorates a layer's `__call__(self, x, ...)` to accept a `MaskedArray`.
+  """Makes a finite layer accept `ft.MaskedArray` (NT's `supports_masking`).
 
-  The wrapped call zeroes the padding of `x`, runs on the plain array and
-  returns a `MaskedArray` whose mask is `out_mask(self, mask, x.shape)`
-  (the input mask when `out_mask` is `None`). Plain arrays pass through
-  unchanged.
+  Decorates a Linen layer's `__call__(self, x, ...)`: the wrapped call zeroes
+  the padding of `x`, runs on the plain array and returns a `MaskedArray`
+  whose mask is `out_mask(self, mask, x.shape)` (the input mask when
+  `out_mask` is `None`: the layer keeps every location in place). Plain
+  arrays pass through unchanged. This is the finite half of NT's decorator;
+  the kernel half needs nothing: `ft.kernel_fn` zeroes covariances at padding
+  after every rule, and a rule that moves locations maps `kernel.mask1` /
+  `kernel.mask2` itself (`kernel.replace(mask1=..., mask2=...)`; a rule that
+  changes the shape without doing so is refused).
+
+  Args:
+    out_mask: `out_mask(module, mask, input_shape) -> mask` of the outputs,
+      or `None` for layers that keep the input's mask (NT's `mask_fn`).
+
+  Returns:
+    A decorator for `__call__`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> import flax.linen as nn
+  >>> import flax_tangents as ft
+  >>> class Scale(nn.Module):          # y = 2 x, location by location
+  ...   @ft.supports_masking()
+  ...   def __call__(self, x):
+  ...     return 2 * x
+  >>> x = jnp.array([[[1.], [2.], [-9.]]])   # the last location is padding
+  >>> y = Scale().apply({}, ft.MaskedArray.from_mask_constant(x, -9.))
+  >>> y.unmask()[0, :, 0], y.mask[0, :, 0]
+  (Array([2., 4., 0.], dtype=float...), Array([False, False,  True], dtype=bool))
   """
 
   def decorate(call):

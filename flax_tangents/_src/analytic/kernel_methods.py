@@ -143,10 +143,11 @@ def _shifted(kernel: Kernel, square: Any) -> Kernel:
         "only right after an affine layer. Add the constant there (e.g. "
         "as the bias of the `Dense`/`Conv`: `b_std`), or after an affine "
         "layer.")
-  return kernel.replace(
+  from flax_tangents._src.analytic import masking  # import cycle
+  return masking.remask_shifted(kernel.replace(
       nngp=kernel.nngp + square, cov1=kernel.cov1 + square,
       cov2=None if kernel.cov2 is None else kernel.cov2 + square,
-      is_gaussian=False, is_input=False)
+      is_gaussian=False, is_input=False), "Kernel + c")
 
 
 def add(kernel: Kernel, other: Any) -> Kernel:

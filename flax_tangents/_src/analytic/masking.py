@@ -43,6 +43,7 @@ __all__ = [
     "masked_mean",
     "pair_masks",
     "remask",
+    "remask_shifted",
     "resize_mask",
     "sum_masks",
     "remask_output",
@@ -386,6 +387,30 @@ def remask(kernel: Kernel, layer: str) -> Kernel:
   # A mixture's parts are the kernels of its branches, remasked by their own
   # rules: keep them (`replace` drops them).
   return mixtures.with_parts(out, parts, kernel._assembly)  # pylint: disable=protected-access
+
+
+def remask_shifted(kernel: Kernel, layer: str) -> Kernel:
+  """Zero covariances at padding again after a constant shift (`k + c`).
+
+  `x + c` moves padded entries to `c`, but every later layer reads them as
+  zeros, so their covariances must stay zero. Masks that differ between
+  channels (after `Flatten`) cannot be honoured: the kernel averages over
+  channels, and the shift's share, `c**2` times the fraction of entries real
+  in both inputs, is not representable there.
+
+  Raises:
+    NotImplementedError: for masks that differ between channels.
+  """
+  masks = (kernel.mask1, kernel.mask2)
+  if all(m is None for m in masks):
+    return kernel
+  if any(m is not None and m.shape[-1] != 1 for m in masks):
+    raise NotImplementedError(
+        f"{layer}: the kernel carries a padding mask that differs between "
+        "channels (after `Flatten` or on raw inputs), where a constant shift "
+        "would also move the padded entries. Shift before `Flatten`, after "
+        "an affine layer, or compute the kernel without masking.")
+  return remask(kernel, layer)
 
 
 def remask_output(output: Any, layer: str) -> Any:

@@ -21,6 +21,7 @@ import numpy as np
 from flax_tangents._src.predict import checks
 from flax_tangents._src.predict import iterative
 from flax_tangents._src.predict import linalg
+from flax_tangents._src.predict import ode_limit
 from flax_tangents._src.predict import solvers
 from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
@@ -297,22 +298,32 @@ def gradient_descent(
     learning_rate: the step size; times `t` are in steps.
     momentum: momentum coefficient, or `None` for plain gradient descent.
     trace_axes: axes of the outputs along which the kernel is the identity.
-    rtol: relative tolerance of the ODE solver.
-    atol: absolute tolerance of the ODE solver.
+    rtol: relative tolerance of the ODE solver (and of the convergence test
+      for `t=None`).
+    atol: absolute tolerance of the ODE solver (and of the convergence test
+      for `t=None`).
 
   Returns:
     `predict_fn(t=None, fx_train_or_state_0=0., fx_test_0=None,
     k_test_train=None)`: train [and test] outputs at times `t` (strictly
     increasing, any shape; leading output axes). Given an `ODEState` instead
     of train outputs (with `fx_test_0=None`), it returns the `ODEState` at `t`,
-    momentum variables included.
+    momentum variables included. `t=None` is `t = inf`, as in Neural
+    Tangents: the ODE is integrated in doubling stages until the state moves
+    by less than `atol + rtol * max|state|` over a stage and the slowest
+    kernel mode has relaxed for 40 time constants; the converged state is
+    returned (no leading time axis). It needs concrete (non-traced) inputs.
 
   Raises:
     NotPSDError: (from `predict_fn`) if `k_train_train` is not positive
       semi-definite.
-    ValueError: (from `predict_fn`) for `t=None`: the flow of a general loss
-      has no closed-form limit, ask for a finite time; for negative or
-      non-finite times or `learning_rate`.
+    ConvergenceError: (from `predict_fn(t=None)`) if the flow has no limit it
+      reaches (e.g. cross-entropy, whose outputs grow like `log(t)`;
+      `momentum >= 1`; divergence), or the kernel is so ill-conditioned that
+      an explicit solver cannot reach it; never an unconverged value.
+    ValueError: (from `predict_fn`) for negative or non-finite times or
+      `learning_rate` (infinite time is `t=None`), and for `t=None` under
+      `jax.jit`.
 
   >>> import jax, jax.numpy as jnp
   >>> import flax_tangents as ft
@@ -323,6 +334,11 @@ def gradient_descent(
   >>> fx = predict_fn(jnp.array([1., 100.]), jnp.zeros((2, 2)))
   >>> fx.shape, bool(fx[1, 0, 0] > fx[0, 0, 0] > 0)
   ((2, 2, 2), True)
+  >>> mse = lambda fx, y: 0.5 * jnp.mean((fx - y)**2)
+  >>> fx_inf = ft.predict.gradient_descent(mse, k, y)(None, jnp.zeros((2, 2)))
+  >>> print(jnp.round(fx_inf, 6))  # at t = inf the MSE flow fits y_train
+  [[1. 0.]
+   [0. 1.]]
   """
   checks.check_learning_rate(learning_rate)
   y_train = jnp.asarray(y_train)
@@ -379,14 +395,14 @@ def gradient_descent(
                           atol=atol)
     return jax.tree_util.tree_map(lambda x: x[1:], path)
 
-  def integrate(t, fx_train_0, fx_test_0, qx_train_0, qx_test_0,
-                k_test_train, want_test):
-    k_dd = k_dd_matrix()
-    dtype = k_dd.dtype
+  def initial_state(fx_train_0, fx_test_0, qx_train_0, qx_test_0,
+                    k_test_train, want_test):
+    """The ODE's initial state and the test-train kernel matrix."""
+    dtype = k_dd_matrix().dtype
     fx_train_0 = jnp.broadcast_to(
         jnp.asarray(0. if fx_train_0 is None else fx_train_0, dtype),
         y_train.shape)
-    k_td = test_shape = None
+    k_td = None
     if want_test:
       k_test_train = jnp.asarray(k_test_train)
       test_shape = layout.test_kept_shape(k_test_train)
@@ -404,13 +420,41 @@ def gradient_descent(
     if momentum is not None:
       state_0 = state_0.replace(qx_train=zeros_or(qx_train_0, fx_train_0),
                                 qx_test=zeros_or(qx_test_0, fx_test_0))
+    return state_0, k_td
 
-    t = jnp.asarray(t, dtype)
+  def integrate(t, state_0, k_td):
+    t = jnp.asarray(t, k_dd_matrix().dtype)
     t_shape = t.shape
     path = solve(state_0, t.reshape((-1,)), k_td)
-    path = jax.tree_util.tree_map(
+    return jax.tree_util.tree_map(
         lambda x: x.reshape(t_shape + x.shape[1:]), path)
-    return path
+
+  @functools.lru_cache(1)
+  def curvature():
+    hvp = lambda fx, u: jax.jvp(grad_loss, (fx,), (u,))[1]
+    return ode_limit.curvature_fn(hvp, layout)
+
+  def limit(state_0, k_td):
+    """The state at t = inf, integrated to convergence (see `ode_limit`)."""
+    if not checks.is_concrete(state_0, k_td, k_train_train, y_train):
+      raise ValueError(
+          "gradient_descent(...)(t=None) integrates until the outputs "
+          "converge, which needs concrete inputs: call predict_fn outside "
+          "jax.jit, or pass a finite t.")
+    damping = None if friction is None else -friction
+    evals, evecs = np.linalg.eigh(np.asarray(k_dd_matrix()))
+    rates = lambda fx: ode_limit.mode_rates(evals, evecs, curvature(), fx)
+    slow, fast = rates(state_0.fx_train)
+    ode_limit.check_feasible(slow, fast, damping)
+    dtype = k_dd_matrix().dtype
+
+    def advance(state, tau):
+      steps = jnp.asarray([tau / time_unit], dtype)
+      return jax.tree_util.tree_map(lambda x: x[0], solve(state, steps, k_td))
+
+    return ode_limit.integrate_to_limit(
+        advance, state_0, lambda s: rates(s.fx_train)[0], fast, damping,
+        rtol, atol)
 
   def predict_fn(
       t: ArrayOrScalar = None,
@@ -430,11 +474,6 @@ def gradient_descent(
     else:
       fx_train_0, qx_train_0, qx_test_0 = fx_train_or_state_0, None, None
     _check_inputs(fx_train_0, fx_test_0, k_test_train)
-    if t is None:
-      raise ValueError(
-          "gradient_descent integrates an ODE and needs a finite time t; for "
-          "the t=None (infinite-time) limit of the MSE use "
-          "gradient_descent_mse.")
     if momentum is None and (qx_train_0 is not None or qx_test_0 is not None):
       raise ValueError("The ODEState has momentum variables, but "
                        "momentum is None.")
@@ -444,8 +483,10 @@ def gradient_descent(
     with checks.solve_precision(k_train_train, y_train, t, fx_train_0,
                                 fx_test_0, qx_train_0, qx_test_0,
                                 k_test_train):
-      path = integrate(t, fx_train_0, fx_test_0, qx_train_0, qx_test_0,
-                        k_test_train, want_test)
+      state_0, k_td = initial_state(fx_train_0, fx_test_0, qx_train_0,
+                                    qx_test_0, k_test_train, want_test)
+      path = (limit(state_0, k_td) if t is None else
+              integrate(t, state_0, k_td))
     path = checks.canonical_dtypes(path)
     if given_state:
       return path

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
 from flax_tangents._src.analytic.lifting import activations
 from flax_tangents._src.analytic.lifting import expressions as ex
@@ -123,6 +124,8 @@ class Interpreter:
           primitive=_describe_ops(ops))
     kernel = elementwise_kernel(root.kernel, activation.nngp_fn,
                                 activation.d_nngp_fn, activation.name)
+    # As after every layer (f(0) != 0: erf(x) + c): padding reads as zeros.
+    kernel = masking.remask(kernel, activation.name)
     return Net(kernel, prov.opaque([root.provenance]))
 
   # --------------------------------------------------------- evaluation
@@ -191,11 +194,32 @@ class Interpreter:
         rule = _RULES.get(eqn.name)
         if rule is None:
           raise self.refuse(eqn, _no_rule_reason(eqn.name))
+        self._check_masks(eqn, values)
         outs = rule(self, eqn, values)
       for var, value in zip(eqn.outputs, outs):
         self.env[var] = value
     leaves = [self._output(self.read(a)) for a in program.outputs]
     return jax.tree.unflatten(self.trace.out_tree, leaves)
+
+  def _check_masks(self, eqn: Equation, values: list[Value]) -> None:
+    """Refuses padding masks where the lifted rules would leave them stale.
+
+    Shape rules move locations but not `mask1`/`mask2`. Elementwise
+    functions keep every location in place (sums combine their masks, see
+    `spatial_ops.add`), so their masks stay right.
+    """
+    if eqn.name in ex.ELEMENTWISE:
+      return
+    kernels = [v.kernel if isinstance(v, Net) else v.root.kernel
+               for v in values if isinstance(v, (Net, Elem))]
+    if all(k.mask1 is None and k.mask2 is None for k in kernels):
+      return
+    raise self.refuse(
+        eqn, "its input carries padding masks (`mask_constant`, "
+        "`ft.MaskedArray`), which lifted plain functions do not move with "
+        "the locations; use `flax_tangents.nn` layers (`ftn.Index`, "
+        "`ftn.Flatten`, `ftn.AvgPool`, `ftn.FanInConcat`, ...) there, or "
+        "compute the kernel without masking")
 
   def _check_shared_weights(self, needed: list[int],
                             dependent: set[int]) -> None:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import resize
 from flax_tangents._src.analytic.spatial import flatten_kernel
@@ -59,7 +60,10 @@ def add(a: Kernel, b: Kernel) -> Kernel:
   out = a.replace(nngp=total("nngp"), ntk=total("ntk"), cov1=total("cov1"),
                   cov2=total("cov2"),
                   is_gaussian=a.is_gaussian and b.is_gaussian,
-                  is_input=False)
+                  is_input=False,
+                  # Padding in both summands (NT's FanInSum rule).
+                  mask1=masking.sum_masks([a.mask1, b.mask1]),
+                  mask2=masking.sum_masks([a.mask2, b.mask2]))
   if mixtures.is_mixed(a) or mixtures.is_mixed(b):
     mixtures.mark_mixed(out)
   return out
