@@ -98,9 +98,9 @@ def test_cauchy_schwarz_check_on_spatial_kernels(diagonal_spatial):
 
   kwargs = dict(diagonal_spatial=diagonal_spatial)
   right = ft.kernel_fn(model(_scaled_rule(9, 9, 9)))(images1, near, **kwargs)
-  reference = ft.kernel_fn(nn.Sequential([
-      ftn.Conv(3, (2,), padding="SAME", W_std=3.0), ftn.Relu()]))(
-          images1, near, **kwargs)
+  reference = jax.jit(ft.kernel_fn(nn.Sequential([
+      ftn.Conv(3, (2,), padding="SAME", W_std=3.0), ftn.Relu()]), **kwargs))(
+          images1, near)
   np.testing.assert_allclose(right.nngp, reference.nngp, rtol=1e-12)
   with pytest.raises(ValueError, match="Cauchy-Schwarz bound"):
     ft.kernel_fn(model(_scaled_rule(9, 9, 1)))(images1, near, **kwargs)
