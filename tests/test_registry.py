@@ -96,7 +96,7 @@ def test_cauchy_schwarz_check_on_spatial_kernels(diagonal_spatial):
     return nn.Sequential([ftn.Conv(3, (2,), padding="SAME"), cls(),
                           ftn.Relu()])
 
-  kwargs = dict(diagonal_spatial=diagonal_spatial)
+  kwargs = {"diagonal_spatial": diagonal_spatial}
   right = ft.kernel_fn(model(_scaled_rule(9, 9, 9)))(images1, near, **kwargs)
   reference = jax.jit(ft.kernel_fn(nn.Sequential([
       ftn.Conv(3, (2,), padding="SAME", W_std=3.0), ftn.Relu()]), **kwargs))(
