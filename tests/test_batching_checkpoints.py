@@ -5,6 +5,8 @@ directory, a full disk. (Resume after a crash, refusals of another kernel,
 
 import errno
 import os
+import subprocess
+import sys
 import threading
 
 import flax.linen as nn
@@ -166,6 +168,34 @@ def test_second_computation_on_a_directory_in_use_is_refused(tmp_path,
     thread.join(120)
   np.testing.assert_array_equal(results["first"], expected)
   # Released once the first finished.
+  np.testing.assert_array_equal(_run(model_kernel_fn(), tmp_path), expected)
+
+
+_HOLDER = """
+import fcntl, os, sys
+f = open(os.path.join(sys.argv[1], "lock"), "a+")
+fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+f.truncate(0); f.write("process %d on host other" % os.getpid()); f.flush()
+print("locked", flush=True)
+sys.stdin.read()  # holds the lock until its stdin closes
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_directory_locked_by_another_process_is_refused(tmp_path, expected):
+  # A second OS process (not a thread) holds the directory's lock, as a
+  # run started from another terminal would.
+  holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(tmp_path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(CheckpointInUseError,
+                       match=rf"in use .*process {holder.pid} on host other"):
+      _run(model_kernel_fn(), tmp_path)
+  finally:
+    holder.stdin.close()
+    holder.wait(60)
   np.testing.assert_array_equal(_run(model_kernel_fn(), tmp_path), expected)
 
 

@@ -294,3 +294,7 @@ def test_elementwise_page_example_runs_eagerly_and_matches_erf():
   # Under jit, NumPy cannot see traced values: a clear error.
   with pytest.raises(TypeError, match="write it with `jax.numpy`"):
     jax.jit(auto, static_argnames="get")(X1, X2, "nngp")
+  # On the raw inputs it stays refused (as NT 0.6.5 refuses it).
+  with pytest.raises(ValueError, match="Elementwise is applied to the raw "
+                     "inputs"):
+    ft.kernel_fn(ftn.Elementwise(jax.scipy.special.erf, _page_nngp_fn))(X1)

@@ -13,6 +13,9 @@ from flax_tangents import nn as ftn
 
 RNG = np.random.RandomState(0)
 X1, X2 = RNG.randn(3, 4), RNG.randn(2, 4)
+# Close to X1's first rows: correlations near 1, so a covariance scaled
+# without its partner breaks the Cauchy-Schwarz bound.
+NEAR = X1[:2] + 0.1 * X2
 
 
 class Triple(nn.Module):
@@ -51,7 +54,9 @@ def test_the_documented_rule_matches_the_finite_layer():
 @pytest.mark.parametrize("rule, x2, message", [
     (_scaled_rule(9, 9, 9, reshape=True), X2, r"`nngp` has shape \(3, 1\)"),
     (_scaled_rule(9, 1, 1), None, "differs from the diagonal of `nngp`"),
-], ids=["shape", "forgot_cov1"])
+    (_scaled_rule(9, 9, 1), NEAR, "Cauchy-Schwarz bound"),
+    (_scaled_rule(9, 1, 9), NEAR, "Cauchy-Schwarz bound"),
+], ids=["shape", "forgot_cov1", "forgot_cov2", "forgot_cov1_given_x2"])
 def test_inconsistent_rule_output_is_named(rule, x2, message):
   with pytest.raises(ValueError, match=rf"kernel rule .*rule of Scaled.*"
                      rf"{message}"):
@@ -76,3 +81,26 @@ def test_checks_do_not_break_jit():
   np.testing.assert_allclose(jitted(X1, None, "nngp"),
                              ft.kernel_fn(model)(X1, None, "nngp"),
                              rtol=1e-12)
+
+
+@pytest.mark.parametrize("diagonal_spatial", [True, False])
+def test_cauchy_schwarz_check_on_spatial_kernels(diagonal_spatial):
+  # Locations pair up as (s, t) in full spatial layouts: a right rule
+  # passes in both layouts, one that forgets `cov2` fails in both.
+  images1, images2 = RNG.randn(2, 5, 2), RNG.randn(2, 5, 2)
+  near = images1 + 0.1 * images2
+
+  def model(rule):
+    cls = type("ScaledImage", (Triple,), {})
+    ft.register_kernel_rule(cls, rule)
+    return nn.Sequential([ftn.Conv(3, (2,), padding="SAME"), cls(),
+                          ftn.Relu()])
+
+  kwargs = {"diagonal_spatial": diagonal_spatial}
+  right = ft.kernel_fn(model(_scaled_rule(9, 9, 9)))(images1, near, **kwargs)
+  reference = jax.jit(ft.kernel_fn(nn.Sequential([
+      ftn.Conv(3, (2,), padding="SAME", W_std=3.0), ftn.Relu()]), **kwargs))(
+          images1, near)
+  np.testing.assert_allclose(right.nngp, reference.nngp, rtol=1e-12)
+  with pytest.raises(ValueError, match="Cauchy-Schwarz bound"):
+    ft.kernel_fn(model(_scaled_rule(9, 9, 1)))(images1, near, **kwargs)

@@ -263,8 +263,10 @@ def check_gaussian(kernel: Kernel, layer: str) -> None:
                "FanInConcat, then of a layer that mixes them, e.g. pooling "
                "or LayerNorm)")
     else:
-      where = "the output of a nonlinearity (or of a layer fed by one)"
+      where = ("the output of a nonlinearity (or of a layer fed by one), "
+               "or a sum with the raw inputs")
     raise ValueError(
-        f"{layer} is applied to {where}, which is not Gaussian; its "
+        f"{layer} is applied to {where}, which is not Gaussian or not "
+        "centred (zero-mean); its "
         "infinite-width kernel has no closed form there. Put an affine "
         "layer (`Dense` or `Conv`) in front of it.")

@@ -9,7 +9,9 @@ Every method gives the kernel of a transformed activation `y = f(x)`:
 - `k + c`, `k - c`: a constant shift, adding `c**2`; exact only for centred
   activations, so refused after a nonlinearity (NT adds `c**2` always);
 - `k1 + k2`, `k1 - k2`: the sum (or difference) of independent branches,
-  i.e. `FanInSum`; `k1 * k2`: their product, i.e. `FanInProd`.
+  i.e. `FanInSum`; `k1 * k2`: their product, i.e. `FanInProd`. `k + k` and
+  `k - k` on one object are refused, with NT's reading (`k * 2 ** 0.5`) in
+  the message.
 
 All act on every unit alike, so they apply exactly to each part of a
 mixture (see `mixtures`).
@@ -150,11 +152,26 @@ def _shifted(kernel: Kernel, square: Any) -> Kernel:
       is_gaussian=False, is_input=False), "Kernel + c")
 
 
+_SAME_KERNEL_ADVICE = (
+    " `k + k` and `k - k` on one Kernel object are ambiguous: as one "
+    "activation `y`, `y + y = 2 y` has the kernel `k * 2` and `y - y` is "
+    "zero; for two independent branches that each have this kernel (Neural "
+    "Tangents' reading), the sum or difference has covariances times 2: "
+    "write `k * 2 ** 0.5`, or compute each branch's kernel with its own "
+    "kernel function call and add those.")
+
+
 def add(kernel: Kernel, other: Any) -> Kernel:
   """`kernel + other` (or `-`): a sum of branches, or a constant shift."""
   if isinstance(other, Kernel):
     from flax_tangents._src.analytic import combinators  # import cycle
-    return combinators.fan_in_sum([kernel, other])
+    if other is not kernel:
+      return combinators.fan_in_sum([kernel, other])
+    try:  # Always refused: a branch is correlated with itself.
+      return combinators.fan_in_sum([kernel, other])
+    except ValueError as error:
+      advice = "" if kernel.is_input else _SAME_KERNEL_ADVICE
+      raise ValueError(f"{error}{advice}") from None
   if isinstance(other, numbers.Number) and other == 0:
     return kernel  # lets `sum(kernels)` start from 0.
   if not _is_scalar(other):

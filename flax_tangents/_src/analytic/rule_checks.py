@@ -3,9 +3,13 @@
 Rules registered by users (`ft.register_kernel_rule`, `@ft.kernel_rule`)
 are checked after every call: each covariance must have the shape that the
 kernel's own `shape1`/`shape2` and layout flags imply, and (when values are
-known, i.e. not under `jit`) `cov1`/`cov2` must be symmetric. A rule that
-updates `nngp` but forgets `cov1`, `cov2` or the shapes fails here, naming
-the rule and the field, rather than giving a wrong kernel later. The rules
+known, i.e. not under `jit`) `cov1`/`cov2` must be symmetric, `cov1` the
+diagonal of `nngp` when `x2` is `x1`, and every `nngp` entry within the
+Cauchy-Schwarz bound `nngp[i, j]**2 <= var1[i] * var2[j]` of the variances in
+`cov1`/`cov2`. A rule that updates `nngp` but forgets `cov1`, `cov2` or the
+shapes fails here (forgetting `cov2` as soon as two inputs are correlated
+enough for the bound to see it), naming the rule and the field, rather than
+giving a wrong kernel later. The rules
 of `flax_tangents` itself are tested instead and skip the check.
 """
 
@@ -89,6 +93,43 @@ def _check_kernel(kernel: Kernel, where: str) -> None:
           "is the covariance of a batch with itself). Check the rule's "
           f"formula for `{field}`.")
   _check_same_inputs(kernel, where)
+  _check_cauchy_schwarz(kernel, where)
+
+
+def _variances(cov: np.ndarray, kernel: Kernel) -> np.ndarray:
+  """`(n, spatial...)` variances of each input and location."""
+  if not kernel.diagonal_batch:
+    cov = np.moveaxis(np.diagonal(cov, axis1=0, axis2=1), -1, 0)
+  if not kernel.diagonal_spatial:
+    for _ in range((cov.ndim - 1) // 2):
+      cov = np.diagonal(cov, axis1=1, axis2=2)  # appended last, in order
+  return cov
+
+
+def _check_cauchy_schwarz(kernel: Kernel, where: str) -> None:
+  """`nngp[i, j]**2 <= var1[i] var2[j]` at every pair of locations."""
+  try:
+    nngp = np.asarray(kernel.nngp, np.float64)
+    cov2 = kernel.cov1 if kernel.cov2 is None else kernel.cov2
+    var1 = _variances(np.asarray(kernel.cov1, np.float64), kernel)
+    var2 = _variances(np.asarray(cov2, np.float64), kernel)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return
+  if kernel.diagonal_spatial:  # (n1, n2, s...)
+    bound = var1[:, None] * var2[None]
+  else:  # (n1, n2, s1, t1, s2, t2, ...)
+    k = var1.ndim - 1
+    bound = np.transpose(np.multiply.outer(var1, var2), [0, k + 1] + [
+        a for i in range(k) for a in (1 + i, k + 2 + i)])
+  scale = max(np.max(np.abs(bound)), 1e-300) if bound.size else 1.0
+  if np.any(nngp**2 > bound * (1 + 1e-4) + 1e-10 * scale):
+    raise ValueError(
+        f"{where} returned a Kernel whose `nngp` exceeds the Cauchy-Schwarz "
+        "bound `nngp[i, j]**2 <= cov1[i] * cov2[j]`: the covariances cannot "
+        "come from one activation. The rule probably changes `nngp` and not "
+        "`cov1` or `cov2` (which is None only when x2 is x1); apply the same "
+        "formula to all of them.")
 
 
 def _check_same_inputs(kernel: Kernel, where: str) -> None:
