@@ -12,6 +12,7 @@ from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.interceptor import kernel_fn
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.registry import register_kernel_rule
+from flax_tangents._src.analytic.registry import registered_modules
 from flax_tangents._src.analytic.registry import requires
 from flax_tangents._src.empirical.api import empirical_kernel_fn
 from flax_tangents._src.empirical.api import empirical_nngp_fn
@@ -49,6 +50,7 @@ __all__ = (
     "nn",
     "predict",
     "register_kernel_rule",
+    "registered_modules",
     "requires",
     "supports_masking",
     "taylor_expand",

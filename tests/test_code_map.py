@@ -13,6 +13,7 @@ import re
 import flax.linen as nn
 import pytest
 
+import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import registry
 
@@ -114,7 +115,7 @@ def test_layer_rule_column_matches_registry(name):
 
 def test_every_stock_rule_is_mapped():
   stock = _section("### Stock Flax modules with a rule")
-  registered = [cls for cls in registry._RULES  # pylint: disable=protected-access
+  registered = [cls for cls in ft.registered_modules()
                 if cls.__module__.startswith("flax.")]
   assert nn.Dense in registered
   missing = [cls.__name__ for cls in registered

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional, TypeVar
 
-__all__ = ["find_rule", "kernel_rule", "register_kernel_rule", "requires"]
+__all__ = ["find_rule", "kernel_rule", "register_kernel_rule",
+           "registered_modules", "requires"]
 
 KernelRule = Callable[..., Any]
 ModuleT = TypeVar("ModuleT", bound=type)
@@ -83,6 +84,24 @@ def kernel_rule(rule: KernelRule) -> Callable[[ModuleT], ModuleT]:
     return module_type
 
   return register
+
+
+def registered_modules() -> tuple[type, ...]:
+  """Every module class with a kernel rule, in order of registration.
+
+  Subclasses of a listed class inherit its rule without being listed.
+
+  Returns:
+    The classes given to `register_kernel_rule` or `kernel_rule` (the
+    library's own layers, stock Flax modules with rules, and the user's).
+
+  >>> import flax.linen as nn
+  >>> import flax_tangents as ft
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.Dense in ft.registered_modules(), nn.Dense in ft.registered_modules()
+  (True, True)
+  """
+  return tuple(_RULES)
 
 
 def find_rule(module_type: type) -> Optional[KernelRule]:
