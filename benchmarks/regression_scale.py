@@ -33,7 +33,7 @@ process, so per-device peak memory is not reported by JAX on CPU:
 Rows from `--float32-from` (default 40,000) on are computed in float32 by
 `ft.batch(..., store_on_device=False, checkpoint_dir=...)` (the host holds
 the kernel once: 10 GB at N = 50,000) and solved from the tiles on disk in
-float32 (tol 1e-5 on the residual): in float64, or assembled on the devices
+float32 (`--float32-tol`, default 1e-4 on the residual): in float64, or assembled on the devices
 (about three times the kernel while stitching), they do not fit in 24 GiB. A failed subprocess (out
 of memory, ...) prints its error in the table instead of numbers.
 
@@ -112,7 +112,8 @@ def _measure(args):
                                store_on_device=False)(x_test, x, "ntk"))
   row["kernel_s"] = time.perf_counter() - start
 
-  solver = ft.predict.CG(rank=args.rank, progress=args.progress,
+  tol = args.float32_tol if dtype == np.float32 else None
+  solver = ft.predict.CG(rank=args.rank, progress=args.progress, tol=tol,
                          state_dir="" if args.store == "streamed" else None)
   start = time.perf_counter()
   predict_fn = ft.predict.gp_inference(k_train, y, args.diag_reg,
@@ -144,13 +145,14 @@ def _run_one(args, n, dtype, store):
              "--dtype", dtype, "--store", store, "--n-test",
              str(args.n_test), "--batch-size", str(args.batch_size),
              "--rank", str(args.rank), "--diag-reg", str(args.diag_reg),
-             "--dense-max", str(args.dense_max)]
+             "--dense-max", str(args.dense_max),
+             "--float32-tol", str(args.float32_tol)]
   if args.progress:
     command.append("--progress")
   start = time.perf_counter()
   log = os.path.join(args.log_dir, f"n{n}_{dtype}_{store}.log")
   with open(log, "w") as stderr:  # Progress and errors: tail -f it.
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=stderr,
+    result = subprocess.run(command, check=False, stdout=subprocess.PIPE, stderr=stderr,
                             text=True, env=env)
   for line in result.stdout.splitlines():
     if line.startswith("RESULT "):
@@ -217,6 +219,10 @@ def main():
   parser.add_argument("--float32-at", type=int, nargs="*", default=[5000],
                       help="sizes also solved in float32 (vs the dense "
                       "float64 solve)")
+  parser.add_argument("--float32-tol", type=float, default=1e-4,
+                      help="CG tolerance of float32 rows (the library's "
+                      "default 1e-5 is not reached at N=5000 with "
+                      "diag_reg=1e-3: 3e-5 measured)")
   parser.add_argument("--n-test", type=int, default=1000)
   parser.add_argument("--batch-size", type=int, default=1000)
   parser.add_argument("--rank", type=int, default=300)

@@ -154,7 +154,7 @@ def gp_inference(k_train_train, y_train, diag_reg, diag_reg_absolute_scale,
   @functools.lru_cache(None)
   def system(g: str) -> solvers.IterativeSystem:
     return solvers.IterativeSystem(
-        kernel_of(k_train_train, g, "k_train_train"), f"k_train_train ({g})",
+        kernel_of(k_train_train, g, "k_train_train"), "k_train_train",
         diag_reg, diag_reg_absolute_scale, config)
 
   @functools.lru_cache(None)

@@ -140,6 +140,9 @@ class TiledOperator:
 
   def __init__(self, tiled: TiledKernel, mesh: Optional[Mesh] = None,
                progress: Optional[Callable[[int, int], None]] = None):
+    # Under multi-host, ft.batch returns on each process once its own tiles
+    # are written: wait for every process before looking for them.
+    devices.sync("ft.predict: TiledKernel tiles written")
     tiled.check_complete()
     self.tiled = tiled
     self.shape = tiled.shape
