@@ -9,7 +9,9 @@ over 2 processes. Run by tests/test_predict_scale.py; both processes print
 - sharded: a train kernel from ft.batch, a global jax.Array sharded by rows
   over both processes (neither holds it whole), solved by CG for
   gp_inference and gradient_descent_mse; agrees to 1e-8 with a dense
-  float64 solve of the same kernel (gathered for the reference only: the
+  float64 solve of the same kernel, means and covariances (with global
+  test kernels, gathered by the covariance: they are small), the reference
+  kernel gathered for the check only (the
   kernel computed on one process differs by about 1e-9, as the ReLU
   kernel's arccos amplifies rounding near equal inputs);
 - streamed: the same kernel from ft.batch checkpoint tiles in a directory
@@ -79,6 +81,21 @@ def main():
   k_td, want_mean, want_gd = reference(kernel)
   solve_and_compare(kernel, k_td, want_mean, want_gd,
                     ft.predict.CG(rank=10))
+  # Covariances with global test kernels (gathered: they are small).
+  test_train = ft.batch(KERNEL_FN, 6)(X_TEST[:4], X, ("nngp", "ntk"))
+  test_test = ft.batch(KERNEL_FN, 6)(X_TEST[:4], None, "nngp")
+  assert not test_train.ntk.is_fully_addressable
+  train = ft.batch(KERNEL_FN, 6)(X, None, ("nngp", "ntk"))
+  gathered = [multihost_utils.process_allgather(k, tiled=True)
+              for k in (*train, *test_train, test_test)]
+  want = ft.predict.gp_inference(type(train)(*gathered[:2]), Y, REG,
+                                 solver="dense")(
+                                     "ntk", type(train)(*gathered[2:4]),
+                                     gathered[4])
+  got = ft.predict.gp_inference(train, Y, REG, solver=ft.predict.CG(
+      rank=10))("ntk", test_train, test_test)
+  assert relative(got.mean, want.mean) < 1e-8
+  assert relative(got.covariance, want.covariance) < 1e-8
   print(f"OK sharded process {rank}", flush=True)
 
   ft.batch(KERNEL_FN, 6, store_on_device=False,
