@@ -1,10 +1,12 @@
 """Iterative solves of ft.predict: CG and Lanczos against the dense path, on
 arrays and on kernels streamed from ft.batch tiles (resumable), and their
 errors. Sharded kernels on 8 devices: test_predict_scale_devices below runs
-tests/multidevice/solvers.py in a subprocess."""
+tests/multidevice/solvers.py in a subprocess; multi-host:
+test_two_processes runs tests/multidevice/two_process_solvers.py twice."""
 
 import collections
 import os
+import socket
 import subprocess
 import sys
 
@@ -221,3 +223,33 @@ def test_eight_devices():
   for name in ("sharded", "ragged", "streamed", "never_gathered",
                "finite_t"):
     assert f"OK {name}" in result.stdout, result.stdout
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes(tmp_path):
+  """Multi-host: sharded and streamed solves under jax.distributed."""
+  address = f"localhost:{_free_port()}"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  script = os.path.join(HERE, "multidevice", "two_process_solvers.py")
+  processes = [subprocess.Popen(
+      [sys.executable, script, address, str(rank), str(tmp_path / "tiles")],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+      cwd=HERE) for rank in (0, 1)]
+  outputs = []
+  try:
+    for process in processes:
+      outputs.append(process.communicate(timeout=600))
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  for rank, (process, (out, err)) in enumerate(zip(processes, outputs)):
+    assert process.returncode == 0, f"process {rank}:\n{out}\n{err[-5000:]}"
+    for name in ("sharded", "streamed"):
+      assert f"OK {name} process {rank}" in out, out

@@ -14,6 +14,7 @@ import functools
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,6 +59,9 @@ def _dense(kernel: Any) -> jax.Array:
   """A test kernel as an array (covariances need it whole)."""
   if isinstance(kernel, TiledKernel):
     return jnp.asarray(kernel.to_array())
+  if isinstance(kernel, jax.Array) and not kernel.is_fully_addressable:
+    # Spread over several processes (multi-host): every process gets it.
+    return jnp.asarray(multihost_utils.process_allgather(kernel, tiled=True))
   return jnp.asarray(kernel)
 
 
@@ -154,7 +158,7 @@ def gp_inference(k_train_train, y_train, diag_reg, diag_reg_absolute_scale,
   @functools.lru_cache(None)
   def system(g: str) -> solvers.IterativeSystem:
     return solvers.IterativeSystem(
-        kernel_of(k_train_train, g, "k_train_train"), f"k_train_train ({g})",
+        kernel_of(k_train_train, g, "k_train_train"), "k_train_train",
         diag_reg, diag_reg_absolute_scale, config)
 
   @functools.lru_cache(None)

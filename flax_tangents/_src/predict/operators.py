@@ -15,6 +15,13 @@ and the diagonal of `K`, without ever forming `K` on one device:
   its products locally and the sums are combined once per product. Under
   multi-host, each process reads only its own devices' tiles.
 
+Under multi-host (`jax.distributed`) the kernel spans devices of several
+processes; the vectors the solvers work on stay process-local (each process
+holds all `N x c` of them and does the same small vector algebra): a
+product puts them on the kernel's mesh, replicated, and hands each process
+back its own copy of the replicated result (one all-gather of `N x c`
+numbers per product, never of the kernel).
+
 Products run at `Precision.HIGHEST`: on accelerators the default precision
 of float32 matrix products is lower than float32.
 """
@@ -54,12 +61,47 @@ class ArrayOperator:
     self.kernel = _split_rows(kernel)
     self.description = (f"a {self.shape[0]}x{self.shape[1]} array on "
                         f"{self.n_devices} device(s)")
+    self.mesh = None  # Set when the kernel spans several processes.
+    if not kernel.is_fully_addressable:
+      if not isinstance(kernel.sharding, NamedSharding):
+        raise ValueError(
+            f"A kernel spread over several processes must have a "
+            f"NamedSharding (as ft.batch returns it); got "
+            f"{type(kernel.sharding).__name__}.")
+      self.mesh = kernel.sharding.mesh
 
   def matmul(self, v: jax.Array) -> jax.Array:
-    return _matmul(self.kernel, v.astype(self.dtype), self.shape[0])
+    if self.mesh is None:
+      return _matmul(self.kernel, v.astype(self.dtype), self.shape[0])
+    v = to_mesh(np.asarray(v, self.dtype), self.mesh)
+    return to_local(_replicated(self.mesh)(
+        _matmul(self.kernel, v, self.shape[0])))
 
   def diagonal(self) -> jax.Array:
-    return _diagonal(self.kernel, min(self.shape))
+    diagonal = _diagonal(self.kernel, min(self.shape))
+    if self.mesh is None:
+      return diagonal
+    return to_local(_replicated(self.mesh)(diagonal))
+
+
+def to_mesh(host: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A process-local value (the same on every process), replicated on
+  `mesh` (which may span several processes)."""
+  return jax.make_array_from_callback(
+      host.shape, NamedSharding(mesh, PartitionSpec()),
+      lambda index: host[index])
+
+
+def to_local(replicated: jax.Array) -> jax.Array:
+  """This process's copy of an array replicated over a (multi-process)
+  mesh, as a process-local array."""
+  return replicated.addressable_data(0)
+
+
+@functools.lru_cache(maxsize=16)
+def _replicated(mesh: Mesh):
+  return jax.jit(lambda x: x,
+                 out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def _split_rows(kernel: jax.Array) -> jax.Array:
@@ -98,6 +140,9 @@ class TiledOperator:
 
   def __init__(self, tiled: TiledKernel, mesh: Optional[Mesh] = None,
                progress: Optional[Callable[[int, int], None]] = None):
+    # Under multi-host, ft.batch returns on each process once its own tiles
+    # are written: wait for every process before looking for them.
+    devices.sync("ft.predict: TiledKernel tiles written")
     tiled.check_complete()
     self.tiled = tiled
     self.shape = tiled.shape
@@ -131,6 +176,8 @@ class TiledOperator:
 
   def matmul(self, v: jax.Array) -> jax.Array:
     """`K @ v` for `v` of shape `(n2, c)`: one pass over the tiles."""
+    if devices.multi_process():
+      v = to_mesh(np.asarray(v, self.dtype), self.mesh)
     v_pad = self._pad(v.astype(self.dtype))
     accumulator = self._zeros(v.shape[1])
     done = 0
@@ -144,7 +191,10 @@ class TiledOperator:
         done += len(self._rounds[k])
         if self.progress is not None:
           self.progress(done, self.n_tiles)
-    return _sum_devices(accumulator, self.shape[0])
+    result = _sum_devices(accumulator, self.shape[0])
+    if devices.multi_process():
+      return to_local(_replicated(self.mesh)(result))
+    return result
 
   def _read_round(self, k: int) -> tuple[jax.Array, ...]:
     """The round's tiles and block indices, one per device (read from disk
