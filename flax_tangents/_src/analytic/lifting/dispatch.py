@@ -75,9 +75,15 @@ def record_rule_output(module: nn.Module, args: Any, out: Any) -> None:
 
 
 def _traceback_line(error: BaseException) -> Optional[str]:
-  """The innermost line of the user's code in `error`'s traceback."""
-  frames = [f"{frame.filename}:{frame.lineno} ({frame.name})"
-            for frame in traceback.extract_tb(error.__traceback__)]
+  """The innermost line of the user's code in `error`'s traceback, written
+  as JAX writes source lines (`file:line:column (qualified name)`)."""
+  summaries = traceback.extract_tb(error.__traceback__)
+  frames = []
+  for summary, (frame, _) in zip(summaries,
+                                 traceback.walk_tb(error.__traceback__)):
+    name = getattr(frame.f_code, "co_qualname", summary.name)
+    column = "" if summary.colno is None else f":{summary.colno}"
+    frames.append(f"{summary.filename}:{summary.lineno}{column} ({name})")
   return user_frame(frames)
 
 
