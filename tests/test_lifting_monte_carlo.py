@@ -109,3 +109,45 @@ def test_quadrature_warning_is_not_raised_for_closed_forms(fn):
   # close closed form, and stays within its accuracy at these variances.
   assert not _quadrature_warnings(_mlp(fn, w_std=10.0 if fn is nn.relu
                                        else 1.0))
+
+
+class Stacked(nn.Module):
+  how: str
+
+  @nn.compact
+  def __call__(self, x):
+    a, b = nn.Dense(6)(x), nn.Dense(6)(x)
+    parts = [2.0 * a, b] if self.how != "non_gaussian" else [nn.relu(a), b]
+    if self.how in ("stack", "non_gaussian"):
+      y = jnp.stack(parts, axis=1)  # (N, 2, 6)
+    elif self.how == "expand_concat":
+      y = jnp.concatenate([p[:, None] for p in parts], axis=1)
+    else:
+      y = jnp.concatenate(parts, axis=-1)  # (N, 12)
+    return nn.Dense(3)(y.reshape((y.shape[0], -1)))
+
+
+@pytest.mark.parametrize("how", ["stack", "expand_concat"])
+def test_stack_along_a_new_location_axis(how):
+  # Flattened, two stacked locations of 6 channels are 12 units, as the
+  # same values concatenated along channels.
+  got = ft.kernel_fn(Stacked(how))(X1, X2, ("nngp", "ntk"))
+  want = ft.kernel_fn(Stacked("channels"))(X1, X2, ("nngp", "ntk"))
+  np.testing.assert_allclose(got.nngp, want.nngp, rtol=1e-12)
+  np.testing.assert_allclose(got.ntk, want.ntk, rtol=1e-12)
+
+
+def test_stack_of_correlated_values_is_refused():
+  class Correlated(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Dense(6)(x)
+      return jnp.stack([h, nn.relu(h)], axis=1)
+
+  with pytest.raises(ft.KernelRuleError, match=r"`stack`.*correlated"):
+    ft.kernel_fn(Correlated())(X1, X2)
+  # Uncorrelated, but a stacked ReLU output is not centred: the covariance
+  # with its new neighbours is not tracked (as for FanInConcat).
+  with pytest.raises(ft.KernelRuleError, match=r"`stack` at .*not a zero-"
+                     r"mean Gaussian"):
+    ft.kernel_fn(Stacked("non_gaussian"))(X1, X2)
