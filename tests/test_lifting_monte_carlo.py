@@ -151,3 +151,32 @@ def test_stack_of_correlated_values_is_refused():
   with pytest.raises(ft.KernelRuleError, match=r"`stack` at .*not a zero-"
                      r"mean Gaussian"):
     ft.kernel_fn(Stacked("non_gaussian"))(X1, X2)
+
+
+@pytest.mark.parametrize("op", ["tile", "repeat"])
+def test_tile_and_repeat_are_exact_for_a_linear_network(op):
+  # Conv -> tile/repeat over locations -> flatten is linear in its
+  # parameters: the finite network's tangent kernel is the analytic NTK.
+  from exact_utils import exact_ntk
+
+  class Copies(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.Conv(3, (2, 2), kernel_init=nn.initializers.normal(1.0))(x)
+      if op == "tile":
+        return jnp.tile(h, (1, 2, 3, 1))
+      return jnp.repeat(h, 2, axis=2)
+
+  got = ft.kernel_fn(Copies())(IMG1, IMG2, "ntk")
+  np.testing.assert_allclose(got, exact_ntk(Copies(), IMG1, IMG2),
+                             rtol=1e-10, atol=1e-12)
+
+
+def test_tile_of_channels_is_refused():
+  class TiledChannels(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return jnp.tile(nn.Conv(3, (2, 2))(x), (1, 1, 1, 2))
+
+  with pytest.raises(ft.KernelRuleError, match=r"`tile` at .*channel axis"):
+    ft.kernel_fn(TiledChannels())(IMG1, IMG2)

@@ -104,6 +104,23 @@ def broadcast_in_dim(interp, eqn, values):
   return [Net(kernel, net.provenance)]
 
 
+@register("tile")
+def tile(interp, eqn, values):
+  """`jnp.tile` over locations: each output location reads one input."""
+  net = _operand(interp, eqn, values[0])
+  in_shape, out = _shapes(interp, eqn)
+  reps = tuple(eqn.params["reps"])
+  if reps[0] != 1:
+    raise interp.refuse(eqn, _BATCH + " (it tiles that axis)")
+  if reps[-1] != 1:
+    raise interp.refuse(eqn, _CHANNEL + " (tiling channels copies units, "
+                        "which are then not independent)")
+  matrices = [np.tile(np.eye(n), (r, 1))
+              for n, r in zip(in_shape[1:-1], reps[1:-1])]
+  return [Net(spatial_ops.axis_maps(net.kernel, matrices, "tile"),
+              net.provenance)]
+
+
 @register("transpose")
 def transpose(interp, eqn, values):
   net = _operand(interp, eqn, values[0])
