@@ -108,7 +108,7 @@ def broadcast_in_dim(interp, eqn, values):
 def tile(interp, eqn, values):
   """`jnp.tile` over locations: each output location reads one input."""
   net = _operand(interp, eqn, values[0])
-  in_shape, out = _shapes(interp, eqn)
+  in_shape, _ = _shapes(interp, eqn)
   reps = tuple(eqn.params["reps"])
   if reps[0] != 1:
     raise interp.refuse(eqn, _BATCH + " (it tiles that axis)")
