@@ -1,4 +1,5 @@
-"""Lifted patterns against finite networks, and the quadrature's warning.
+"""Lifted patterns against finite networks, the quadrature's warning, and
+the location-copying operations (`jnp.stack`, `jnp.tile`, `jnp.repeat`).
 
 The Monte Carlo model uses every structural pattern at once (a sum of a
 non-centred and a fresh branch, a product of independent branches, scaling,
