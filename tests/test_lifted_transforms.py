@@ -148,3 +148,51 @@ class MappedVariables(nn.Module):
 def test_other_transforms_are_refused_by_name(model, message):
   with pytest.raises(ft.KernelRuleError, match=message):
     ft.kernel_fn(model)(X1, X2)
+
+
+class Cell(nn.Module):
+  @nn.compact
+  def __call__(self, h, x):
+    return nn.Dense(4)(jnp.tanh(h)) + nn.Dense(4)(x), None
+
+
+class Emit(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    h = nn.Dense(4)(jnp.tanh(h))
+    return h, h
+
+
+class Recurrent(nn.Module):
+  case: str
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(4)(x)
+    kw = dict(variable_axes={"params": 0}, split_rngs={"params": True})
+    if self.case == "xs":
+      seq = jnp.stack([nn.Dense(4)(x), nn.Dense(4)(x)], axis=1)
+      return nn.scan(Cell, in_axes=1, **kw)()(h, seq)[0]  # refused: xs
+    return nn.scan(Emit, length=2, **kw)()(h, None)[1][0]  # refused: ys
+
+
+@pytest.mark.parametrize("case, message", [
+    ("xs", r"cannot lift `transpose`.*batch axis.*`nn.scan` over an axis"),
+    ("ys", r"cannot lift `scan`.*step of nn.scan\(Emit\).*returns network "
+     r"values as outputs"),
+])
+def test_scan_over_network_values_is_refused_with_its_line(case, message):
+  with open(__file__) as source:
+    line = next(i + 1 for i, s in enumerate(source)
+                if f"# refused: {case}" in s)
+  with pytest.raises(ft.KernelRuleError, match=message) as info:
+    ft.kernel_fn(Recurrent(case))(X1, X2)
+  assert f"test_lifted_transforms.py:{line}:" in str(info.value)
+
+
+def test_scan_as_the_whole_model_is_refused_with_advice():
+  model = nn.scan(Emit, length=2, variable_axes={"params": 0},
+                  split_rngs={"params": True})()
+  with pytest.raises(ft.KernelRuleError, match=r"nn.scan\(Emit\).*is the "
+                     r"whole model.*wrap it"):
+    ft.kernel_fn(model)(X1, X2)

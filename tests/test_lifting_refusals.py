@@ -60,6 +60,12 @@ class Refused(nn.Module):
       return dense(nn.relu(dense(h)))  # refused: shared_weights
     if case == "channel_split":
       return h.reshape((h.shape[0], 2, 3))  # refused: channel_split
+    if case == "while_loop":
+      return jax.lax.while_loop(lambda a: a.sum() < 9, lambda a: 2 * a, h)  # refused: while_loop
+    if case == "fori_loop":
+      return jax.lax.fori_loop(0, 3, lambda i, a: 2 * a, h)  # refused: fori_loop
+    if case == "nn_cond":
+      return nn.cond(True, lambda m, a: a, lambda m, a: -a, self, h)  # refused: nn_cond
     raise ValueError(case)
 
 
@@ -77,6 +83,15 @@ class RefusedImages(nn.Module):
       return nn.relu6(h)  # refused: relu6
     if self.case == "per_channel_scale":
       return h * jnp.arange(1.0, 5.0)[None, None, None]  # refused: per_channel_scale
+    if self.case == "batch_norm_train":
+      return nn.BatchNorm(use_running_average=False)(h)  # refused: batch_norm_train
+    if self.case == "attention":
+      tokens = h.reshape((h.shape[0], -1, 4))
+      return nn.MultiHeadDotProductAttention(num_heads=2)(tokens)  # refused: attention
+    if self.case == "vmap":
+      dense = nn.vmap(nn.Dense, in_axes=1, out_axes=1,
+                      variable_axes={"params": 0}, split_rngs={"params": True})
+      return dense(3)(h)  # refused: vmap
     raise ValueError(self.case)
 
 
@@ -100,6 +115,22 @@ CASES = {
     "global_max": (RefusedImages, "reduce_max", "maximum"),
     "relu6": (RefusedImages, "relu6", "kinks"),
     "per_channel_scale": (RefusedImages, "mul", "differs between channels"),
+    "while_loop": (Refused, "while", "control flow"),
+    "fori_loop": (Refused, "scan", "loops over network values"),
+    "nn_cond": (Refused, "cond", "control flow"),
+}
+
+# Refusals by the rule of a stock module (or a lifted transform) that a
+# lifted module calls: the module's own error, with the calling line added.
+STOCK_CASES = {
+    "batch_norm_train": (NotImplementedError,
+                         r"nn.BatchNorm \(module 'BatchNorm_0'\) in training "
+                         r"mode.*mixes the examples"),
+    "attention": (ft.KernelRuleError,
+                  r"nn.MultiHeadDotProductAttention \(module "
+                  r"'MultiHeadDotProductAttention_0'.*logits stay random"),
+    "vmap": (ft.KernelRuleError, r"nn.vmap\(Dense\) \(module 'VmapDense_0'\) "
+             r"has no infinite-width kernel rule"),
 }
 
 
@@ -115,6 +146,32 @@ def test_refusal_names_module_primitive_and_line(case):
   assert f"of type test_lifting_refusals.{module_type.__name__}" in message
   assert primitive in error.primitive, (error.primitive, message)
   assert re.search(reason, message), message
+
+
+@pytest.mark.parametrize("case", sorted(STOCK_CASES))
+def test_stock_module_refusal_names_the_calling_line(case):
+  error_type, reason = STOCK_CASES[case]
+  with pytest.raises(error_type) as info:
+    ft.kernel_fn(RefusedImages(case))(IMG1, IMG2, ("nngp", "ntk"))
+  message = str(info.value)
+  assert re.search(reason, message), message
+  assert re.search(rf"called at \S*test_lifting_refusals.py:{_LINES[case]}\b",
+                   message), message
+  # Added once, at the innermost lifted call.
+  assert message.count("called at") == 1, message
+
+
+def test_stock_refusal_in_a_nested_module_names_the_innermost_line():
+  class Outer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return RefusedImages("batch_norm_train", name="block")(x)
+
+  with pytest.raises(NotImplementedError) as info:
+    ft.kernel_fn(Outer())(IMG1, IMG2)
+  message = str(info.value)
+  assert f"test_lifting_refusals.py:{_LINES['batch_norm_train']}" in message
+  assert message.count("called at") == 1, message
 
 
 def test_refusal_inside_a_nested_module_names_its_path():

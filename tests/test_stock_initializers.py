@@ -161,8 +161,9 @@ class Net(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Dense(4, kernel_init=self.kernel_init, bias_init=self.bias_init,
-                    name="readout")(x)
+    dense = nn.Dense(4, kernel_init=self.kernel_init,
+                     bias_init=self.bias_init, name="readout")
+    return dense(x)  # the readout line
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -184,6 +185,10 @@ def test_unknown_or_uncentred_initializers_are_refused(kwargs, message):
     ft.kernel_fn(Net(**kwargs))(X1, X2)
   text = str(info.value)
   assert "stock nn.Dense (module 'readout')" in text
+  # Called inside a lifted module: the line of the call is named.
+  with open(__file__) as source:
+    line = next(i + 1 for i, s in enumerate(source) if "# the readout line" in s)
+  assert f"called at {__file__}:{line}:" in text, text
   assert __import__("re").search(message, text), text
 
 

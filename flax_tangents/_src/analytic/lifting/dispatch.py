@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import traceback
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import flax.linen as nn
 import jax
@@ -28,7 +28,8 @@ from flax_tangents._src.analytic.lifting import shape_rules  # noqa: F401
 from flax_tangents._src.analytic.lifting import tracing as tracing_lib
 from flax_tangents._src.analytic.lifting import transforms
 from flax_tangents._src.analytic.lifting.errors import LiftingError
-from flax_tangents._src.analytic.lifting.errors import _LIBRARY_DIRS
+from flax_tangents._src.analytic.lifting.errors import add_line
+from flax_tangents._src.analytic.lifting.errors import user_frame
 from flax_tangents._src.analytic.lifting.interpreter import Interpreter
 from flax_tangents.kernel import Kernel
 
@@ -73,13 +74,21 @@ def record_rule_output(module: nn.Module, args: Any, out: Any) -> None:
       prov.record(kernel, prov.opaque(inputs, name))
 
 
+def _traceback_line(error: BaseException) -> Optional[str]:
+  """The innermost line of the user's code in `error`'s traceback, written
+  as JAX writes source lines (`file:line:column (qualified name)`)."""
+  summaries = traceback.extract_tb(error.__traceback__)
+  frames = []
+  for summary, (frame, _) in zip(summaries,
+                                 traceback.walk_tb(error.__traceback__)):
+    name = getattr(frame.f_code, "co_qualname", summary.name)
+    column = "" if summary.colno is None else f":{summary.colno}"
+    frames.append(f"{summary.filename}:{summary.lineno}{column} ({name})")
+  return user_frame(frames)
+
+
 def _user_line(error: BaseException) -> str:
-  frames = traceback.extract_tb(error.__traceback__)
-  for frame in reversed(frames):
-    if not frame.filename.startswith(_LIBRARY_DIRS) and (
-        "/jax/" not in frame.filename):
-      return f"{frame.filename}:{frame.lineno} ({frame.name})"
-  return "an unknown line"
+  return _traceback_line(error) or "an unknown line"
 
 
 def _call_submodule(record: tracing_lib.CallRecord, args: tuple[Any, ...],
@@ -105,6 +114,11 @@ def lift(module: nn.Module, method: str, args: tuple[Any, ...],
         "the module's Python code needs the value of a network activation "
         "(an `if`, `int()` or NumPy call on it), which is not known in the "
         "infinite-width limit.") from e
+  except (KernelRuleError, NotImplementedError) as e:
+    # A refusal while tracing (a lifted transform, a stock module that
+    # cannot run): name the line of the user's code that called it.
+    add_line(e, _traceback_line(e))
+    raise
   kernels = kernels_in((args, kwargs))
   with paths.prefix(paths.full_path(module)):
     return Interpreter(trace, where, _call_submodule).run(kernels)

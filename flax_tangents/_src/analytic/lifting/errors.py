@@ -11,12 +11,21 @@ from jax.extend import source_info_util
 import flax_tangents
 from flax_tangents._src.analytic.errors import KernelRuleError
 
-__all__ = ["LiftingError", "source_line"]
+__all__ = ["LiftingError", "add_line", "source_line", "user_frame",
+           "user_source_line"]
 
 # Frames inside these packages are library code, not the user's line.
 _LIBRARY_DIRS = tuple(
     os.path.dirname(package.__file__) + os.sep
     for package in (flax, flax_tangents))
+
+
+def _frames(source_info: Any) -> list[str]:
+  if source_info is None:
+    return []
+  frames = source_info_util.summarize(source_info, num_frames=32)
+  # `summarize` lists the outermost frame first.
+  return [f for f in frames.split("\n") if f and f != "unknown"]
 
 
 def source_line(source_info: Any) -> str:
@@ -26,15 +35,52 @@ def source_line(source_info: Any) -> str:
   library's frames are skipped here, so a primitive from `nn.avg_pool` is
   reported at the user's call of `nn.avg_pool`.
   """
-  if source_info is None:
-    return "an unknown line"
-  frames = source_info_util.summarize(source_info, num_frames=32)
-  frames = [f for f in frames.split("\n") if f and f != "unknown"]
-  # `summarize` lists the outermost frame first.
-  for frame in reversed(frames):
-    if not frame.startswith(_LIBRARY_DIRS):
-      return frame
+  frames = _frames(source_info)
+  found = user_frame(frames)
+  if found is not None:
+    return found
   return frames[-1] if frames else "an unknown line"
+
+
+def user_source_line(source_info: Any) -> Optional[str]:
+  """Like `source_line`, but `None` when no frame is the user's code."""
+  return user_frame(_frames(source_info))
+
+
+def user_frame(frames: list[str]) -> Optional[str]:
+  """The innermost frame (`file:line (function)`) outside Flax, JAX and
+  this library, or `None` if every frame is library code."""
+  for frame in reversed(frames):
+    if not frame.startswith(_LIBRARY_DIRS) and "/jax/" not in frame and (
+        "/jaxlib/" not in frame):
+      return frame
+  return None
+
+
+def add_line(error: BaseException, line: Optional[str]) -> None:
+  """Appends the user's line that called a refused module to `error`.
+
+  A refusal raised by a submodule's rule (e.g. `nn.BatchNorm` in training
+  mode) names the module but not the line of the lifted code that called
+  it; the innermost lifted call adds it, once. `LiftingError`s already name
+  their line and are left alone.
+
+  Args:
+    error: the exception (its first argument is the message).
+    line: `file:line (function)`, or `None` to leave the error unchanged.
+
+  >>> error = TypeError("no rule")
+  >>> add_line(error, "net.py:7 (Net.__call__)")
+  >>> str(error)
+  'no rule (called at net.py:7 (Net.__call__))'
+  """
+  if (line is None or isinstance(error, LiftingError) or
+      getattr(error, "flax_tangents_line", None) is not None):
+    return
+  if not error.args or not isinstance(error.args[0], str):
+    return
+  error.flax_tangents_line = line
+  error.args = (f"{error.args[0]} (called at {line})",) + error.args[1:]
 
 
 class LiftingError(KernelRuleError):

@@ -17,6 +17,7 @@ import numpy as np
 
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
+from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.lifting import activations
 from flax_tangents._src.analytic.lifting import expressions as ex
 from flax_tangents._src.analytic.lifting import normal_form as nf
@@ -24,7 +25,9 @@ from flax_tangents._src.analytic.lifting import provenance as prov
 from flax_tangents._src.analytic.lifting import spatial_ops
 from flax_tangents._src.analytic.lifting import tracing
 from flax_tangents._src.analytic.lifting.errors import LiftingError
+from flax_tangents._src.analytic.lifting.errors import add_line
 from flax_tangents._src.analytic.lifting.errors import source_line
+from flax_tangents._src.analytic.lifting.errors import user_source_line
 from flax_tangents._src.analytic.lifting.program import Equation
 from flax_tangents._src.analytic.lifting.program import Literal
 from flax_tangents._src.analytic.lifting.values import Const, Elem, Net
@@ -253,8 +256,11 @@ class Interpreter:
 
   def _check_own_parameters(self, eqn: Equation,
                             values: list[Value]) -> None:
-    if eqn.name == "scan":
-      return  # Flax's `nn.scan` passes its steps' parameters: `scan_rule`.
+    if eqn.name in ("scan", "cond", "while"):
+      # Flax's `nn.scan` passes its steps' parameters (`scan_rule`); Flax's
+      # `nn.cond` / `nn.while_loop` pass the module's variables to a control
+      # flow primitive, which is refused as such (`_no_rule_reason`).
+      return
     if any(isinstance(v, Const) and v.from_params for v in values) and any(
         isinstance(v, (Net, Elem)) for v in values):
       raise self.refuse(
@@ -301,7 +307,10 @@ class Interpreter:
     args, kwargs = jax.tree.unflatten(record.in_tree, leaves)
     try:
       out = self._call_submodule(record, args, kwargs)
-    except LiftingError:
+    except (KernelRuleError, NotImplementedError) as e:
+      # A submodule's rule refused (e.g. `nn.BatchNorm` in training mode):
+      # name the line that called it (once, at the innermost lifted call).
+      add_line(e, user_source_line(eqn.source_info))
       raise
     out_leaves = jax.tree.leaves(out, is_leaf=lambda x: isinstance(x, Kernel))
     outs: list[Value] = []

@@ -104,13 +104,32 @@ def broadcast_in_dim(interp, eqn, values):
   return [Net(kernel, net.provenance)]
 
 
+@register("tile")
+def tile(interp, eqn, values):
+  """`jnp.tile` over locations: each output location reads one input."""
+  net = _operand(interp, eqn, values[0])
+  in_shape, _ = _shapes(interp, eqn)
+  reps = tuple(eqn.params["reps"])
+  if reps[0] != 1:
+    raise interp.refuse(eqn, _BATCH + " (it tiles that axis)")
+  if reps[-1] != 1:
+    raise interp.refuse(eqn, _CHANNEL + " (tiling channels copies units, "
+                        "which are then not independent)")
+  matrices = [np.tile(np.eye(n), (r, 1))
+              for n, r in zip(in_shape[1:-1], reps[1:-1])]
+  return [Net(spatial_ops.axis_maps(net.kernel, matrices, "tile"),
+              net.provenance)]
+
+
 @register("transpose")
 def transpose(interp, eqn, values):
   net = _operand(interp, eqn, values[0])
   perm = tuple(eqn.params["permutation"])
   last = len(perm) - 1
   if perm[0] != 0:
-    raise interp.refuse(eqn, _BATCH + " (it moves the batch axis)")
+    raise interp.refuse(eqn, _BATCH + " (it moves the batch axis, as "
+                        "`nn.scan` over an axis of a network value does: only "
+                        "the carry of a scan may be one)")
   if perm[-1] != last:
     raise interp.refuse(eqn, _CHANNEL + " (it moves the channel axis; a "
                         "dense layer over locations treats them as "
@@ -295,15 +314,8 @@ def pad(interp, eqn, values):
               net.provenance)]
 
 
-@register("concatenate")
-def concatenate(interp, eqn, values):
-  if any(isinstance(v, Const) for v in values):
-    raise interp.refuse(
-        eqn, "it concatenates a network value with a constant, whose units "
-        "are not random")
-  nets = [interp.net(v, eqn) for v in values]
-  ndim = len(interp.program.shape(eqn.inputs[0]))
-  axis = eqn.params["dimension"] % ndim
+def _concatenated(interp, eqn, nets: list[Net], axis: int, ndim: int) -> Net:
+  """The kernel of `nets` concatenated along `axis` (of `ndim` axes)."""
   if axis == 0:
     raise interp.refuse(eqn, _BATCH)
   if axis != ndim - 1:
@@ -315,6 +327,40 @@ def concatenate(interp, eqn, values):
               "axis needs their cross-covariance, which is not tracked")
   try:
     kernel = combinators.fan_in_concat([n.kernel for n in nets], axis=axis)
-  except NotImplementedError as e:
+  except (NotImplementedError, ValueError) as e:
     raise interp.refuse(eqn, str(e)) from e
-  return [Net(kernel, prov.opaque([n.provenance for n in nets]))]
+  return Net(kernel, prov.opaque([n.provenance for n in nets]))
+
+
+def _network_operands(interp, eqn, values) -> list[Net]:
+  if any(isinstance(v, Const) for v in values):
+    raise interp.refuse(
+        eqn, "it concatenates a network value with a constant, whose units "
+        "are not random")
+  return [interp.net(v, eqn) for v in values]
+
+
+@register("concatenate")
+def concatenate(interp, eqn, values):
+  nets = _network_operands(interp, eqn, values)
+  ndim = len(interp.program.shape(eqn.inputs[0]))
+  axis = eqn.params["dimension"] % ndim
+  return [_concatenated(interp, eqn, nets, axis, ndim)]
+
+
+@register("stack")
+def stack(interp, eqn, values):
+  """`jnp.stack` along a new spatial axis: a concatenation of the values,
+  each given a location axis of size 1 there."""
+  nets = _network_operands(interp, eqn, values)
+  out = tuple(interp.program.avals[eqn.outputs[0]].shape)
+  axis = eqn.params["axis"] % len(out)
+  if axis == len(out) - 1:
+    raise interp.refuse(eqn, _CHANNEL + " (stacking along a new last axis "
+                        "moves the channels off the last axis)")
+  if axis == 0:
+    raise interp.refuse(eqn, _BATCH)
+  unit = out[1:axis] + (1,) + out[axis + 1:-1]
+  nets = [Net(spatial_ops.spatial_reshape(n.kernel, unit), n.provenance)
+          for n in nets]
+  return [_concatenated(interp, eqn, nets, axis, len(out))]
