@@ -335,12 +335,21 @@ class LayerRuleTest:
 
   Each row of `monte_carlo_cases`, `exact_cases`, `dtype_cases` and
   `raises_cases` becomes one test, named by the row (as distrax's
-  `EquivalenceTest`): a new layer gets its checks by adding rows.
+  `EquivalenceTest`): a new layer gets its checks by adding rows. Only
+  the checks of non-empty tables are collected.
   """
   monte_carlo_cases: ClassVar[Sequence[MonteCarloCase]] = ()
   exact_cases: ClassVar[Sequence[ExactCase]] = ()
   dtype_cases: ClassVar[Sequence[DtypeCase]] = ()
   raises_cases: ClassVar[Sequence[RaisesCase]] = ()
+
+  def __init_subclass__(cls, **kwargs: Any) -> None:
+    super().__init_subclass__(**kwargs)
+    for table, check in (("monte_carlo_cases", "monte_carlo"),
+                         ("exact_cases", "exact"), ("dtype_cases", "dtypes"),
+                         ("raises_cases", "raises")):
+      if getattr(cls, table):
+        setattr(cls, "test_" + check, getattr(LayerRuleTest, "check_" + check))
 
   def pytest_generate_tests(self, metafunc: pytest.Metafunc) -> None:
     tables = {"mc_case": self.monte_carlo_cases,
@@ -354,7 +363,7 @@ class LayerRuleTest:
       metafunc.parametrize("dtype", [jnp.float32, jnp.float64],
                            ids=["float32", "float64"])
 
-  def test_monte_carlo(self, mc_case: MonteCarloCase) -> None:
+  def check_monte_carlo(self, mc_case: MonteCarloCase) -> None:
     c = mc_case
     key = jax.random.key(c.seed, impl=c.impl)
     if c.nngp_readout is None:
@@ -373,7 +382,7 @@ class LayerRuleTest:
     assert_mc_close(nngp, k.nngp, n_se=c.n_se, bias=c.bias)
     assert_mc_close(ntk, k.ntk, n_se=c.n_se, bias=c.bias)
 
-  def test_exact(self, exact_case: ExactCase) -> None:
+  def check_exact(self, exact_case: ExactCase) -> None:
     c = exact_case
     k = jit_kernel_fn(c.model)(c.x1, c.x2, ("nngp", "ntk"))
     np.testing.assert_allclose(k.ntk, exact_ntk(c.model, c.x1, c.x2),
@@ -381,7 +390,7 @@ class LayerRuleTest:
     if c.nngp_is_ntk:
       np.testing.assert_allclose(k.nngp, k.ntk, rtol=1e-12)
 
-  def test_dtypes(self, dtype_case: DtypeCase, dtype: Any) -> None:
+  def check_dtypes(self, dtype_case: DtypeCase, dtype: Any) -> None:
     c = dtype_case
     want = _kernel(c.model, c.x1, c.x2, c.get, dtype == jnp.float32 and
                    c.jit, c.kernel_kwargs)
@@ -394,7 +403,7 @@ class LayerRuleTest:
       atol = c.atol32 * np.abs(e).max() if dtype == jnp.float32 else 0.0
       np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
 
-  def test_raises(self, raises_case: RaisesCase) -> None:
+  def check_raises(self, raises_case: RaisesCase) -> None:
     with pytest.raises(raises_case.error, match=raises_case.match):
       raises_case.call()
 
