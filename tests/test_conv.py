@@ -11,9 +11,13 @@ from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.covariance import spatial_diagonal
-from testing import (DtypeCase, ExactCase, LayerRuleTest, MonteCarloCase,
-                     RaisesCase, make_inputs)
+from testing import DtypeCase
+from testing import ExactCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 from testing import jit_kernel_fn as _kernel_fn
+from testing import make_inputs
 
 SPATIAL = {1: (5,), 2: (4, 4), 3: (4, 4, 4)}
 

@@ -8,7 +8,10 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from testing import DtypeCase, LayerRuleTest, MonteCarloCase, RaisesCase
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 X1 = np.random.RandomState(0).randn(3, 5)
 X2 = np.random.RandomState(1).randn(2, 5)

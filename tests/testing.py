@@ -34,20 +34,29 @@ import flax_tangents as ft
 
 
 def assert_trees_close(actual: Any, desired: Any, *, rtol: float = 1e-12,
-                       atol: float = 0.0, err_msg: str = "") -> None:
+                       atol: float = 0.0,
+                       fields: Optional[Sequence[str]] = None) -> None:
   """Asserts equal tree structures and leaves close within `rtol`, `atol`.
 
   For `ft.Kernel`s the structure holds the static fields (shapes, layouts,
-  `x1_is_x2`), so those must match exactly.
+  flags), so those must match exactly. With `fields`, only those fields of
+  two kernels, their shapes and spatial layout are compared (their flags,
+  such as `is_input`, may differ).
 
   >>> assert_trees_close({"a": np.ones(2)}, {"a": np.ones(2) + 1e-14})
   """
+  if fields is not None:
+    assert (actual.shape1, actual.shape2, actual.diagonal_spatial) == (
+        desired.shape1, desired.shape2, desired.diagonal_spatial)
+    actual, desired = ({f: getattr(k, f) for f in fields}
+                       for k in (actual, desired))
   flat_a, tree_a = jax.tree.flatten(actual)
   flat_d, tree_d = jax.tree.flatten(desired)
   assert tree_a == tree_d, f"tree structures differ:\n{tree_a}\n{tree_d}"
-  for i, (a, d) in enumerate(zip(flat_a, flat_d)):
+  for path, a, d in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
+                        flat_a, flat_d):
     np.testing.assert_allclose(a, d, rtol=rtol, atol=atol,
-                               err_msg=f"leaf {i} {err_msg}")
+                               err_msg=jax.tree_util.keystr(path[0]))
 
 
 def make_inputs(spatial: tuple[int, ...] = (), n1: int = 2, n2: int = 2,
@@ -296,8 +305,10 @@ class DtypeCase:
   """The kernel in float32 and float64, and compiled against eager.
 
   float64 inputs: compiled (`jit=True`) equals eager to `rtol64`; float32:
-  float32 kernels within `rtol32` (and `atol32` times the kernel's scale) of
-  the float64 ones. `get` names the compared fields.
+  float32 kernels within `rtol32` (and `atol32` plus `atol32_rel` times the
+  kernel's scale) of the float64 ones. `get` names the compared fields.
+  `finite`: the finite network's outputs (`jax.eval_shape`) have the
+  inputs' dtype too.
   """
   name: str
   model: nn.Module
@@ -306,8 +317,10 @@ class DtypeCase:
   get: tuple[str, ...] = ("nngp", "ntk")
   rtol32: float = 1e-5
   atol32: float = 0.0
+  atol32_rel: float = 0.0
   rtol64: float = 1e-12
   jit: bool = True
+  finite: bool = True
   kernel_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -323,6 +336,19 @@ class RaisesCase:
 def _kernel(model, x1, x2, get, jit, kwargs):
   fn = jit_kernel_fn(model) if jit else ft.kernel_fn(model)
   return fn(x1, x2, get, **kwargs)
+
+
+_KERNELS64: dict[tuple[int, bool], Any] = {}
+
+
+def _kernel64(case, jit):
+  """A row's float64 kernel, computed once for its float32 and float64
+  tests (rows live as long as their class: ids are not reused)."""
+  key = (id(case), jit)
+  if key not in _KERNELS64:
+    _KERNELS64[key] = _kernel(case.model, case.x1, case.x2, case.get, jit,
+                              case.kernel_kwargs)
+  return _KERNELS64[key]
 
 
 def _cast(x, dtype):
@@ -392,16 +418,23 @@ class LayerRuleTest:
 
   def check_dtypes(self, dtype_case: DtypeCase, dtype: Any) -> None:
     c = dtype_case
-    want = _kernel(c.model, c.x1, c.x2, c.get, dtype == jnp.float32 and
-                   c.jit, c.kernel_kwargs)
-    got = _kernel(c.model, _cast(c.x1, dtype), _cast(c.x2, dtype), c.get,
-                  c.jit, _cast_kwargs(c.kernel_kwargs, dtype))
+    if dtype == jnp.float32:
+      got = _kernel(c.model, _cast(c.x1, dtype), _cast(c.x2, dtype), c.get,
+                    c.jit, _cast_kwargs(c.kernel_kwargs, dtype))
+      want = _kernel64(c, c.jit)
+    else:  # compiled against eager (the same when `jit=False`)
+      got, want = _kernel64(c, c.jit), _kernel64(c, False)
     for a, e in zip(got, want):
       assert a.dtype == dtype and e.dtype == jnp.float64
       assert np.all(np.isfinite(e))
       rtol = c.rtol32 if dtype == jnp.float32 else c.rtol64
-      atol = c.atol32 * np.abs(e).max() if dtype == jnp.float32 else 0.0
+      atol = (c.atol32 + c.atol32_rel * np.abs(e).max()
+              if dtype == jnp.float32 else 0.0)
       np.testing.assert_allclose(a, e, rtol=rtol, atol=atol)
+    if c.finite:
+      x = _cast(c.x1, dtype)
+      variables = jax.eval_shape(c.model.init, jax.random.key(0), x)
+      assert jax.eval_shape(c.model.apply, variables, x).dtype == dtype
 
   def check_raises(self, raises_case: RaisesCase) -> None:
     with pytest.raises(raises_case.error, match=raises_case.match):
