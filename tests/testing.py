@@ -1,20 +1,10 @@
-"""The shared test harness: tree assertion, inputs, Monte Carlo, layer rules.
-
-One place for what every layer family's test needs:
-
-- `assert_trees_close`: two pytrees (kernels included: their static fields
-  such as shapes and layouts are part of the structure) leaf by leaf.
-- `make_inputs` and `jit_kernel_fn`: input batches and a compiled
-  `ft.kernel_fn`.
-- `sample_kernels`: NNGP and NTK of finite networks drawn by `model.init`,
-  written here (Jacobian contractions) so that checks do not depend on the
-  library's empirical kernels; `exact_ntk` for networks linear in their
-  parameters; `assert_mc_close`, the Monte Carlo assertion with standard
-  errors measured from the samples and a stated bias allowance.
-- `LayerRuleTest`: a base class whose subclasses give only tables of rows
-  (`MonteCarloCase`, `ExactCase`, `DtypeCase`, `RaisesCase`); each row gets
-  its Monte Carlo, exact, float32/float64 + jit, or error check.
-"""
+"""The shared test harness: `assert_trees_close`; `make_inputs`,
+`jit_kernel_fn`; `sample_kernels` (finite networks' NNGP and NTK, written
+here so checks do not depend on the library's empirical kernels),
+`exact_ntk`, `assert_mc_close`; and `LayerRuleTest`, whose subclasses give
+only tables of rows (`MonteCarloCase`, `ExactCase`, `DtypeCase`,
+`RaisesCase`), each row getting its Monte Carlo, exact, float32/float64 and
+jit, or error check."""
 
 from __future__ import annotations
 
@@ -29,8 +19,6 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-
-# --- Trees and inputs -------------------------------------------------------
 
 
 def assert_trees_close(actual: Any, desired: Any, *, rtol: float = 1e-12,
@@ -79,8 +67,6 @@ def jit_kernel_fn(model: nn.Module, **kwargs: Any) -> Callable[..., Any]:
   return jax.jit(ft.kernel_fn(model, **kwargs), static_argnames="get")
 
 
-# --- Monte Carlo and exact kernels of finite networks -----------------------
-
 
 def _pair_spec(n_spatial: int, extra: str = "") -> str:
   """einsum `a{s}c{extra},b{t}c{extra}->ab{s0 t0 s1 t1 ...}`."""
@@ -118,27 +104,16 @@ def sample_kernels(model: nn.Module, x1: Any, x2: Any, key: jax.Array,
                    **apply_kwargs: Any) -> tuple[np.ndarray, np.ndarray]:
   """Per-network NNGP and NTK estimates, `(n_samples, N1, N2, ...)` each.
 
-  One draw gives `f(x1) f(x2)^T / C` and `J(x1) J(x2)^T / C` (contracting
-  channels and parameters) in the analytic layout `(N1, N2, S1, S1', ...)`.
-
-  Args:
-    model: the network; drawn by `model.init`, applied with all its
-      variables (only `'params'` are differentiated).
-    x1, x2: input batches; `x2=None` gives the `(x1, x1)` kernel from one
-      forward pass (one dropout mask for both sides, as `x1_is_x2`).
-    key: random key, one per network after splitting.
-    n_samples: number of networks.
-    ntk: `'jacobian'` (exact per network), `'projected'` (gradients of
-      `v . f` for a standard normal `v`: unbiased, noisier, no Jacobians;
-      flat outputs `(N, C)` only) or `None` (NTK zeros: forward passes).
-    joint: pass `x1` and `x2` through one forward pass (concatenated), as
-      dropout (every input its own mask) and batch-wide `apply_kwargs` need.
-    dropout: give `apply` a `'dropout'` key; implies `joint`.
-    batch_size: networks per step (`jax.lax.map`); `None` vmaps all.
-    **apply_kwargs: passed to `model.apply`.
-
-  Returns:
-    `(nngp, ntk)` NumPy arrays of shape `(n_samples, N1, N2, ...)`.
+  One network from `model.init` (applied with all its variables, only
+  `'params'` differentiated) gives `f(x1) f(x2)^T / C` and
+  `J(x1) J(x2)^T / C` (contracting channels and parameters) in the analytic
+  layout `(N1, N2, S1, S1', ...)`. `x2=None`: one forward pass on `x1` (one
+  dropout mask for both sides, as `x1_is_x2`). `ntk`: `'jacobian'`,
+  `'projected'` (gradients of `v . f` for a standard normal `v`: unbiased,
+  noisier, no Jacobians; outputs `(N, C)`) or `None` (zeros). `joint`: one
+  forward pass on `x1` and `x2` concatenated, as dropout (implied by
+  `dropout`, which passes a `'dropout'` key) and batch-wide `apply_kwargs`
+  need. `batch_size`: networks per `jax.lax.map` step (`None`: vmap all).
 
   >>> key = jax.random.key(0)
   >>> nngp, _ = sample_kernels(nn.Dense(3), np.ones((2, 4)), None, key, 5,
@@ -245,30 +220,18 @@ def assert_mc_close(samples: Any, expected: Any, *, n_se: float = 5.0,
       f"mean={mean}, expected={expected}, se={se}")
 
 
-# --- The layer-rule test base class -----------------------------------------
-
 
 @dataclasses.dataclass(frozen=True)
 class MonteCarloCase:
   """Finite networks of `model()` converge to `ft.kernel_fn(model())`.
 
-  Attributes:
-    name: test id.
-    model: makes the network; called as `model()`, or as `model(n_out)`
-      when `nngp_readout` is set.
-    x1, x2: inputs (`x2=None`: the `(x1, x1)` kernel).
-    n_samples: networks sampled.
-    bias: finite-width bias allowance, a fraction of the kernel's scale
-      (state why in the row; zero when the estimates are unbiased).
-    seed, impl: the key (`impl='rbg'` compiles faster inside `init`).
-    n_se: standard errors allowed (measured from the samples).
-    nngp_readout, ntk_samples: sample the NNGP from forward passes of
-      `model(nngp_readout)` (a wide readout averages many channels) and the
-      NTK from `ntk_samples` networks `model(1)`, keyed `seed + 1`.
-    kwargs: keyword arguments of `sample_kernels` (`joint`, `dropout`,
-      `batch_size`, `apply` arguments).
-    kernel_kwargs: keyword arguments of the kernel function's call.
-    jit: compile the kernel function.
+  `n_samples` networks from key `(seed, impl)` (`'rbg'` compiles faster),
+  within `n_se` standard errors plus `bias` (a fraction of the kernel's
+  scale; state why in the row, zero when the estimates are unbiased). With
+  `nngp_readout`, the NNGP comes from forward passes of
+  `model(nngp_readout)` (a wide readout) and the NTK from `ntk_samples`
+  networks `model(1)` keyed `seed + 1`. `kwargs` go to `sample_kernels`,
+  `kernel_kwargs` to the kernel function (compiled if `jit`).
   """
   name: str
   model: Callable[..., nn.Module]
@@ -288,11 +251,8 @@ class MonteCarloCase:
 
 @dataclasses.dataclass(frozen=True)
 class ExactCase:
-  """A network linear in its parameters: its NTK is exact at any width.
-
-  `kernel_fn(model)`'s NTK equals `exact_ntk` to float64 precision, and so
-  does its NNGP when `nngp_is_ntk` (NTK parameterization, no layer above).
-  """
+  """Linear in its parameters: the NTK is `exact_ntk` (float64 precision),
+  and so is the NNGP if `nngp_is_ntk` (NTK parameterization, nothing above)."""
   name: str
   model: nn.Module
   x1: Any
@@ -302,14 +262,9 @@ class ExactCase:
 
 @dataclasses.dataclass(frozen=True)
 class DtypeCase:
-  """The kernel in float32 and float64, and compiled against eager.
-
-  float64 inputs: compiled (`jit=True`) equals eager to `rtol64`; float32:
-  float32 kernels within `rtol32` (and `atol32` plus `atol32_rel` times the
-  kernel's scale) of the float64 ones. `get` names the compared fields.
-  `finite`: the finite network's outputs (`jax.eval_shape`) have the
-  inputs' dtype too.
-  """
+  """float64: compiled (`jit=True`) equals eager to `rtol64`; float32: within
+  `rtol32` (`atol32` + `atol32_rel` x scale) of float64; `get`: the fields
+  compared; `finite`: the finite network's outputs have the dtype too."""
   name: str
   model: nn.Module
   x1: Any
@@ -342,8 +297,7 @@ _KERNELS64: dict[tuple[int, bool], Any] = {}
 
 
 def _kernel64(case, jit):
-  """A row's float64 kernel, computed once for its float32 and float64
-  tests (rows live as long as their class: ids are not reused)."""
+  """A row's float64 kernel, once for its two dtype tests (ids are kept)."""
   key = (id(case), jit)
   if key not in _KERNELS64:
     _KERNELS64[key] = _kernel(case.model, case.x1, case.x2, case.get, jit,
@@ -351,9 +305,12 @@ def _kernel64(case, jit):
   return _KERNELS64[key]
 
 
-def _cast(x, dtype):
-  return None if x is None else jax.tree.map(
-      lambda a: jnp.asarray(a, dtype), x)
+def _cast(tree, dtype):
+  """The floating arrays of `tree` (inputs, kernel arguments) in `dtype`."""
+  cast = lambda a: (jnp.asarray(a, dtype) if isinstance(
+      a, np.ndarray | jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
+                    else a)
+  return jax.tree.map(cast, tree)
 
 
 class LayerRuleTest:
@@ -420,7 +377,7 @@ class LayerRuleTest:
     c = dtype_case
     if dtype == jnp.float32:
       got = _kernel(c.model, _cast(c.x1, dtype), _cast(c.x2, dtype), c.get,
-                    c.jit, _cast_kwargs(c.kernel_kwargs, dtype))
+                    c.jit, _cast(c.kernel_kwargs, dtype))
       want = _kernel64(c, c.jit)
     else:  # compiled against eager (the same when `jit=False`)
       got, want = _kernel64(c, c.jit), _kernel64(c, False)
@@ -439,11 +396,3 @@ class LayerRuleTest:
   def check_raises(self, raises_case: RaisesCase) -> None:
     with pytest.raises(raises_case.error, match=raises_case.match):
       raises_case.call()
-
-
-def _cast_kwargs(kwargs, dtype):
-  """Floating arrays among the kernel function's keyword arguments."""
-  cast = lambda a: (jnp.asarray(a, dtype) if isinstance(
-      a, np.ndarray | jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
-                    else a)
-  return jax.tree.map(cast, kwargs)
