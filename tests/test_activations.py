@@ -326,11 +326,11 @@ def test_monte_carlo_converges_to_kernel(case):
 
 
 def _dtype_case(case: Case) -> DtypeCase:
-  # Eager: cheaper than compiling twice.
+  # Eager: cheaper than compiling twice. The network's parameters are
+  # float64 (param_dtype), so only the kernel's dtype follows the inputs.
   x2 = _mc_inputs()[::-1] * 0.9 if not case.unit_variance else None
   return DtypeCase(case.name, _mc_network(case), _mc_inputs(), x2,
-                   rtol32=2e-4, atol32=1e-5, jit=False,
-                   finite=case.reference is not None)
+                   rtol32=2e-4, atol32=1e-5, jit=False, finite=False)
 
 
 class TestActivations(LayerRuleTest):
