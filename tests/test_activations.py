@@ -25,6 +25,9 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import assert_mc_close
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +290,7 @@ def _sample_kernels(network: nn.Module, params, x):
 
 
 def _assert_mc_close(samples, expected, max_relative_se):
-  """Sample mean within `MC_STANDARD_ERRORS` standard errors of the limit.
+  """`assert_mc_close` within `MC_STANDARD_ERRORS` standard errors.
 
   With one hidden layer both estimates are unbiased at any width (the
   pre-activations are exactly Gaussian given the input, and the readout
@@ -299,15 +302,8 @@ def _assert_mc_close(samples, expected, max_relative_se):
   (and the seeds are fixed). A vacuity guard requires the standard error to
   be under `max_relative_se` of the kernel's scale.
   """
-  samples = np.asarray(samples, np.float64)
-  expected = np.asarray(expected)
-  mean = samples.mean(0)
-  standard_error = samples.std(0, ddof=1) / np.sqrt(samples.shape[0])
-  scale = np.abs(expected).max()
-  assert np.all(standard_error <= max_relative_se * scale), standard_error
-  np.testing.assert_array_less(
-      np.abs(mean - expected),
-      MC_STANDARD_ERRORS * standard_error + 1e-10 * scale + 1e-12)
+  assert_mc_close(samples, expected, n_se=MC_STANDARD_ERRORS, rel_floor=1e-10,
+                  atol=1e-12, max_relative_se=max_relative_se)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.reference],
@@ -329,19 +325,16 @@ def test_monte_carlo_converges_to_kernel(case):
 # --- 4. float32 and float64 ------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_float32_matches_float64(case):
-  network = _mc_network(case)
-  kernel_fn = ft.kernel_fn(network)  # eager: cheaper than compiling twice
+def _dtype_case(case: Case) -> DtypeCase:
+  # Eager: cheaper than compiling twice. The network's parameters are
+  # float64 (param_dtype), so only the kernel's dtype follows the inputs.
   x2 = _mc_inputs()[::-1] * 0.9 if not case.unit_variance else None
-  k64 = kernel_fn(_mc_inputs(), x2, ("nngp", "ntk"))
-  k32 = kernel_fn(_mc_inputs(jnp.float32),
-                  None if x2 is None else x2.astype(jnp.float32),
-                  ("nngp", "ntk"))
-  for a32, a64 in zip(k32, k64):
-    assert a32.dtype == jnp.float32 and a64.dtype == jnp.float64
-    assert np.all(np.isfinite(a64))
-    np.testing.assert_allclose(a32, a64, rtol=2e-4, atol=1e-5)
+  return DtypeCase(case.name, _mc_network(case), _mc_inputs(), x2,
+                   rtol32=2e-4, atol32=1e-5, jit=False, finite=False)
+
+
+class TestActivations(LayerRuleTest):
+  dtype_cases = [_dtype_case(c) for c in CASES]
 
 
 # --- Closed forms -----------------------------------------------------------

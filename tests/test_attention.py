@@ -8,8 +8,10 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_spatial_utils import sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 X1 = np.random.RandomState(0).randn(3, 4, 6)
 X2 = np.random.RandomState(1).randn(2, 4, 6)
@@ -107,21 +109,6 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_monte_carlo(name):
-  # NNGP: 64 networks with 256 output channels (forward passes only); NTK:
-  # 32 networks with one output channel (Jacobians are the cost). Tolerance:
-  # 5 standard errors measured from the samples, plus 4/128 of the kernel's
-  # scale for the O(1/n_key) and O(1/width) biases (n_key = width = 128).
-  nngp, _ = sample_kernels(MODELS[name](256), X1, X2, jax.random.key(6), 64,
-                           batch_size=64, with_ntk=False)
-  _, ntk = sample_kernels(MODELS[name](1), X1, X2, jax.random.key(7), 32,
-                          batch_size=8)
-  k = ft.kernel_fn(MODELS[name](1))(X1, X2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp, bias=4 / 128)
-  assert_mc_close(ntk, k.ntk, bias=4 / 128)
-
-
 def _location_covariance(decay, size):
   """R of the embeddings on a 1-D sequence, written out (not the library's)."""
   if decay is None:
@@ -196,63 +183,60 @@ POSITIONAL_MC = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(POSITIONAL_MC))
-def test_positional_embeddings_monte_carlo(name):
-  # Finite layers (embeddings drawn by model.init) converge to the kernel.
-  # NNGP: 32 networks, 256 outputs; NTK: 16 networks, one output. 5
-  # standard errors plus 4/64 of the scale (widths 64 to 128).
-  x1, x2 = X1[:2, :, :3], X2[:, :, :3]
-  nngp, _ = sample_kernels(POSITIONAL_MC[name](256), x1, x2,
-                           jax.random.key(8), 32, batch_size=32,
-                           with_ntk=False)
-  _, ntk = sample_kernels(POSITIONAL_MC[name](1), x1, x2, jax.random.key(9),
-                          16, batch_size=16)
-  k = jax.jit(ft.kernel_fn(POSITIONAL_MC[name](1)), static_argnames="get")(
-      x1, x2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp, bias=4 / 64)
-  assert_mc_close(ntk, k.ntk, bias=4 / 64)
+def _raises(name, call, match):
+  return RaisesCase(name, call, match, ValueError)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  model = nn.Sequential([ftn.Dense(8), ftn.GlobalSelfAttention(8, 4, 4, 2),
-                         ftn.Relu(), ftn.Flatten(), ftn.Dense(2)])
-  k = ft.kernel_fn(model)(jnp.asarray(X1, dtype), jnp.asarray(X2, dtype),
-                          "ntk")
-  assert k.dtype == dtype
-  k64 = ft.kernel_fn(model)(X1, X2, "ntk")
-  np.testing.assert_allclose(k, k64, rtol=1e-5 if dtype == jnp.float32
-                             else 1e-14)
-  y = model.apply(model.init(jax.random.key(0), jnp.asarray(X1, dtype)),
-                  jnp.asarray(X1, dtype))
-  assert y.dtype == dtype
+def _kernel_of(**kwargs):
+  """`kernel_fn` of an attention layer built inside the call (some options
+  are refused by the constructor)."""
+  return lambda: ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, **kwargs))(
+      X1)
 
 
-def test_errors():
-  x = X1
-  with pytest.raises(NotImplementedError, match="closed form"):
-    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2,
-                                         linear_scaling=False))(x)
-  with pytest.raises(ValueError, match="pos_emb_type"):
-    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SIN"))(x)
-  with pytest.raises(ValueError, match="n_chan_pos_emb"):
-    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
-                                         n_chan_pos_emb=3))(x)
-  not_psd = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
-                                    pos_emb_decay_fn=lambda d: 1.0 - d)
-  with pytest.raises(ValueError, match="positive semi-definite"):
-    ft.kernel_fn(not_psd)(x)
-  with pytest.raises(ValueError, match="positive semi-definite"):
-    not_psd.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match="attention_mechanism"):
-    ft.kernel_fn(ftn.GlobalSelfAttention(
-        4, 4, 4, 2, attention_mechanism="TANH"))(x)
-  with pytest.raises(ValueError, match="spatial"):
-    ft.kernel_fn(ftn.GlobalSelfAttention(4, 4, 4, 2))(x[:, 0])
-  layer = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
-                                  n_chan_pos_emb=2)
-  with pytest.raises(ValueError, match="n_chan_pos_emb"):
-    layer.init(jax.random.key(0), x)
+_NOT_PSD = ftn.GlobalSelfAttention(4, 4, 4, 2, pos_emb_type="SUM",
+                                   pos_emb_decay_fn=lambda d: 1.0 - d)
+
+
+class TestGlobalSelfAttention(LayerRuleTest):
+  # MODELS: NNGP from 64 networks with 256 output channels (forward passes
+  # only); NTK from 32 networks with one output channel (Jacobians are the
+  # cost). Tolerance: 5 standard errors measured from the samples, plus
+  # 4/128 of the kernel's scale for the O(1/n_key) and O(1/width) biases
+  # (n_key = width = 128). POSITIONAL_MC: finite layers (embeddings drawn
+  # by model.init) converge to the kernel; NNGP: 32 networks, 256 outputs;
+  # NTK: 16 networks, one output; 5 standard errors plus 4/64 of the scale
+  # (widths 64 to 128).
+  monte_carlo_cases = [
+      MonteCarloCase(name, MODELS[name], X1, X2, 64, bias=4 / 128, seed=6,
+                     nngp_readout=256, ntk_samples=32)
+      for name in sorted(MODELS)] + [
+          MonteCarloCase(f"positional_{name}", POSITIONAL_MC[name],
+                         X1[:2, :, :3], X2[:, :, :3], 32, bias=4 / 64,
+                         seed=8, nngp_readout=256, ntk_samples=16, jit=True)
+          for name in sorted(POSITIONAL_MC)]
+  dtype_cases = [DtypeCase("dense_attention_relu", nn.Sequential([
+      ftn.Dense(8), ftn.GlobalSelfAttention(8, 4, 4, 2), ftn.Relu(),
+      ftn.Flatten(), ftn.Dense(2)]), X1, X2, get=("ntk",), rtol64=1e-14,
+                           jit=False)]
+  raises_cases = [
+      RaisesCase("sqrt_scaling_closed_form", _kernel_of(
+          linear_scaling=False), "closed form", NotImplementedError),
+      _raises("pos_emb_type", _kernel_of(pos_emb_type="SIN"),
+              "pos_emb_type"),
+      _raises("n_chan_pos_emb_sum", _kernel_of(
+          pos_emb_type="SUM", n_chan_pos_emb=3), "n_chan_pos_emb"),
+      _raises("not_psd_kernel", lambda: ft.kernel_fn(_NOT_PSD)(X1),
+              "positive semi-definite"),
+      _raises("not_psd_init", lambda: _NOT_PSD.init(jax.random.key(0), X1),
+              "positive semi-definite"),
+      _raises("attention_mechanism", _kernel_of(attention_mechanism="TANH"),
+              "attention_mechanism"),
+      _raises("spatial", lambda: ft.kernel_fn(ftn.GlobalSelfAttention(
+          4, 4, 4, 2))(X1[:, 0]), "spatial"),
+      _raises("n_chan_pos_emb_init", lambda: ftn.GlobalSelfAttention(
+          4, 4, 4, 2, pos_emb_type="SUM", n_chan_pos_emb=2).init(
+              jax.random.key(0), X1), "n_chan_pos_emb")]
 
 
 @pytest.mark.parametrize("layer", [

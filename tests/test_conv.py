@@ -11,27 +11,23 @@ from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.covariance import spatial_diagonal
-from exact_utils import exact_ntk
-from mc_utils import assert_mc_close, sample_kernels
+from testing import DtypeCase
+from testing import ExactCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
+from testing import jit_kernel_fn as _kernel_fn
+from testing import make_inputs
 
 SPATIAL = {1: (5,), 2: (4, 4), 3: (4, 4, 4)}
 
 
-def _inputs(n_spatial, n1=2, n2=2, channels=2, seed=0):
-  shape = SPATIAL[n_spatial]
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return (jax.random.normal(k1, (n1,) + shape + (channels,)),
-          jax.random.normal(k2, (n2,) + shape + (channels,)))
+def _inputs(n_spatial, **kwargs):
+  return make_inputs(SPATIAL[n_spatial], **kwargs)
 
 
 def _window(n_spatial, k):
   return (k,) * n_spatial
-
-
-def _kernel_fn(model):
-  """`ft.kernel_fn(model)`, jitted: one compilation instead of many eager
-  ones (the eager path is exercised by the other test files)."""
-  return jax.jit(ft.kernel_fn(model), static_argnames="get")
 
 
 # Exact: one convolution on the inputs is linear in its parameters, so its
@@ -61,19 +57,15 @@ GEOMETRY = [
 ]
 
 
-@pytest.mark.parametrize("cls,n_spatial,padding,stride,param", GEOMETRY)
-def test_single_layer_is_exact(cls, n_spatial, padding, stride, param):
+def _exact_case(cls, n_spatial, padding, stride, param):
   x1, x2 = _inputs(n_spatial)
   if n_spatial == 3:  # keep the 3-D Jacobians small
     x1, x2 = x1[:, :3, :3, :3], x2[:, :3, :3, :3]
   model = cls(3, _window(n_spatial, 3 if cls is not ftn.ConvLocal else 2),
               strides=_window(n_spatial, stride), padding=padding, W_std=1.3,
               b_std=0.2, parameterization=param)
-  k = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  np.testing.assert_allclose(k.ntk, exact_ntk(model, x1, x2), rtol=1e-10,
-                             atol=1e-12)
-  if param == "ntk":
-    np.testing.assert_allclose(k.nngp, k.ntk, rtol=1e-12)
+  name = f"{cls.__name__}-{n_spatial}-{padding}-{stride}-{param}"
+  return ExactCase(name, model, x1, x2, nngp_is_ntk=param == "ntk")
 
 
 # Monte Carlo. Each network has one nonlinearity; the layers above it are
@@ -86,22 +78,15 @@ def test_single_layer_is_exact(cls, n_spatial, padding, stride, param):
 
 # The "rbg" generator compiles several times faster than threefry inside
 # `model.init`, which dominates the cost of sampling networks.
-_MC_KEY = jax.random.key(1, impl="rbg")
 
-
-def test_monte_carlo():
-  x1, x2 = _inputs(2)
-  model = nn.Sequential([
+def _mc_model():
+  return nn.Sequential([
       ftn.Conv(64, (3, 3), padding="SAME", W_std=1.3, b_std=0.2),
       ftn.Relu(),
       ftn.ConvTranspose(8, (2, 2), strides=(2, 2), padding="SAME",
                         b_std=0.1, parameterization="standard"),
       ftn.ConvLocal(8, (2, 2), W_std=1.1, b_std=0.1),
       ftn.GlobalAvgPool(), ftn.Dense(4, W_std=1.1)])
-  nngp, ntk = sample_kernels(model, x1, x2, _MC_KEY, 32)
-  expected = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  assert_mc_close(nngp, expected.nngp)
-  assert_mc_close(ntk, expected.ntk)
 
 
 # Closed forms.
@@ -240,22 +225,6 @@ def test_requirement_pass(top, diagonal):
 
 # dtypes.
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  x1, x2 = _inputs(2)
-  model = nn.Sequential([ftn.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.1),
-                         ftn.Relu(), ftn.AvgPool((2, 2)),
-                         ftn.ConvTranspose(4, (2, 2), strides=(2, 2)),
-                         ftn.GlobalAvgPool(), ftn.Dense(1)])
-  k = _kernel_fn(model)(
-      x1.astype(dtype), x2.astype(dtype), ("nngp", "ntk"))
-  assert k.nngp.dtype == dtype and k.ntk.dtype == dtype
-  k64 = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  rtol = 1e-5 if dtype == jnp.float32 else 1e-12
-  np.testing.assert_allclose(k.nngp, k64.nngp, rtol=rtol)
-  np.testing.assert_allclose(k.ntk, k64.ntk, rtol=rtol)
-
-
 # Stock nn.Conv.
 
 @pytest.mark.parametrize("padding,strides", [
@@ -284,36 +253,36 @@ def test_stock_conv_matches_standard_conv(padding, strides):
   assert jax.eval_shape(stock.apply, variables, x1).shape == (2, 1)
 
 
-@pytest.mark.parametrize("option", [dict(kernel_dilation=2),
-                                    dict(input_dilation=2),
-                                    dict(feature_group_count=2),
-                                    dict(padding="REFLECT")])
-def test_stock_conv_unsupported_options(option):
-  x1, _ = _inputs(2)
-  with pytest.raises(NotImplementedError, match="nn.Conv"):
-    ft.kernel_fn(nn.Conv(4, (3, 3), **option))(x1)
+class _TwoBranches(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return ftn.Conv(4, (3, 3), padding="SAME")(x) + ftn.Conv(
+        4, (3, 3), padding="VALID")(x)
 
 
-# Errors.
-
-def test_mismatched_branch_shapes():
-  class TwoBranches(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return ftn.Conv(4, (3, 3), padding="SAME")(x) + ftn.Conv(
-          4, (3, 3), padding="VALID")(x)
-
+def _raises(name, model, match, error=ValueError):
   x1, x2 = _inputs(2)
-  # Lifting traces the model, where JAX itself rejects the sum (TypeError).
-  with pytest.raises((TypeError, ValueError), match="shape"):
-    ft.kernel_fn(TwoBranches())(x1, x2)
+  return RaisesCase(name, lambda: ft.kernel_fn(model)(x1, x2), match, error)
 
 
-def test_bad_arguments():
-  x1, x2 = _inputs(2)
-  with pytest.raises(ValueError, match="kernel_size"):
-    ft.kernel_fn(ftn.Conv(4, (3,)))(x1, x2)
-  with pytest.raises(ValueError, match="padding"):
-    ft.kernel_fn(ftn.Conv(4, (3, 3), padding="FULL"))(x1, x2)
-  with pytest.raises(ValueError, match="does not fit"):
-    ft.kernel_fn(ftn.Conv(4, (5, 5)))(x1, x2)
+class TestConv(LayerRuleTest):
+  exact_cases = [_exact_case(*row) for row in GEOMETRY]
+  monte_carlo_cases = [MonteCarloCase(
+      "conv_relu_transpose_local", _mc_model, *_inputs(2), 32, seed=1,
+      impl="rbg", jit=True)]
+  dtype_cases = [DtypeCase("conv_pool_transpose", nn.Sequential([
+      ftn.Conv(4, (3, 3), padding="CIRCULAR", b_std=0.1), ftn.Relu(),
+      ftn.AvgPool((2, 2)), ftn.ConvTranspose(4, (2, 2), strides=(2, 2)),
+      ftn.GlobalAvgPool(), ftn.Dense(1)]), *_inputs(2))]
+  raises_cases = [
+      *(_raises(f"stock_{next(iter(o))}", nn.Conv(4, (3, 3), **o), "nn.Conv",
+                NotImplementedError)
+        for o in (dict(kernel_dilation=2), dict(input_dilation=2),
+                  dict(feature_group_count=2), dict(padding="REFLECT"))),
+      # Lifting traces the model, where JAX itself rejects the sum.
+      _raises("mismatched_branch_shapes", _TwoBranches(), "shape",
+              (TypeError, ValueError)),
+      _raises("kernel_size", ftn.Conv(4, (3,)), "kernel_size"),
+      _raises("padding", ftn.Conv(4, (3, 3), padding="FULL"), "padding"),
+      _raises("too_large", ftn.Conv(4, (5, 5)), "does not fit"),
+  ]

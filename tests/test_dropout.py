@@ -8,8 +8,10 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_spatial_utils import sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 X1 = np.random.RandomState(0).randn(3, 5)
 X2 = np.random.RandomState(1).randn(2, 5)
@@ -87,37 +89,28 @@ def test_spatial_kernel_scales_location_diagonal():
                              rtol=1e-14)
 
 
-@pytest.mark.parametrize("x2", [None, X2], ids=["x2_none", "x2"])
-def test_monte_carlo(x2):
+def _raises(name, model, match, error=ValueError):
+  return RaisesCase(name, lambda: ft.kernel_fn(model)(X1), match, error)
+
+
+class TestDropout(LayerRuleTest):
   # One hidden layer: per-network kernels are unbiased at any width (the
   # masks, weights and readout are independent), so only sampling error is
   # allowed: 5 standard errors measured from 48 networks of width 512.
-  model = _net(ftn.Dropout(0.3, deterministic=False), width=512)
-  nngp, ntk = sample_kernels(model, X1, x2, jax.random.key(3), 48,
-                             batch_size=16, dropout=True)
-  k = ft.kernel_fn(model)(X1, x2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp)
-  assert_mc_close(ntk, k.ntk)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  k = ft.kernel_fn(_net(ftn.Dropout(0.3, deterministic=False)))(
-      jnp.asarray(X1, dtype), get="nngp")
-  assert k.dtype == dtype
-  k64 = ft.kernel_fn(_net(ftn.Dropout(0.3, deterministic=False)))(
-      X1, get="nngp")
-  np.testing.assert_allclose(k, k64, rtol=1e-5 if dtype == jnp.float32
-                             else 1e-14)
-
-
-def test_errors():
-  with pytest.raises(ValueError, match="raw inputs"):
-    ft.kernel_fn(ftn.Dropout(0.3, deterministic=False))(X1)
-  with pytest.raises(ValueError, match="rate of 1"):
-    ft.kernel_fn(_net(ftn.Dropout(1.0, deterministic=False)))(X1)
-  with pytest.raises(NotImplementedError, match="batch or channel"):
-    ft.kernel_fn(_net(ftn.Dropout(0.3, broadcast_dims=(-1,),
-                                  deterministic=False)))(X1)
-  with pytest.raises(ValueError, match="deterministic"):
-    ft.kernel_fn(_net(ftn.Dropout(0.3)))(X1)  # neither attribute nor kwarg
+  monte_carlo_cases = [MonteCarloCase(
+      name, lambda: _net(ftn.Dropout(0.3, deterministic=False), width=512),
+      X1, x2, 48, seed=3, kwargs=dict(batch_size=16, dropout=True))
+                       for name, x2 in (("x2_none", None), ("x2", X2))]
+  dtype_cases = [DtypeCase(
+      "dropout", _net(ftn.Dropout(0.3, deterministic=False)), X1,
+      get=("nngp",), rtol64=1e-14, jit=False, finite=False)]
+  raises_cases = [
+      _raises("raw_inputs", ftn.Dropout(0.3, deterministic=False),
+              "raw inputs"),
+      _raises("rate_one", _net(ftn.Dropout(1.0, deterministic=False)),
+              "rate of 1"),
+      _raises("broadcast_channels", _net(ftn.Dropout(
+          0.3, broadcast_dims=(-1,), deterministic=False)), "batch or channel",
+              NotImplementedError),
+      # Neither attribute nor keyword argument.
+      _raises("no_deterministic", _net(ftn.Dropout(0.3)), "deterministic")]

@@ -10,8 +10,12 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_spatial_utils import sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
+from testing import assert_mc_close
+from testing import sample_kernels
 
 RNG = np.random.RandomState(0)
 X1, X2 = RNG.randn(3, 5, 4), RNG.randn(2, 5, 4)
@@ -51,54 +55,51 @@ def test_closed_form_and_identity():
   np.testing.assert_allclose(same.ntk, k.ntk, rtol=1e-14)
 
 
-@pytest.mark.parametrize("x2", [None, X2], ids=["x2_none", "x2"])
-def test_monte_carlo(x2):
+def _mc_case(name, x2):
   # One hidden layer and a linear, parameter-free aggregation: per-network
   # kernels are unbiased at any width; allow 5 standard errors of 48
-  # networks (width 512).
-  model = GraphNet(width=512)
+  # networks (width 512). One forward pass takes both batches' graphs.
   pattern = P1 if x2 is None else np.concatenate([P1, P2])
-  nngp, ntk = sample_kernels(model, X1, x2, jax.random.key(8), 48,
-                             batch_size=16, pattern=pattern)
-  kernel_pattern = P1 if x2 is None else (P1, P2)
-  k = ft.kernel_fn(model)(X1, x2, ("nngp", "ntk"), pattern=kernel_pattern)
-  assert_mc_close(nngp, k.nngp)
-  assert_mc_close(ntk, k.ntk)
+  return MonteCarloCase(
+      name, lambda: GraphNet(width=512), X1, x2, 48, seed=8,
+      kwargs=dict(batch_size=16, joint=True, pattern=pattern),
+      kernel_kwargs=dict(pattern=P1 if x2 is None else (P1, P2)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  kernel_fn = ft.kernel_fn(GraphNet())
-  k = kernel_fn(jnp.asarray(X1, dtype), jnp.asarray(X2, dtype), "ntk",
-                pattern=(jnp.asarray(P1, dtype), jnp.asarray(P2, dtype)))
-  assert k.dtype == dtype
-  k64 = kernel_fn(X1, X2, "ntk", pattern=(P1, P2))
+def _raises(name, call, match, error=ValueError):
+  return RaisesCase(name, call, match, error)
+
+
+_KERNEL_FN = ft.kernel_fn(GraphNet())
+_SPARSE = ftn.Aggregate(implementation="sparse")
+
+
+class TestAggregate(LayerRuleTest):
+  monte_carlo_cases = [_mc_case("x2_none", None), _mc_case("x2", X2)]
   # float32: relative to the kernel's scale (some entries are tiny sums).
-  tol = 1e-5 if dtype == jnp.float32 else 1e-14
-  np.testing.assert_allclose(k, k64, rtol=tol, atol=tol * np.abs(k64).max())
-
-
-def test_errors():
-  kernel_fn = ft.kernel_fn(GraphNet())
-  with pytest.raises(ValueError, match="one graph per batch"):
-    kernel_fn(X1, X2, pattern=P1)
-  with pytest.raises(NotImplementedError, match="exactly one"):
-    kernel_fn(X1, X2, pattern=(P1, None))
-  with pytest.raises(ValueError, match="expected"):
-    kernel_fn(X1, X2, pattern=(P1[:, :4, :4], P2))
-  sparse = ftn.Aggregate(implementation="sparse")
-  with pytest.raises(ValueError, match="integer"):
-    sparse.apply({}, X1, pattern=P1[..., :2].astype(float))
-  with pytest.raises(ValueError, match=r"\(batch, n_edges, K, 2\)"):
-    sparse.apply({}, X1, pattern=np.zeros((3, 4, 2, 2), int))
-  with pytest.raises(ValueError, match="past the end"):
-    sparse.apply({}, X1, pattern=np.full((3, 4, 2), 5))
-  with pytest.raises(ValueError, match="`to_dense` applies"):
-    ftn.Aggregate(implementation="SPARSE", to_dense=lambda p: p)
-  with pytest.raises(ValueError, match="not one of"):
-    ftn.Aggregate(implementation="COO")
-  with pytest.raises(ValueError, match="batch or channel"):
-    ftn.Aggregate(aggregate_axis=-1).apply({}, X1, pattern=P1)
+  dtype_cases = [DtypeCase("graph_net", GraphNet(), X1, X2, get=("ntk",),
+                           atol32_rel=1e-5, rtol64=1e-14, jit=False,
+                           finite=False, kernel_kwargs=dict(pattern=(P1, P2)))]
+  raises_cases = [
+      _raises("one_graph_per_batch", lambda: _KERNEL_FN(X1, X2, pattern=P1),
+              "one graph per batch"),
+      _raises("one_pattern_none", lambda: _KERNEL_FN(
+          X1, X2, pattern=(P1, None)), "exactly one", NotImplementedError),
+      _raises("pattern_shape", lambda: _KERNEL_FN(
+          X1, X2, pattern=(P1[:, :4, :4], P2)), "expected"),
+      _raises("sparse_integer", lambda: _SPARSE.apply(
+          {}, X1, pattern=P1[..., :2].astype(float)), "integer"),
+      _raises("sparse_shape", lambda: _SPARSE.apply(
+          {}, X1, pattern=np.zeros((3, 4, 2, 2), int)),
+              r"\(batch, n_edges, K, 2\)"),
+      _raises("sparse_past_end", lambda: _SPARSE.apply(
+          {}, X1, pattern=np.full((3, 4, 2), 5)), "past the end"),
+      _raises("to_dense_sparse", lambda: ftn.Aggregate(
+          implementation="SPARSE", to_dense=lambda p: p), "`to_dense` applies"),
+      _raises("implementation", lambda: ftn.Aggregate(implementation="COO"),
+              "not one of"),
+      _raises("aggregate_axis", lambda: ftn.Aggregate(
+          aggregate_axis=-1).apply({}, X1, pattern=P1), "batch or channel")]
 
 
 # SPARSE: edge lists give the DENSE results on the same graphs.
@@ -161,7 +162,7 @@ def test_sparse_monte_carlo_and_to_dense():
   model = GraphNet(width=512)
   sparse = GraphNetSparse(width=512)
   nngp, ntk = sample_kernels(sparse, X1, None, jax.random.key(9), 48,
-                             batch_size=16, pattern=e1)
+                             batch_size=16, pattern=e1)  # x2=None: joint
   k = ft.kernel_fn(sparse)(X1, None, ("nngp", "ntk"), pattern=e1)
   assert_mc_close(nngp, k.nngp)
   assert_mc_close(ntk, k.ntk)

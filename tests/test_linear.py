@@ -8,7 +8,10 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close, sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 X1 = np.random.RandomState(0).randn(3, 5)
 X2 = np.random.RandomState(1).randn(2, 5)
@@ -57,29 +60,22 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_dense_monte_carlo(name):
+class TestDense(LayerRuleTest):
   # One hidden layer: the per-network NNGP and NTK are unbiased estimates of
   # the limit at any width, so only sampling error (5 standard errors,
-  # measured from the 64 samples) is allowed.
-  model = MODELS[name]()
-  nngp, ntk = sample_kernels(model, X1, X2, jax.random.key(1), 64)
-  k = ft.kernel_fn(model)(X1, X2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp)
-  assert_mc_close(ntk, k.ntk)
-
-
-def test_deep_network_monte_carlo():
-  # Two hidden layers: add the O(1/width) bias, a few / 1024 of the scale.
-  model = nn.Sequential([ftn.Dense(1024, W_std=1.4, b_std=0.1), ftn.Relu(),
-                         ftn.Dense(1024, W_std=1.4), ftn.Relu(),
-                         ftn.Dense(2)])
-  nngp, ntk = sample_kernels(model, X1, X2, jax.random.key(2), 32)
-  k = ft.kernel_fn(model)(X1, X2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp, bias=5 / 1024)
-  assert_mc_close(ntk, k.ntk, bias=5 / 1024)
-
-
-def test_unknown_parameterization():
-  with pytest.raises(ValueError, match="parameterization"):
-    ft.kernel_fn(ftn.Dense(3, parameterization="mup"))(X1)
+  # measured from the 64 samples) is allowed. Two hidden layers ("deep"):
+  # add the O(1/width) bias, a few / 1024 of the scale.
+  monte_carlo_cases = [
+      MonteCarloCase(name, MODELS[name], X1, X2, 64, seed=1)
+      for name in sorted(MODELS)] + [
+          MonteCarloCase("deep", lambda: nn.Sequential([
+              ftn.Dense(1024, W_std=1.4, b_std=0.1), ftn.Relu(),
+              ftn.Dense(1024, W_std=1.4), ftn.Relu(), ftn.Dense(2)]),
+                         X1, X2, 32, bias=5 / 1024, seed=2)]
+  dtype_cases = [
+      DtypeCase("ntk", nn.Sequential([ftn.Dense(8, b_std=0.1), ftn.Relu(),
+                                      ftn.Dense(2)]), X1, X2, jit=False)]
+  raises_cases = [RaisesCase(
+      "unknown_parameterization",
+      lambda: ft.kernel_fn(ftn.Dense(3, parameterization="mup"))(X1),
+      "parameterization")]

@@ -1,15 +1,16 @@
 """LayerNorm (ftn and stock): forward, closed forms, Monte Carlo, errors."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_spatial_utils import sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 X1 = np.random.RandomState(0).randn(3, 5)
 X2 = np.random.RandomState(1).randn(2, 5)
@@ -86,64 +87,46 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_monte_carlo(name):
+def test_stock_layer_norm_without_scale_allows_nonlinearity():
+  ft.kernel_fn(nn.Sequential([ftn.Dense(4), nn.LayerNorm(use_scale=False),
+                              ftn.Relu()]))(X1)
+
+
+def _raises(name, layers, x, match, error=ValueError):
+  model = nn.Sequential(layers) if isinstance(layers, list) else layers
+  return RaisesCase(name, lambda: ft.kernel_fn(model)(x), match, error)
+
+
+class TestLayerNorm(LayerRuleTest):
   # The empirical variance over `w` channels fluctuates by O(w^-1/2), which
   # biases the per-network kernels by O(1/w): allow 5 standard errors of 48
-  # networks plus 4/w of the kernel's scale (w = 512).
-  width = 512
-  model = MODELS[name](width)
-  nngp, ntk = sample_kernels(model, X1, X2, jax.random.key(4), 48,
-                             batch_size=16)
-  k = ft.kernel_fn(model)(X1, X2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp, bias=4 / width)
-  assert_mc_close(ntk, k.ntk, bias=4 / width)
-
-
-def test_monte_carlo_spatial_axes():
-  # Normalizing over (locations, channels) of a Dense layer's output; the
+  # networks plus 4/w of the kernel's scale (w = 512). "spatial_axes":
+  # normalizing over (locations, channels) of a Dense layer's output; the
   # readout keeps the locations, so the full (N1, N2, S, S') kernel is
-  # compared. Same tolerance reasoning as above.
-  width = 512
-  model = nn.Sequential([ftn.Dense(width, b_std=0.3),
-                         ftn.LayerNorm(axis=(1, 2)), ftn.Dense(3)])
-  nngp, ntk = sample_kernels(model, XS1, XS2, jax.random.key(5), 48,
-                             batch_size=16)
-  k = ft.kernel_fn(model)(XS1, XS2, ("nngp", "ntk"))
-  assert_mc_close(nngp, k.nngp, bias=4 / width)
-  assert_mc_close(ntk, k.ntk, bias=4 / width)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  model = nn.Sequential([ftn.Dense(8, b_std=0.3), ftn.LayerNorm(),
-                         ftn.Relu(), ftn.Dense(2)])
-  k = ft.kernel_fn(model)(jnp.asarray(X1, dtype), jnp.asarray(X2, dtype),
-                          "ntk")
-  assert k.dtype == dtype
-  k64 = ft.kernel_fn(model)(X1, X2, "ntk")
-  np.testing.assert_allclose(k, k64, rtol=1e-5 if dtype == jnp.float32
-                             else 1e-14)
-
-
-def test_errors():
-  with pytest.raises(ValueError, match="channel axis"):
-    ft.kernel_fn(nn.Sequential([ftn.Dense(4), ftn.LayerNorm(axis=1)]))(XS1)
-  with pytest.raises(ValueError, match="non-Gaussian"):
-    ft.kernel_fn(nn.Sequential([ftn.Dense(4), ftn.Relu(),
-                                ftn.LayerNorm()]))(X1)
-  with pytest.raises(ValueError, match="raw inputs"):
-    ft.kernel_fn(ftn.LayerNorm())(X1)
-  with pytest.raises(ValueError, match="not Gaussian"):
-    # A nonlinearity right after a trainable scale would need E[f'f' u v].
-    ft.kernel_fn(nn.Sequential([ftn.Dense(4), nn.LayerNorm(),
-                                ftn.Relu()]))(X1)
-  ft.kernel_fn(nn.Sequential([ftn.Dense(4), nn.LayerNorm(use_scale=False),
-                              ftn.Relu()]))(X1)  # fine without the scale
-  with pytest.raises(NotImplementedError, match="scale_init"):
-    ft.kernel_fn(nn.Sequential([
-        ftn.Dense(4), nn.LayerNorm(scale_init=nn.initializers.zeros)]))(X1)
-  with pytest.raises(NotImplementedError, match="feature_axes"):
-    ft.kernel_fn(nn.Sequential([
-        ftn.Dense(4), nn.LayerNorm(reduction_axes=(1, 2),
-                                   feature_axes=(1, 2))]))(XS1)
+  # compared.
+  monte_carlo_cases = [
+      MonteCarloCase(name, lambda name=name: MODELS[name](512), X1, X2, 48,
+                     bias=4 / 512, seed=4, kwargs=dict(batch_size=16))
+      for name in sorted(MODELS)] + [
+          MonteCarloCase("spatial_axes", lambda: nn.Sequential([
+              ftn.Dense(512, b_std=0.3), ftn.LayerNorm(axis=(1, 2)),
+              ftn.Dense(3)]), XS1, XS2, 48, bias=4 / 512, seed=5,
+                         kwargs=dict(batch_size=16))]
+  dtype_cases = [DtypeCase("dense_norm_relu", nn.Sequential([
+      ftn.Dense(8, b_std=0.3), ftn.LayerNorm(), ftn.Relu(), ftn.Dense(2)]),
+                           X1, X2, get=("ntk",), rtol64=1e-14, jit=False)]
+  raises_cases = [
+      _raises("channel_axis", [ftn.Dense(4), ftn.LayerNorm(axis=1)], XS1,
+              "channel axis"),
+      _raises("non_gaussian", [ftn.Dense(4), ftn.Relu(), ftn.LayerNorm()],
+              X1, "non-Gaussian"),
+      _raises("raw_inputs", ftn.LayerNorm(), X1, "raw inputs"),
+      # A nonlinearity right after a trainable scale would need E[f'f' u v].
+      _raises("scale_then_nonlinearity", [ftn.Dense(4), nn.LayerNorm(),
+                                          ftn.Relu()], X1, "not Gaussian"),
+      _raises("scale_init", [ftn.Dense(4), nn.LayerNorm(
+          scale_init=nn.initializers.zeros)], X1, "scale_init",
+              NotImplementedError),
+      _raises("feature_axes", [ftn.Dense(4), nn.LayerNorm(
+          reduction_axes=(1, 2), feature_axes=(1, 2))], XS1, "feature_axes",
+              NotImplementedError)]

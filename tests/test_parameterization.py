@@ -9,12 +9,13 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close, sample_kernels
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 RNG = np.random.RandomState(2)
 X1, X2 = RNG.randn(3, 5), RNG.randn(2, 5)
 IMAGES1, IMAGES2 = RNG.randn(2, 4, 3), RNG.randn(2, 4, 3)
-_MC_KEY = jax.random.key(7, impl="rbg")
 
 
 def test_dense_s_closed_form():
@@ -33,45 +34,42 @@ def test_dense_s_closed_form():
     assert variables["params"]["kernel"].shape == (5, 4 * s[1])
 
 
-@pytest.mark.parametrize("name", ["dense", "conv"])
-def test_monte_carlo_with_width_scales(name):
+_STD = dict(parameterization="standard")
+WIDTH_SCALE_ERRORS = [
+    ("dense_ntk", ftn.Dense(2, s=(2, 1)),
+     "applies only to parameterization='standard'"),
+    ("conv_ntk", ftn.Conv(2, (2,), s=(1, 2)), "applies only"),
+    ("zero", ftn.Dense(2, s=(0, 1), **_STD), "positive"),
+    ("float", ftn.Dense(2, s=(1.5, 1), **_STD), "integers"),
+    ("scalar", ftn.Dense(2, s=3, **_STD), "two positive"),
+    ("unknown", ftn.Dense(2, parameterization="mup"), "not one of"),
+]
+
+
+class TestWidthScales(LayerRuleTest):
   # One nonlinearity with linear layers above it: per-network estimates are
   # unbiased at any width; 5 standard errors of 32 networks.
-  std = dict(parameterization="standard")
-  if name == "dense":
-    model = nn.Sequential([
-        ftn.Dense(64, W_std=1.3, b_std=0.2, s=(1, 4), **std), ftn.Relu(),
-        ftn.Dense(2, W_std=0.9, b_std=0.1, s=(4, 1), **std)])
-    x1, x2 = X1, X2
-  else:
-    model = nn.Sequential([
-        ftn.Conv(32, (2,), padding="SAME", W_std=1.2, b_std=0.1, s=(1, 2),
-                 **std), ftn.Relu(),
-        ftn.ConvTranspose(16, (2,), strides=(2,), padding="SAME", s=(2, 2),
-                          **std),
-        ftn.ConvLocal(16, (3,), padding="VALID", b_std=0.2, s=(2, 3),
-                      **std),
-        ftn.GlobalAvgPool(), ftn.Dense(2, s=(3, 1), **std)])
-    x1, x2 = IMAGES1, IMAGES2
-  nngp, ntk = sample_kernels(model, x1, x2, _MC_KEY, 32)
-  expected = ft.kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  assert_mc_close(nngp, expected.nngp)
-  assert_mc_close(ntk, expected.ntk)
-
-
-@pytest.mark.parametrize("layer,match", [
-    (ftn.Dense(2, s=(2, 1)), "applies only to parameterization='standard'"),
-    (ftn.Conv(2, (2,), s=(1, 2)), "applies only"),
-    (ftn.Dense(2, parameterization="standard", s=(0, 1)), "positive"),
-    (ftn.Dense(2, parameterization="standard", s=(1.5, 1)), "integers"),
-    (ftn.Dense(2, parameterization="standard", s=3), "two positive"),
-    (ftn.Dense(2, parameterization="mup"), "not one of"),
-])
-def test_width_scale_errors(layer, match):
-  with pytest.raises(ValueError, match=match):
-    ft.kernel_fn(layer)(IMAGES1)
-  with pytest.raises(ValueError, match=match):
-    layer.init(jax.random.key(0), IMAGES1)
+  monte_carlo_cases = [
+      MonteCarloCase("dense", lambda: nn.Sequential([
+          ftn.Dense(64, W_std=1.3, b_std=0.2, s=(1, 4), **_STD), ftn.Relu(),
+          ftn.Dense(2, W_std=0.9, b_std=0.1, s=(4, 1), **_STD)]), X1, X2, 32,
+                     seed=7, impl="rbg"),
+      MonteCarloCase("conv", lambda: nn.Sequential([
+          ftn.Conv(32, (2,), padding="SAME", W_std=1.2, b_std=0.1, s=(1, 2),
+                   **_STD), ftn.Relu(),
+          ftn.ConvTranspose(16, (2,), strides=(2,), padding="SAME", s=(2, 2),
+                            **_STD),
+          ftn.ConvLocal(16, (3,), padding="VALID", b_std=0.2, s=(2, 3),
+                        **_STD),
+          ftn.GlobalAvgPool(), ftn.Dense(2, s=(3, 1), **_STD)]),
+                     IMAGES1, IMAGES2, 32, seed=7, impl="rbg")]
+  raises_cases = [
+      RaisesCase(f"{name}_{where}", call, match)
+      for name, layer, match in WIDTH_SCALE_ERRORS
+      for where, call in (
+          ("kernel_fn", lambda layer=layer: ft.kernel_fn(layer)(IMAGES1)),
+          ("init", lambda layer=layer: layer.init(jax.random.key(0),
+                                                  IMAGES1)))]
 
 
 @pytest.mark.parametrize("layer", [ftn.Relu, lambda **kw: ftn.ABRelu(

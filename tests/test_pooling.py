@@ -1,28 +1,19 @@
 """Pooling: Monte Carlo limits, closed forms, requirement pass, errors."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from exact_utils import exact_ntk
-from mc_utils import assert_mc_close, sample_kernels
-
-
-def _inputs(shape, n1=2, n2=2, channels=2):
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return (jax.random.normal(k1, (n1,) + shape + (channels,)),
-          jax.random.normal(k2, (n2,) + shape + (channels,)))
-
-
-def _kernel_fn(model):
-  """`ft.kernel_fn(model)`, jitted: one compilation instead of many eager
-  ones (the eager path is exercised by the other test files)."""
-  return jax.jit(ft.kernel_fn(model), static_argnames="get")
-
+from testing import DtypeCase
+from testing import ExactCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
+from testing import jit_kernel_fn as _kernel_fn
+from testing import make_inputs as _inputs
 
 # Exact: a convolution followed by pooling is linear in its parameters, so
 # its tangent kernel is the same for every draw and equals the analytic
@@ -40,16 +31,10 @@ GEOMETRY = [
 ]
 
 
-@pytest.mark.parametrize("pool,shape", GEOMETRY)
-def test_conv_then_pool_is_exact(pool, shape):
-  x1, x2 = _inputs(shape)
-  n = len(shape)
-  model = nn.Sequential([ftn.Conv(3, (2,) * n, padding="SAME", W_std=1.3,
-                                  b_std=0.2), pool])
-  k = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  np.testing.assert_allclose(k.ntk, exact_ntk(model, x1, x2), rtol=1e-10,
-                             atol=1e-12)
-  np.testing.assert_allclose(k.nngp, k.ntk, rtol=1e-12)
+def _exact_case(i, pool, shape):
+  model = nn.Sequential([ftn.Conv(3, (2,) * len(shape), padding="SAME",
+                                  W_std=1.3, b_std=0.2), pool])
+  return ExactCase(f"{i}-{type(pool).__name__}", model, *_inputs(shape))
 
 
 # Monte Carlo: Conv(64) -> Relu -> pools -> Conv -> global pool -> Dense has
@@ -61,20 +46,12 @@ def test_conv_then_pool_is_exact(pool, shape):
 
 # The "rbg" generator compiles several times faster than threefry inside
 # `model.init`, which dominates the cost of sampling networks.
-_MC_KEY = jax.random.key(1, impl="rbg")
-
-
-def test_monte_carlo():
-  x1, x2 = _inputs((4, 4))
-  model = nn.Sequential([
+def _mc_model():
+  return nn.Sequential([
       ftn.Conv(64, (2, 2), padding="SAME", W_std=1.3, b_std=0.2),
       ftn.Relu(), ftn.AvgPool((2, 2), padding="SAME", normalize_edges=True),
       ftn.SumPool((2, 2), strides=(2, 2)), ftn.Conv(8, (1, 1), b_std=0.1),
       ftn.GlobalAvgPool(), ftn.Dense(4)])
-  nngp, ntk = sample_kernels(model, x1, x2, _MC_KEY, 32)
-  expected = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  assert_mc_close(nngp, expected.nngp)
-  assert_mc_close(ntk, expected.ntk)
 
 
 # Closed forms.
@@ -136,24 +113,22 @@ def test_pooling_keeps_full_covariances_below():
   assert not k.diagonal_spatial  # AvgPool mixes locations.
 
 
-def test_pool_refuses_diagonal_kernel():
-  x1, x2 = _inputs((4, 4))
-  k = ft.Kernel.from_inputs(x1, x2, diagonal_spatial=True)
-  with pytest.raises(ValueError, match="full spatial covariances"):
-    ft.kernel_fn(ftn.AvgPool((2, 2)))(k)
+def _refuse_diagonal():
+  k = ft.Kernel.from_inputs(*_inputs((4, 4)), diagonal_spatial=True)
+  return ft.kernel_fn(ftn.AvgPool((2, 2)))(k)
 
 
-def test_pool_window_rank_mismatch():
-  x1, x2 = _inputs((4, 4))
-  with pytest.raises(ValueError, match="window_shape"):
-    ft.kernel_fn(ftn.SumPool((2,)))(x1, x2)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  x1, x2 = _inputs((4, 4))
-  model = nn.Sequential([ftn.Conv(4, (2, 2), padding="SAME"), ftn.Relu(),
-                         ftn.SumPool((2, 2), padding="CIRCULAR"),
-                         ftn.GlobalAvgPool(), ftn.Dense(1)])
-  nngp = _kernel_fn(model)(x1.astype(dtype), x2.astype(dtype), "nngp")
-  assert nngp.dtype == dtype
+class TestPooling(LayerRuleTest):
+  exact_cases = [_exact_case(i, *row) for i, row in enumerate(GEOMETRY)]
+  monte_carlo_cases = [MonteCarloCase(
+      "conv_relu_pools", _mc_model, *_inputs((4, 4)), 32, seed=1,
+      impl="rbg", jit=True)]
+  dtype_cases = [DtypeCase("sum_pool_circular", nn.Sequential([
+      ftn.Conv(4, (2, 2), padding="SAME"), ftn.Relu(),
+      ftn.SumPool((2, 2), padding="CIRCULAR"), ftn.GlobalAvgPool(),
+      ftn.Dense(1)]), *_inputs((4, 4)), get=("nngp",))]
+  raises_cases = [
+      RaisesCase("refuses_diagonal_kernel", _refuse_diagonal,
+                 "full spatial covariances"),
+      RaisesCase("window_rank_mismatch", lambda: ft.kernel_fn(
+          ftn.SumPool((2,)))(*_inputs((4, 4))), "window_shape")]

@@ -2,7 +2,6 @@
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -10,30 +9,23 @@ import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.covariance import spatial_diagonal
-from mc_utils import assert_mc_close, sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
+from testing import assert_trees_close
+from testing import jit_kernel_fn as _kernel_fn
+from testing import make_inputs
 
 FIELDS = ("nngp", "cov1", "cov2")
 
 
-def _kernel_fn(model):
-  """`ft.kernel_fn(model)`, jitted: one compilation instead of many eager
-  ones (each call builds a new function, so nothing is shared between
-  calls that change module-level settings)."""
-  return jax.jit(ft.kernel_fn(model), static_argnames="get")
+def _inputs(spatial, n1=2, n2=3):
+  return make_inputs(spatial, n1=n1, n2=n2)
 
 
-def _inputs(spatial, n1=2, n2=3, channels=2, seed=0):
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  return (jax.random.normal(k1, (n1,) + spatial + (channels,)),
-          jax.random.normal(k2, (n2,) + spatial + (channels,)))
-
-
-def _assert_kernels_close(got, want, fields=FIELDS, rtol=1e-12):
-  assert got.shape1 == want.shape1 and got.shape2 == want.shape2
-  assert got.diagonal_spatial == want.diagonal_spatial
-  for field in fields:
-    np.testing.assert_allclose(getattr(got, field), getattr(want, field),
-                               rtol=rtol, atol=1e-13)
+def _assert_kernels_close(got, want):
+  assert_trees_close(got, want, fields=FIELDS, rtol=1e-12, atol=1e-13)
 
 
 def _full_and_diagonal_paths(fn):
@@ -208,67 +200,40 @@ def test_index_keeps_diagonal_layout_in_kernel_fn():
 
 # The "rbg" generator compiles several times faster than threefry inside
 # `model.init`, which dominates the cost of sampling networks.
-_MC_KEY = jax.random.key(1, impl="rbg")
-
-
-def test_monte_carlo():
-  x1, x2 = _inputs((3, 3), n1=2, n2=2)
-  model = nn.Sequential([
+def _mc_model():
+  return nn.Sequential([
       ftn.Conv(128, (2, 2), padding="SAME", W_std=1.3, b_std=0.2),
       ftn.Relu(), ftn.ImageResize((-1, 5, 4, -1), "linear"),
       ftn.Index(np.s_[:, 1:, ::-1]), ftn.Conv(8, (2, 2), b_std=0.1),
       ftn.GlobalAvgPool(), ftn.Dense(4)])
-  nngp, ntk = sample_kernels(model, x1, x2, _MC_KEY, 32)
-  expected = _kernel_fn(model)(x1, x2, ("nngp", "ntk"))
-  assert_mc_close(nngp, expected.nngp)
-  assert_mc_close(ntk, expected.ntk)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
+def _raises(name, layer, match):
   x1, x2 = _inputs((3, 4))
-  model = nn.Sequential([ftn.Conv(4, (2, 2), padding="SAME", b_std=0.1),
-                         ftn.Relu(), ftn.ImageResize((-1, 6, 3, -1), "linear"),
-                         ftn.Index(np.s_[:, 1:, 0]), ftn.GlobalAvgPool(),
-                         ftn.Dense(1)])
-  k = _kernel_fn(model)(
-      x1.astype(dtype), x2.astype(dtype), ("nngp", "ntk"))
-  assert k.nngp.dtype == dtype and k.ntk.dtype == dtype
-  k64 = _kernel_fn(model)(
-      x1, x2, ("nngp", "ntk"))
-  rtol = 1e-5 if dtype == jnp.float32 else 1e-12
-  np.testing.assert_allclose(k.nngp, k64.nngp, rtol=rtol)
-  np.testing.assert_allclose(k.ntk, k64.ntk, rtol=rtol)
-  variables = jax.eval_shape(model.init, jax.random.key(0), x1.astype(dtype))
-  assert jax.eval_shape(model.apply, variables,
-                        x1.astype(dtype)).dtype == dtype
+  return RaisesCase(name, lambda: _kernel_fn(layer)(x1, x2), match)
 
 
-# Errors.
-
-@pytest.mark.parametrize("shape,match", [
-    ((-1, 5, -1), "entries"),
-    ((-1, 5, 5, 3), "channel"),
-    ((-1, 0, 5, -1), "positive"),
-])
-def test_resize_errors(shape, match):
-  x1, x2 = _inputs((3, 4))
-  with pytest.raises(ValueError, match=match):
-    _kernel_fn(ftn.ImageResize(shape, "linear"))(x1, x2)
-
-
-@pytest.mark.parametrize("idx,match", [
-    (np.s_[0], "batch"),
-    (np.s_[:, :, :, 1:], "channel"),
-    (np.s_[..., 0], "channel"),
-    (np.s_[:, 4], "out of range"),
-    (np.s_[:, 3:1], "no location"),
-    (np.s_[:, None], "only ints, slices"),
-    (np.s_[:, [0, 1]], "only ints, slices"),
-    (np.s_[..., 1, ...], "more than one"),
-    (np.s_[:, 1, 1, 1, 1], "entries"),
-])
-def test_index_errors(idx, match):
-  x1, x2 = _inputs((3, 4))
-  with pytest.raises(ValueError, match=match):
-    _kernel_fn(ftn.Index(idx))(x1, x2)
+class TestShape(LayerRuleTest):
+  monte_carlo_cases = [MonteCarloCase(
+      "conv_resize_index", _mc_model, *_inputs((3, 3), n2=2), 32, seed=1,
+      impl="rbg", jit=True)]
+  dtype_cases = [DtypeCase("resize_index", nn.Sequential([
+      ftn.Conv(4, (2, 2), padding="SAME", b_std=0.1), ftn.Relu(),
+      ftn.ImageResize((-1, 6, 3, -1), "linear"), ftn.Index(np.s_[:, 1:, 0]),
+      ftn.GlobalAvgPool(), ftn.Dense(1)]), *_inputs((3, 4)))]
+  raises_cases = [_raises(f"resize_{match}", ftn.ImageResize(shape, "linear"),
+                          match) for shape, match in [
+                              ((-1, 5, -1), "entries"),
+                              ((-1, 5, 5, 3), "channel"),
+                              ((-1, 0, 5, -1), "positive")]] + [
+      _raises(f"index_{i}_{match}", ftn.Index(idx), match)
+      for i, (idx, match) in enumerate([
+          (np.s_[0], "batch"),
+          (np.s_[:, :, :, 1:], "channel"),
+          (np.s_[..., 0], "channel"),
+          (np.s_[:, 4], "out of range"),
+          (np.s_[:, 3:1], "no location"),
+          (np.s_[:, None], "only ints, slices"),
+          (np.s_[:, [0, 1]], "only ints, slices"),
+          (np.s_[..., 1, ...], "more than one"),
+          (np.s_[:, 1, 1, 1, 1], "entries")])]
