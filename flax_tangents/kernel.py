@@ -1,4 +1,4 @@
-"""The `Kernel`: covariances of a layer's outputs in the infinite-width limit."""
+"""The `Kernel`: covariances of a layer's outputs at infinite width."""
 
 from __future__ import annotations
 

@@ -16,8 +16,7 @@ mask functions) have no counterpart, a Linen module being the layer.
 
 from __future__ import annotations
 
-from typing import (Any, Generator, Optional, Protocol, Sequence, TypeVar,
-                    Union)
+from typing import Any, Generator, Optional, Protocol, Sequence, TypeVar, Union
 
 import jax
 

@@ -16,8 +16,8 @@ Module constants describe the cases:
 from typing import Any, NamedTuple
 import zlib
 
-import flax.linen as nn
 from flax import nnx
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 

@@ -10,7 +10,8 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import combinators
-from mc_utils import assert_mc_close, sample_kernels
+from mc_utils import assert_mc_close
+from mc_utils import sample_kernels
 
 RNG = np.random.RandomState(1)
 X1, X2 = RNG.randn(4, 3, 5, 2), RNG.randn(3, 3, 5, 2)   # (N, H, W, C)

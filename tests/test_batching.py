@@ -36,7 +36,8 @@ def input_kernel(diagonal_spatial):
   def kernel_fn(x1, x2=None, get=None):
     kernel = ft.Kernel.from_inputs(x1, x2, diagonal_spatial=diagonal_spatial)
     if diagonal_spatial:  # Make the spatial axes distinguishable.
-      kernel = kernel.replace(nngp=kernel.nngp * (1. + jnp.arange(3.)).reshape(1, 1, 1, 3))
+      scale = (1. + jnp.arange(3.)).reshape(1, 1, 1, 3)
+      kernel = kernel.replace(nngp=kernel.nngp * scale)
     return kernel if get is None else getattr(kernel, get)
   return kernel_fn
 

@@ -16,10 +16,10 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from flax_tangents.batching import (CheckpointInUseError,
-                                    CheckpointMismatchError,
-                                    CheckpointWriteError)
 from flax_tangents._src.scale import tile_files
+from flax_tangents.batching import CheckpointInUseError
+from flax_tangents.batching import CheckpointMismatchError
+from flax_tangents.batching import CheckpointWriteError
 
 X = np.random.RandomState(0).randn(10, 3)
 N_TILES = 10  # x2=None, 4 row blocks of 3: 4 diagonal + 6 off-diagonal tiles

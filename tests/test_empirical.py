@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-from empirical_reference import full_ntk, nt_layout
-from empirical_zoo import CASES, VMAP_SAFE, make_case
+from empirical_reference import full_ntk
+from empirical_reference import nt_layout
+from empirical_zoo import CASES
+from empirical_zoo import VMAP_SAFE
+from empirical_zoo import make_case
 
 Impl = ft.NtkImplementation
 

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-from golden_models import build_model, load_cases, load_golden
+from golden_models import build_model
+from golden_models import load_cases
+from golden_models import load_golden
 
 CASES = load_cases()
 

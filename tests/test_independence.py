@@ -25,7 +25,11 @@ from flax_tangents._src.empirical import independence
 from flax_tangents._src.empirical import jacobian_contraction
 import empirical_reference
 import flax_example_zoo
-from test_empirical import ALGORITHMS, case, full_ntk, nt_layout, reference
+from test_empirical import ALGORITHMS
+from test_empirical import case
+from test_empirical import full_ntk
+from test_empirical import nt_layout
+from test_empirical import reference
 
 _KEY = jax.random.PRNGKey(0)
 

@@ -14,7 +14,8 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close, sample_kernels
+from mc_utils import assert_mc_close
+from mc_utils import sample_kernels
 
 RS = np.random.RandomState(0)
 X1, X2 = RS.randn(3, 4), RS.randn(2, 4)

@@ -20,9 +20,11 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic.lifting.activations import (
-    LiftedQuadratureWarning)
+  LiftedQuadratureWarning,
+)
 from mc_nngp_utils import sample_nngp
-from mc_utils import assert_mc_close, sample_kernels
+from mc_utils import assert_mc_close
+from mc_utils import sample_kernels
 
 RS = np.random.RandomState(7)
 IMG1, IMG2 = RS.randn(2, 4, 3, 2), RS.randn(2, 4, 3, 2)

@@ -14,7 +14,8 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close, sample_kernels_projected
+from mc_utils import assert_mc_close
+from mc_utils import sample_kernels_projected
 
 RNG = np.random.RandomState(0)
 SEQ1, SEQ2 = RNG.randn(3, 5, 2), RNG.randn(2, 5, 2)

@@ -8,12 +8,12 @@ only, flattened and contracted with `np.einsum`; and the pure-function recipe
 
 import functools
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import flax_tangents as ft
 from flax_tangents.batching import CheckpointMismatchError

@@ -3,13 +3,13 @@
 import collections
 import warnings
 
-from golden_models import load_golden
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import flax_tangents as ft
+from golden_models import load_golden
 
 predict = ft.predict
 NngpNtk = collections.namedtuple("NngpNtk", "nngp ntk")
@@ -189,7 +189,8 @@ def test_ensemble_limits_and_train_set(golden):
     assert_close(getattr(late, g_).covariance, getattr(inf, g_).covariance,
                  rtol=1e-5)
   train = predict_fn(np.array([0., 1e9]), None, "ntk", compute_cov=True)
-  assert train.mean.shape == (2, 12, 3) and train.covariance.shape == (2, 12, 12)
+  assert train.mean.shape == (2, 12, 3)
+  assert train.covariance.shape == (2, 12, 12)
   np.testing.assert_allclose(train.mean[0], 0.)
   assert_close(train.mean[1], g["y_train"], rtol=1e-4)
   # At t=0 the covariance is the prior's.

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-from architecture_generator import (DEFECTS, invalid_network, linear_network,
-                                    valid_network)
-from mc_utils import assert_mc_close, sample_kernels_projected
+from architecture_generator import DEFECTS
+from architecture_generator import invalid_network
+from architecture_generator import linear_network
+from architecture_generator import valid_network
+from mc_utils import assert_mc_close
+from mc_utils import sample_kernels_projected
 
 # Sizes chosen for CI (about 3 s of compilation per valid network).
 N_VALID = 24

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_tangents._src.empirical import jacobian_contraction
 from flax_tangents._src.empirical import arguments
-from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import jacobian_contraction
+from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.structured import ntk as structured_ntk
 import empirical_zoo as zoo
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.structured import interpreter
 from flax_tangents._src.empirical.structured import planner
 

@@ -186,8 +186,10 @@ def supports_masking(
   ...     return 2 * x
   >>> x = jnp.array([[[1.], [2.], [-9.]]])   # the last location is padding
   >>> y = Scale().apply({}, ft.MaskedArray.from_mask_constant(x, -9.))
-  >>> y.unmask()[0, :, 0], y.mask[0, :, 0]
-  (Array([2., 4., 0.], dtype=float...), Array([False, False,  True], dtype=bool))
+  >>> y.unmask()[0, :, 0]
+  Array([2., 4., 0.], dtype=float...)
+  >>> y.mask[0, :, 0]
+  Array([False, False,  True], dtype=bool)
   """
 
   def decorate(call):

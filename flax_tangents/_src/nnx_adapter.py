@@ -27,9 +27,9 @@ functions, `variables` of `ft.train.fit`):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import sys
-from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import jax

@@ -5,7 +5,11 @@ finite network) and `ft.kernel_fn` uses its rule for the infinite-width limit.
 Importing this package also registers rules for stock `flax.linen` modules.
 """
 
-from flax_tangents.nn import stock as _stock  # registers stock rules
+from flax_tangents._src.analytic.enums import AggregateImplementation
+from flax_tangents._src.analytic.enums import AttentionMechanism
+from flax_tangents._src.analytic.enums import Padding
+from flax_tangents._src.analytic.enums import PositionalEmbedding
+from flax_tangents.nn import stock as _stock  # noqa: F401 (registers rules)
 from flax_tangents.nn.activations import Erf
 from flax_tangents.nn.activations import Exp
 from flax_tangents.nn.activations import ExpNormalized
@@ -17,10 +21,6 @@ from flax_tangents.nn.activations_trig import Cos
 from flax_tangents.nn.activations_trig import Gabor
 from flax_tangents.nn.activations_trig import Rbf
 from flax_tangents.nn.activations_trig import Sin
-from flax_tangents._src.analytic.enums import AggregateImplementation
-from flax_tangents._src.analytic.enums import AttentionMechanism
-from flax_tangents._src.analytic.enums import Padding
-from flax_tangents._src.analytic.enums import PositionalEmbedding
 from flax_tangents.nn.attention import GlobalSelfAttention
 from flax_tangents.nn.combinators import FanInConcat
 from flax_tangents.nn.combinators import FanInProd

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import positional
 from flax_tangents._src.analytic.attention import ATTENTION_MECHANISMS
-from flax_tangents._src.analytic.attention import flat_key_mask
 from flax_tangents._src.analytic.attention import attention_fn
 from flax_tangents._src.analytic.attention import attention_kernel
+from flax_tangents._src.analytic.attention import flat_key_mask
 from flax_tangents._src.analytic.attention import mask_keys
 from flax_tangents._src.analytic.enums import AttentionMechanism
 from flax_tangents._src.analytic.enums import PositionalEmbedding
@@ -85,10 +85,10 @@ class GlobalSelfAttention(nn.Module):
   above then counts the embedding channels. The layer is thus tied to the
   spatial shape seen at `init`.
 
-  Inputs may be masked arrays (`ft.MaskedArray`, padding, e.g. of variable-length
-  sequences): padded keys get no attention weight, padded locations no
-  embedding, and a location of the output is padding iff all channels of
-  the input location were.
+  Inputs may be masked arrays (`ft.MaskedArray`: padding, e.g. of
+  variable-length sequences): padded keys get no attention weight, padded
+  locations no embedding, and a location of the output is padding iff all
+  channels of the input location were.
 
   The kernel is the limit of infinitely many heads and key, value and
   output channels (Hron et al., 2020, "Infinite attention"). It needs full

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic.gaussian_quadrature import (
-    gauss_hermite_expectation)
+  gauss_hermite_expectation,
+)
 from flax_tangents.nn.elementwise import ElementwiseBase
 
 __all__ = ["ElementwiseNumerical"]

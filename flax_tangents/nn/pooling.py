@@ -120,7 +120,8 @@ class AvgPool(_Pool):
 
   >>> import jax.numpy as jnp
   >>> from flax_tangents import nn as ftn
-  >>> ftn.AvgPool((2, 2), strides=(2, 2)).apply({}, jnp.ones((1, 4, 4, 3))).shape
+  >>> pool = ftn.AvgPool((2, 2), strides=(2, 2))
+  >>> pool.apply({}, jnp.ones((1, 4, 4, 3))).shape
   (1, 2, 2, 3)
   """
 

@@ -25,13 +25,13 @@ import jax
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.affine import affine_kernel
-from flax_tangents._src.analytic.lifting.initializers import entry_variance
 from flax_tangents._src.analytic.lifting import paths
+from flax_tangents._src.analytic.lifting.initializers import entry_variance
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
-from flax_tangents.nn.dropout import dropout_rule
 from flax_tangents.nn import stock_attention as _stock_attention  # noqa: F401
 from flax_tangents.nn import stock_normalization as _stock_norm  # noqa: F401
+from flax_tangents.nn.dropout import dropout_rule
 
 __all__: list[str] = []
 

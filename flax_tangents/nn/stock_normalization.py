@@ -13,9 +13,9 @@ from typing import Any, Optional
 import flax.linen as nn
 import numpy as np
 
+from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting.initializers import InitializerError
 from flax_tangents._src.analytic.lifting.initializers import entry_variance
-from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.registry import register_kernel_rule
 from flax_tangents.kernel import Kernel
 from flax_tangents.nn.normalization import layer_norm_kernel

@@ -106,7 +106,8 @@ def dot_layout(n_x: int, n_other: int, is_lhs: bool,
   except (TypeError, ValueError):
     raise ValueError(
         f"DotGeneral: dimension_numbers={dimension_numbers!r} must be "
-        "((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch)).") from None
+        "((lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch))."
+    ) from None
   if is_lhs:
     o_c, x_c, o_b, x_b = lhs_c, rhs_c, lhs_b, rhs_b
   else:

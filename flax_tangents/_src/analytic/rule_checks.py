@@ -163,6 +163,7 @@ def check_rule_output(rule: Callable[..., Any], module: Any,
     return
   name = getattr(rule, "__qualname__", repr(rule))
   where = f"The kernel rule {name} of {type(module).__name__}"
-  for kernel in jax.tree.leaves(output, is_leaf=lambda x: isinstance(x, Kernel)):
+  is_kernel = lambda x: isinstance(x, Kernel)
+  for kernel in jax.tree.leaves(output, is_leaf=is_kernel):
     if isinstance(kernel, Kernel):
       _check_kernel(kernel, where)

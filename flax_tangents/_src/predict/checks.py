@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from typing import Any, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp

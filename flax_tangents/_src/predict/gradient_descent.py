@@ -30,7 +30,7 @@ Axes = linalg.Axes
 
 
 class PredictFn(Protocol):
-  """`predict_fn(t, fx_train_0, fx_test_0, k_test_train)` of `gradient_descent_mse`."""
+  """`predict_fn(t, fx_train_0, fx_test_0, k_test_train)`: see the factory."""
 
   def __call__(
       self,

@@ -41,7 +41,8 @@ class Gaussian(NamedTuple):
   covariance: jax.Array
 
 
-def _canonicalize_get(get: Get, allowed: Sequence[str]) -> tuple[bool, tuple[str, ...]]:
+def _canonicalize_get(get: Get, allowed: Sequence[str]
+                      ) -> tuple[bool, tuple[str, ...]]:
   """`(whether one string was given, the requested kernels in order)`."""
   if get is None:
     get = ("nngp", "ntk")
@@ -468,7 +469,7 @@ def gradient_descent_mse_ensemble(
   def predict_fn(t: Any = None, x_test: Optional[jax.typing.ArrayLike] = None,
                  get: Get = None, compute_cov: bool = False,
                  **kernel_fn_test_test_kwargs):
-    """Mean [and covariance] at times `t`; see `gradient_descent_mse_ensemble`."""
+    """Mean [and covariance] at times `t`; see the factory."""
     single, gets = _canonicalize_get(get, ("nngp", "ntk"))
     checks.check_times(t)
     # The NTK covariance also needs the NNGP (the covariance at init).

@@ -117,11 +117,13 @@ def conjugate_gradients(
     if true_relative <= tol:
       return state.x, state, true_relative
     if state.iteration >= maxiter or state.restarts >= _MAX_RESTARTS:
+      updated = (f" (the updated residual was {relative:.3g})"
+                 if relative < tol else "")
       raise ConvergenceError(
           f"Conjugate gradients on {what} reached a relative residual of "
           f"{true_relative:.3g} after {state.iteration} iterations "
           f"({state.restarts} restarts), not the tolerance {tol:g}"
-          f"{' (the updated residual was ' + format(relative, '.3g') + ')' if relative < tol else ''}. "
+          f"{updated}. "
           "Raise maxiter, raise diag_reg (better conditioning), use a "
           "larger preconditioner rank, or, in float32, a larger tol (its "
           "attainable residual is about eps times the condition number) "

@@ -50,7 +50,7 @@ def canonicalize_axes(axes: Axes, ndim: int) -> tuple[int, ...]:
 
 
 def to_matrix(kernel: jax.Array) -> jax.Array:
-  """Flattens a zipped kernel `(a1, b1, a2, b2, ...)` to `(a1*a2*.., b1*b2*..)`."""
+  """Flattens a zipped kernel `(a1, b1, a2, ...)` to `(a1*a2*.., b1*b2*..)`."""
   kernel = jnp.asarray(kernel)
   n = kernel.ndim
   if n % 2:
@@ -149,7 +149,7 @@ class OutputLayout:
 
 
 def compute_dtype(*arrays: Any) -> jnp.dtype:
-  """float64 where enabled (whatever the inputs), else the inputs' float type."""
+  """float64 where enabled (whatever the inputs), else the inputs' float."""
   dtype = jnp.result_type(*[a for a in arrays if a is not None], float)
   return jnp.promote_types(dtype, jax.dtypes.canonicalize_dtype(jnp.float64))
 

@@ -123,7 +123,7 @@ def _change(old: Any, new: Any) -> float:
 
 def check_feasible(slow: float, fast: float,
                    damping: Optional[float]) -> None:
-  """Raises `ConvergenceError` when the limit is out of an ODE solver's reach."""
+  """Raises `ConvergenceError` when the limit is beyond an ODE solver."""
   if damping is not None and damping <= 0:
     raise ConvergenceError(
         "gradient_descent(..., momentum>=1)(t=None): with momentum >= 1 the "

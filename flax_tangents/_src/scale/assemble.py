@@ -23,7 +23,10 @@ from jax.sharding import Mesh
 import numpy as np
 
 from flax_tangents._src.scale import devices
-from flax_tangents._src.scale.tile_outputs import COL, OutputTemplate, PAIR, ROW
+from flax_tangents._src.scale.tile_outputs import COL
+from flax_tangents._src.scale.tile_outputs import OutputTemplate
+from flax_tangents._src.scale.tile_outputs import PAIR
+from flax_tangents._src.scale.tile_outputs import ROW
 from flax_tangents._src.scale.tile_plan import TilePlan
 
 __all__ = ["DeviceAssembler", "HostAssembler", "leaf_name"]

@@ -22,20 +22,24 @@ import functools
 from typing import Any, Callable, Optional
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec
 import numpy as np
 
-from flax_tangents.kernel import Kernel
 from flax_tangents._src.scale import assemble
 from flax_tangents._src.scale import devices
 from flax_tangents._src.scale import fingerprint as fingerprint_lib
 from flax_tangents._src.scale import progress as progress_lib
 from flax_tangents._src.scale import tile_checkpoint
 from flax_tangents._src.scale import tile_outputs
-from flax_tangents._src.scale.tile_plan import DIAG, FULL, OFFDIAG
+from flax_tangents._src.scale.tile_plan import DIAG
+from flax_tangents._src.scale.tile_plan import FULL
+from flax_tangents._src.scale.tile_plan import OFFDIAG
 from flax_tangents._src.scale.tile_plan import TilePlan
-from flax_tangents._src.scale.tile_plan import leading_size, pad_rows
+from flax_tangents._src.scale.tile_plan import leading_size
+from flax_tangents._src.scale.tile_plan import pad_rows
 from flax_tangents._src.scale.tile_plan import tile_rows
+from flax_tangents.kernel import Kernel
 
 __all__ = ["BatchedKernelFn"]
 

@@ -20,7 +20,9 @@ import os
 from typing import Any, Optional, Union
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+from jax.sharding import Sharding
 import numpy as np
 import orbax.checkpoint as ocp
 

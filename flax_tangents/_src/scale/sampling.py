@@ -23,7 +23,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 import numpy as np
 
 from flax_tangents._src.scale import devices
@@ -51,7 +53,8 @@ def canonicalize_n_samples(n_samples: Any) -> tuple[list[int], bool]:
 
 
 def _is_traced(tree: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+  return any(isinstance(leaf, jax.core.Tracer)
+             for leaf in jax.tree.leaves(tree))
 
 
 def _first_example(x: Any) -> Any:

@@ -41,8 +41,8 @@ import queue
 import socket
 import threading
 import time
-import warnings
 from typing import Any, Iterator, Mapping, Optional
+import warnings
 
 import jax
 import numpy as np
@@ -132,12 +132,13 @@ class TileCheckpoint:
       return
     self._unlock()
     if states[0].startswith("in use"):
+      holder = states[0][len("in use"):].strip() or "holder unknown"
       raise CheckpointInUseError(
           f"checkpoint_dir {self.directory!r} is in use by another "
-          f"computation ({states[0][len('in use'):].strip() or 'holder unknown'}"
-          "). Two runs writing one directory would compete for the same "
-          "tiles: wait for the other run to finish (then rerun: finished "
-          "tiles are reused), or give this run its own checkpoint_dir.")
+          f"computation ({holder}). Two runs writing one directory would "
+          "compete for the same tiles: wait for the other run to finish "
+          "(then rerun: finished tiles are reused), or give this run its "
+          "own checkpoint_dir.")
     raise CheckpointWriteError(errno.EACCES, states[0])
 
   def _try_lock(self) -> str:

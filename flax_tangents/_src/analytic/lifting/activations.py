@@ -33,8 +33,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import warnings
 from typing import Callable, Optional
+import warnings
 
 import jax
 import jax.numpy as jnp

@@ -21,8 +21,11 @@ from flax_tangents._src.analytic.lifting import spatial_ops
 from flax_tangents._src.analytic.lifting.interpreter import Interpreter
 from flax_tangents._src.analytic.lifting.interpreter import register
 from flax_tangents._src.analytic.lifting.program import Equation
-from flax_tangents._src.analytic.lifting.values import Const, Elem, Net
-from flax_tangents._src.analytic.lifting.values import Value, uniform_value
+from flax_tangents._src.analytic.lifting.values import Const
+from flax_tangents._src.analytic.lifting.values import Elem
+from flax_tangents._src.analytic.lifting.values import Net
+from flax_tangents._src.analytic.lifting.values import Value
+from flax_tangents._src.analytic.lifting.values import uniform_value
 
 __all__: list[str] = []
 

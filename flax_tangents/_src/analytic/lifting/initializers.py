@@ -15,10 +15,10 @@ import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
 
+from flax.core import meta
+from flax.linen import spmd  # noqa: F401  (with_partitioning lives in core)
 import jax
 import numpy as np
-from flax.linen import spmd  # noqa: F401  (with_partitioning lives in core)
-from flax.core import meta
 
 from flax_tangents._src.analytic.errors import KernelRuleError
 

@@ -30,7 +30,9 @@ from flax_tangents._src.analytic.lifting.errors import source_line
 from flax_tangents._src.analytic.lifting.errors import user_source_line
 from flax_tangents._src.analytic.lifting.program import Equation
 from flax_tangents._src.analytic.lifting.program import Literal
-from flax_tangents._src.analytic.lifting.values import Const, Elem, Net
+from flax_tangents._src.analytic.lifting.values import Const
+from flax_tangents._src.analytic.lifting.values import Elem
+from flax_tangents._src.analytic.lifting.values import Net
 from flax_tangents._src.analytic.lifting.values import Value
 from flax_tangents.kernel import Kernel
 

@@ -14,8 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.analytic.gaussian_quadrature import (
-    standard_normal_rule)
+from flax_tangents._src.analytic.gaussian_quadrature import standard_normal_rule
 
 __all__ = ["difference", "expectation"]
 

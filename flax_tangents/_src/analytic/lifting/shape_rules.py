@@ -22,7 +22,9 @@ from flax_tangents._src.analytic.lifting import spatial_ops
 from flax_tangents._src.analytic.lifting.interpreter import Interpreter
 from flax_tangents._src.analytic.lifting.interpreter import register
 from flax_tangents._src.analytic.lifting.program import Equation
-from flax_tangents._src.analytic.lifting.values import Const, Net, Value
+from flax_tangents._src.analytic.lifting.values import Const
+from flax_tangents._src.analytic.lifting.values import Net
+from flax_tangents._src.analytic.lifting.values import Value
 from flax_tangents._src.analytic.lifting.values import uniform_value
 
 __all__: list[str] = []

@@ -22,8 +22,8 @@ import dataclasses
 import inspect
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 from flax.core.scope import in_filter
+import flax.linen as nn
 import jax
 
 from flax_tangents._src.analytic.errors import KernelRuleError
