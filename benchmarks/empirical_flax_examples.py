@@ -2,7 +2,7 @@
 
 Run: `python benchmarks/empirical_flax_examples.py [--only resnet lm1b ...]
 [--vmap none|0|both] [--repeats 3] [--impls JC NVP SD] [--auto]
-[--explain]`. `--explain --impls` (no implementation) prints only the
+[--explain] [--n 4]`. `--explain --impls` (no implementation) prints only the
 public plan report, `str(ft.empirical_ntk_plan(...))`, of each model.
 
 The models are Flax's `examples/*/models.py` (ResNet of imagenet, the
@@ -105,6 +105,8 @@ def main():
   parser.add_argument("--impls", nargs="*", default=list(IMPLEMENTATIONS))
   parser.add_argument("--auto", action="store_true",
                       help="also time AUTO's first call")
+  parser.add_argument("--n", type=int, default=None,
+                      help="examples in x1 and in x2 (default: the zoo's 8)")
   parser.add_argument("--explain", action="store_true",
                       help="print ft.empirical_ntk_plan's report per model")
   args = parser.parse_args()
@@ -119,6 +121,8 @@ def main():
     header += f"{'AUTO 1st s':>11}{'pick':>5}"
   print(header)
   for name in args.only:
+    if args.n:  # Fewer examples: less memory for the whole-batch Jacobians.
+      zoo._SIZES[name]["bench"]["n"] = (args.n, args.n)  # pylint: disable=protected-access
     ex = zoo.make_case(name, "bench", jnp.float32)
     n_params = sum(l.size for l in jax.tree.leaves(ex.variables["params"]))
     for vmap_axes in settings:
