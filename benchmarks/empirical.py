@@ -86,9 +86,16 @@ def workloads():
   }
 
 
-def seconds(fn, *args, repeats: int) -> float:
-  """Median seconds of `fn(*args)` after one warm-up (compiling) call."""
+def seconds(fn, *args, repeats: int, first: list | None = None
+            ) -> float:
+  """Median seconds of `fn(*args)` after one warm-up (compiling) call.
+
+  The warm-up call's seconds (compile and run) are appended to `first`.
+  """
+  start = time.perf_counter()
   jax.block_until_ready(fn(*args))
+  if first is not None:
+    first.append(time.perf_counter() - start)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -97,8 +104,25 @@ def seconds(fn, *args, repeats: int) -> float:
   return statistics.median(times)
 
 
-def run(repeats: int, vmap_axes, names=()):
-  """`{workload: {implementation: seconds}}` for flax_tangents."""
+def first_call_auto(model, x1, x2, variables, vmap_axes):
+  """`(seconds, pick, reason)` of AUTO's first call, its choice included."""
+  ntk_fn = ft.empirical_ntk_fn(model.apply, trace_axes=(),
+                               vmap_axes=vmap_axes,
+                               implementation=ft.NtkImplementation.AUTO)
+  start = time.perf_counter()
+  jax.block_until_ready(ntk_fn(x1, x2, variables))
+  elapsed = time.perf_counter() - start
+  (choice,) = ntk_fn.auto_selector.choices.values()
+  return elapsed, SHORT_NAMES[choice.implementation], choice.reason
+
+
+def run(repeats: int, vmap_axes, names=(), auto=False):
+  """`{workload: {implementation: seconds}}` for flax_tangents.
+
+  With `auto`, also `'1st ' + implementation`: the first (compiling) call
+  of each, and `'AUTO'`: `first_call_auto`'s result, measured first so that
+  no cache of the other calls helps it.
+  """
   results = {}
   for name, (model, x1, x2) in workloads().items():
     if names and name not in names:
@@ -106,13 +130,31 @@ def run(repeats: int, vmap_axes, names=()):
     variables = model.init(jax.random.PRNGKey(1), x1)
     variables = jax.tree.map(lambda v: v.astype(jnp.float32), variables)
     row = {}
+    if auto:
+      row["AUTO"] = first_call_auto(model, x1, x2, variables, vmap_axes)
     for short, impl in IMPLEMENTATIONS:
       ntk_fn = ft.empirical_ntk_fn(model.apply, trace_axes=(),
                                    vmap_axes=vmap_axes, implementation=impl)
+      first = []
       row[short] = seconds(jax.jit(ntk_fn), x1, x2, variables,
-                           repeats=repeats)
+                           repeats=repeats, first=first)
+      row["1st " + short] = first[0]
     results[name] = row
   return results
+
+
+def print_auto(ours: dict) -> None:
+  """AUTO's first call beside each implementation's first call."""
+  print(f"{'workload':<9}" + "".join(f"{s + ' 1st s':>11}" for s, _ in
+                                     IMPLEMENTATIONS) +
+        f"{'sum 1st s':>11}{'AUTO 1st s':>11}{'pick':>6}"
+        f"{'AUTO/pick 1st':>15}  reason")
+  for name, row in ours.items():
+    auto_s, pick, reason = row["AUTO"]
+    firsts = [row["1st " + s] for s, _ in IMPLEMENTATIONS]
+    print(f"{name:<9}" + "".join(f"{t:>11.3f}" for t in firsts) +
+          f"{sum(firsts):>11.3f}{auto_s:>11.3f}{pick:>6}"
+          f"{auto_s / row['1st ' + pick]:>15.2f}  {reason}", flush=True)
 
 
 def run_nt(python: str, repeats: int, names=()) -> dict:
@@ -139,11 +181,15 @@ def main():
   parser.add_argument("--only", nargs="*", default=())
   parser.add_argument("--nt-python", default=None,
                       help="python of a virtualenv with neural-tangents")
+  parser.add_argument("--auto", action="store_true",
+                      help="also time AUTO's first call (first round)")
   args = parser.parse_args()
   print(f"backend: {jax.default_backend()}, jax {jax.__version__}")
   ours, nt = {}, {}
+  first_round = None
   for _ in range(args.rounds):
-    ours = _best(run(args.repeats, 0, args.only), ours)
+    ours = _best(run(args.repeats, 0, args.only, args.auto), ours)
+    first_round = first_round or ours
     if args.nt_python:
       nt = _best(run_nt(args.nt_python, args.repeats, args.only), nt)
   header = f"{'workload':<9}" + "".join(f"{s + ' s':>10}" for s, _ in
@@ -160,6 +206,8 @@ def main():
       line += "".join(f"{nt[name][s] / row[s]:>12.2f}" for s, _ in
                       IMPLEMENTATIONS)
     print(line, flush=True)
+  if args.auto:
+    print_auto(first_round)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Empirical NTK of Flax's own example models: compile and run seconds.
 
 Run: `python benchmarks/empirical_flax_examples.py [--only resnet lm1b ...]
-[--vmap none|0|both] [--repeats 3] [--auto]`.
+[--vmap none|0|both] [--repeats 3] [--impls JC NVP SD] [--auto]
+[--explain] [--n 4]`. `--explain --impls` (no implementation) prints only the
+public plan report, `str(ft.empirical_ntk_plan(...))`, of each model.
 
 The models are Flax's `examples/*/models.py` (ResNet of imagenet, the
 Transformers of lm1b and wmt, the LSTMs of sst2 and seq2seq, the VAE, the
@@ -85,12 +87,14 @@ def first_call_auto(ex, vmap_axes):
 
 
 def plan_status(ex, vmap_axes):
+  """`(short status, plan)`: `ok`, or fallbacks (`+wb`: whole-batch)."""
   plan = ft.empirical_ntk_plan(ex.f, ex.x1, ex.x2, ex.variables,
                                vmap_axes=vmap_axes, **ex.kwargs)
   if plan.fully_structured:
-    return "ok"
+    return "ok", plan
   return f"{len(plan.fallbacks)}fb" + ("" if plan.vmap_axes_used or
-                                       plan.examples_independent else "+wb")
+                                       plan.examples_independent else
+                                       "+wb"), plan
 
 
 def main():
@@ -101,6 +105,10 @@ def main():
   parser.add_argument("--impls", nargs="*", default=list(IMPLEMENTATIONS))
   parser.add_argument("--auto", action="store_true",
                       help="also time AUTO's first call")
+  parser.add_argument("--n", type=int, default=None,
+                      help="examples in x1 and in x2 (default: the zoo's 8)")
+  parser.add_argument("--explain", action="store_true",
+                      help="print ft.empirical_ntk_plan's report per model")
   args = parser.parse_args()
   settings = {"none": [None], "0": [0], "both": [None, 0]}[args.vmap]
   print(f"backend: {jax.default_backend()}, devices: {len(jax.devices())}, "
@@ -113,13 +121,17 @@ def main():
     header += f"{'AUTO 1st s':>11}{'pick':>5}"
   print(header)
   for name in args.only:
+    if args.n:  # Fewer examples: less memory for the whole-batch Jacobians.
+      zoo._SIZES[name]["bench"]["n"] = (args.n, args.n)  # pylint: disable=protected-access
     ex = zoo.make_case(name, "bench", jnp.float32)
     n_params = sum(l.size for l in jax.tree.leaves(ex.variables["params"]))
     for vmap_axes in settings:
       if vmap_axes is not None and not ex.per_example:
         continue
-      row = (f"{name:<9}{str(vmap_axes):>5}{n_params:>9}"
-             f"{plan_status(ex, vmap_axes):>6}")
+      status, plan = plan_status(ex, vmap_axes)
+      if args.explain:
+        print(f"{name}, vmap_axes={vmap_axes}: {plan}")
+      row = (f"{name:<9}{str(vmap_axes):>5}{n_params:>9}{status:>6}")
       runs = {}
       for short in args.impls:
         with warnings.catch_warnings():

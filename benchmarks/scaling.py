@@ -20,9 +20,11 @@ device count, after a warm-up call (compilation excluded):
   wrapper and a new directory each run) / without, measured interleaved
   (best of `--repeats` each), and the compute time per tile.
 
-Checkpoint cost at a size where tiles take seconds (issue 12, item 4):
-  python benchmarks/scaling.py --devices 1 2 --checkpoint-only \
-      --n 2048 --batch-size 512 --width 1024 --repeats 3
+Checkpoint cost at a size where tiles take seconds (issue 12, item 4;
+`--width 1024 --batch-size 512` needs over 40 GB for the whole-batch
+Jacobians of the default JACOBIAN_CONTRACTION, `vmap_axes=None`):
+  python benchmarks/scaling.py --devices 1 --checkpoint-only \
+      --n 512 --batch-size 256 --width 256 --repeats 2
 
 Simulated CPU devices share the machine's cores, so their speed-up is bounded
 by the core count (`nproc`).

@@ -101,3 +101,19 @@ def test_memory_limit_skips_only_what_does_not_fit(monkeypatch):
       f, trace_axes=(-1,),
       implementation=Impl.STRUCTURED_DERIVATIVES)(x, None, params)
   np.testing.assert_allclose(ntk, expected, rtol=1e-12)
+
+
+def test_a_candidate_slower_than_the_budget_is_run_once(monkeypatch):
+  calls = []
+
+  def executable(x):
+    calls.append(x)
+    return x
+
+  monkeypatch.setattr(auto, "_TIME_BUDGET_S", -1.)  # Every run is "slow".
+  assert auto._best_seconds(executable, (jnp.ones(2),)) >= 0  # pylint: disable=protected-access
+  assert len(calls) == 1
+  monkeypatch.setattr(auto, "_TIME_BUDGET_S", 1e9)  # Every run is fast.
+  calls.clear()
+  auto._best_seconds(executable, (jnp.ones(2),))  # pylint: disable=protected-access
+  assert len(calls) == 1 + auto._MAX_TIMED_RUNS  # pylint: disable=protected-access
