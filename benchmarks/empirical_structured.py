@@ -32,10 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.empirical import jacobian_contraction
-from flax_tangents._src.empirical import structured
 from flax_tangents._src.empirical import arguments
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import jacobian_contraction
+from flax_tangents._src.empirical import structured
 
 try:
   from flax_tangents import nn as ftn

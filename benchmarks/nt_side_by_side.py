@@ -25,7 +25,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import neural_tangents as nt
 from neural_tangents import stax
 

@@ -58,8 +58,9 @@ def _require_params(params: Any, fn_name: str) -> None:
         "params, **kwargs), e.g. with params=model.init(key, x1).")
 
 
-def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes, diagonal_axes: layout.Axes,
-                 vmap_axes: Any, implementation: Any) -> KernelFn:
+def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes,
+                 diagonal_axes: layout.Axes, vmap_axes: Any,
+                 implementation: Any) -> KernelFn:
   """`ntk_fn(x1, x2, params, **kwargs)`, jit-compiled, for one algorithm."""
   implementation = dispatch.as_implementation(implementation)
   if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:

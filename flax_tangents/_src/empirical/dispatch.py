@@ -16,12 +16,12 @@ import warnings
 import jax
 import numpy as np
 
-from flax_tangents._src.empirical import jacobian_contraction
-from flax_tangents._src.empirical import ntk_vector_products
 from flax_tangents._src.empirical import arguments
-from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical import independence
+from flax_tangents._src.empirical import jacobian_contraction
+from flax_tangents._src.empirical import layout
+from flax_tangents._src.empirical import ntk_vector_products
 from flax_tangents._src.empirical.implementation import NtkImplementation
 
 __all__ = [

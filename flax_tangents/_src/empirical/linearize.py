@@ -1,4 +1,4 @@
-"""Taylor expansions of a network in its parameters: `linearize`, `taylor_expand`.
+"""Taylor expansions of a network in its parameters (`linearize`, ...).
 
 Both expand `f(params, x, **kwargs)` around fixed parameters `params_0`:
 `f_lin(p, x) = f(params_0, x) + J(x) (p - params_0)` and its higher-order

@@ -86,7 +86,7 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
          out_letters: str, letters: LetterPool,
          stop_aliases: tuple[Optional[tuple[int, str]], ...] = (None, None)
          ) -> jax.Array:
-  """The NTK term of one pair of a parameter's chains, laid out by `out_letters`.
+  """The NTK term of one pair of a parameter's chains, in `out_letters` layout.
 
   Args:
     plan: the parameter's plan (the same for both inputs).

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.structured import batching
 from flax_tangents._src.empirical.structured import contraction
 from flax_tangents._src.empirical.structured import ir
@@ -431,12 +431,12 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
     trace_axes: output axes to average over (possibly negative).
     diagonal_axes: output axes to keep the diagonal of (possibly negative).
     vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`
-      from `example_axes.canonicalize_vmap_axes`; with it, Jacobians are formed per
-      example (`f` is evaluated on one example at a time). With None, `f`
-      runs on the whole batch; where the program provably keeps examples
-      independent (batch axis 0 of `x` to some axis of every output), only
-      the per-example Jacobian blocks are formed, otherwise the cost grows
-      with the square of the batch size.
+      from `example_axes.canonicalize_vmap_axes`; with it, Jacobians are
+      formed per example (`f` is evaluated on one example at a time).
+      With None, `f` runs on the whole batch; where the program provably
+      keeps examples independent (batch axis 0 of `x` to some axis of every
+      output), only the per-example Jacobian blocks are formed, otherwise
+      the cost grows with the square of the batch size.
 
   Returns:
     A pytree like `f`'s output of kernels in NT layout: for an output leaf

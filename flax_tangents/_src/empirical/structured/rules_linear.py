@@ -15,7 +15,6 @@ input) is the convolution's linear map for one example, batch-diagonal.
 import math
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from flax_tangents._src.empirical import im2col
