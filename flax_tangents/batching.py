@@ -194,6 +194,9 @@ def _refuse_batch_mixing(kernel_fn: Callable[..., Any]) -> Callable[..., Any]:
       raise _mixing_error(mixing)
     return out
 
+  # `ft.batch` keys its compiled tile programs by the user's function (and by
+  # a digest of what it computes), not by this wrapper.
+  refusing.ft_cache_owner = getattr(kernel_fn, "ft_cache_owner", kernel_fn)
   return refusing
 
 

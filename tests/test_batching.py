@@ -139,7 +139,9 @@ def test_compiles_once_per_tile_shape():
   compiled = len(programs)
   batched(X1 + 1., X2)
   # A new wrapper of the same function (a rerun notebook cell) reuses them.
-  ft.batch(rbf, 4, checkpoint_dir=None)(X1, X2 - 1.)
+  again = ft.batch(rbf, 4, checkpoint_dir=None)
+  again(X1, X2 - 1.)
+  assert again._programs is programs  # pylint: disable=protected-access
   assert len(programs) == compiled
 
 

@@ -125,7 +125,10 @@ class BatchedKernelFn:
     self.progress = progress
     # Shared by every ft.batch of the same kernel function, so that a new
     # wrapper (a rerun notebook cell) neither recompiles nor retraces.
-    self._programs, self._templates = _caches_for(kernel_fn)
+    # Keyed by the user's function (not `ft.batch`'s wrapper of it), so that
+    # a new wrapper (a rerun notebook cell) finds the compiled tile programs.
+    self._programs, self._templates = _caches_for(
+        getattr(kernel_fn, "ft_cache_owner", kernel_fn))
     functools.update_wrapper(self, kernel_fn)
 
   # ------------------------------------------------------------------ call
