@@ -18,6 +18,7 @@ creates its own parameters has no lifted rule).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 from typing import Any, Optional
 
@@ -166,8 +167,9 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
     return None
   leaves, tree = jax.tree.flatten((args, kwargs))
   found: list[Any] = []
+  named = set(call_args_lib.accepted_names(rule))
 
-  def shapes(*arrays):
+  def shapes(*arrays, diagonal_batch):
     it = iter(arrays)
     full = [next(it) if isinstance(x, jax.core.Tracer) else x
             for x in leaves]
@@ -179,23 +181,36 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
       first = jax.numpy.broadcast_to(per_example, (n1,) + x.shape[1:])
       second = None if n2 is None else jax.numpy.broadcast_to(
           per_example, (n2,) + x.shape[1:])
-      # Full covariances (abstract, so free): no rule refuses its input.
       return covariance.inputs_to_kernel(
-          first, second, diagonal_batch=False,
+          first, second, diagonal_batch=diagonal_batch,
           diagonal_spatial=False).replace(is_gaussian=True, is_input=False)
 
-    call_args, call_kwargs = jax.tree.map(
-        lambda x: as_kernel(x) if isinstance(x, jax.core.Tracer) else x,
-        (call_args, call_kwargs))
+    to_kernels = functools.partial(jax.tree.map, lambda x: as_kernel(x) if
+                                   isinstance(x, jax.core.Tracer) else x)
+    # Keywords the rule names are call arguments (e.g. a graph `pattern`,
+    # traced under an outer `jit`), not network values.
+    call_args = to_kernels(call_args)
+    call_kwargs = {name: value if name in named else to_kernels(value)
+                   for name, value in call_kwargs.items()}
     out = rule(module, *call_args,
                **call_args_lib.rule_kwargs(rule, call_kwargs))
     found.append(out)
     return 0
 
   tracers = [x for x in leaves if isinstance(x, jax.core.Tracer)]
-  # The rule's own errors are the ones its kernel computation would raise.
-  jax.eval_shape(shapes, *[jax.ShapeDtypeStruct(x.shape, x.dtype)
-                           for x in tracers])
+  specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tracers]
+  try:
+    jax.eval_shape(functools.partial(shapes, diagonal_batch=True), *specs)
+  except Exception as first_error:  # pylint: disable=broad-except
+    # A rule that needs full batch covariances (e.g. one mixing examples,
+    # which ft.batch must then hear of) gets them; abstract, so free. If it
+    # still fails, the rule's first error is the one its kernel computation
+    # raises.
+    found.clear()
+    try:
+      jax.eval_shape(functools.partial(shapes, diagonal_batch=False), *specs)
+    except Exception:  # pylint: disable=broad-except
+      raise first_error from None
   dtype = tracers[0].dtype
   batch = tracers[0].shape[0]
   return jax.tree.map(
