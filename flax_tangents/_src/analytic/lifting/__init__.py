@@ -6,5 +6,8 @@
 - `expressions`, `activations`: elementwise subgraphs and the nonlinearities
   they are recognized as;
 - `provenance`: which values are independent (sums and products of branches);
-- `interpreter`, `primitive_rules`: the jaxpr evaluated on kernels.
+- `interpreter`, `program`, `values`: the jaxpr evaluated on kernels, with
+  `elementwise_rules`, `shape_rules`, `spatial_ops` and `scan_rule` for its
+  primitives;
+- `dispatch`, `errors`, `paths`: entry point, refusals with source lines.
 """

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import os
+import pathlib
 from typing import Any, Optional
 
 import flax
 from jax.extend import source_info_util
 
-import flax_tangents
 from flax_tangents._src.analytic.errors import KernelRuleError
 
 __all__ = ["LiftingError", "add_line", "source_line", "user_frame",
            "user_source_line"]
 
-# Frames inside these packages are library code, not the user's line.
-_LIBRARY_DIRS = tuple(
-    os.path.dirname(package.__file__) + os.sep
-    for package in (flax, flax_tangents))
+# Frames inside these packages are library code, not the user's line. This
+# file is flax_tangents/_src/analytic/lifting/errors.py (no import of the
+# package itself, which would be an import cycle).
+_LIBRARY_DIRS = (os.path.dirname(flax.__file__) + os.sep,
+                 str(pathlib.Path(__file__).parents[3]) + os.sep)
 
 
 def _frames(source_info: Any) -> list[str]:
