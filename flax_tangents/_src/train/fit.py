@@ -194,7 +194,10 @@ def fit(
   >>> import flax.linen as nn
   >>> import flax_tangents as ft
   >>> model = nn.Dense(2)
-  >>> x, y = jnp.ones((4, 3)), jnp.zeros((4, 2))
+  >>> # Four distinct inputs: equal ones would make the NTK singular (a
+  >>> # warning would say so).
+  >>> x = jax.random.normal(jax.random.PRNGKey(1), (4, 3))
+  >>> y = jnp.zeros((4, 2))
   >>> variables = model.init(jax.random.PRNGKey(0), x)
   >>> result = ft.train.fit(model.apply, variables, optax.sgd(0.1), x, y,
   ...                       steps=10, record_steps=5, learning_rate=0.1)
