@@ -6,7 +6,6 @@ is imported.
 """
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents.batching import CheckpointMismatchError
+from multiprocess import run_two_processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RNG = np.random.RandomState(0)
@@ -276,29 +276,8 @@ def test_eight_devices_killed_and_resumed(tmp_path):
   assert "OK resume" in resumed.stdout
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes(tmp_path):
-  address = f"localhost:{_free_port()}"
-  directory = str(tmp_path / "tiles")
-  full_env = dict(os.environ)
-  full_env.pop("XLA_FLAGS", None)
-  processes = [subprocess.Popen(
-      [sys.executable, _script("two_processes.py"), address, str(rank),
-       directory], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=full_env, cwd=HERE) for rank in (0, 1)]
-  outputs = []
-  try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=300))
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-  for rank, (process, (out, err)) in enumerate(zip(processes, outputs)):
-    assert process.returncode == 0, f"process {rank}:\n{out}\n{err[-5000:]}"
+  outputs = run_two_processes("two_processes.py", str(tmp_path / "tiles"),
+                              timeout=300)
+  for rank, out in enumerate(outputs):
     assert f"OK process {rank} of 2" in out, out

@@ -6,7 +6,6 @@ test_two_processes runs tests/multidevice/two_process_solvers.py twice."""
 
 import collections
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
+from multiprocess import run_two_processes
 
 predict = ft.predict
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -224,31 +224,10 @@ def test_eight_devices():
     assert f"OK {name}" in result.stdout, result.stdout
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes(tmp_path):
   """Multi-host: sharded and streamed solves under jax.distributed."""
-  address = f"localhost:{_free_port()}"
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
-  script = os.path.join(HERE, "multidevice", "two_process_solvers.py")
-  processes = [subprocess.Popen(
-      [sys.executable, script, address, str(rank), str(tmp_path / "tiles")],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-      cwd=HERE) for rank in (0, 1)]
-  outputs = []
-  try:
-    for process in processes:
-      outputs.append(process.communicate(timeout=600))
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
-  for rank, (process, (out, err)) in enumerate(zip(processes, outputs)):
-    assert process.returncode == 0, f"process {rank}:\n{out}\n{err[-5000:]}"
+  outputs = run_two_processes("two_process_solvers.py", str(tmp_path / "tiles"),
+                              timeout=600)
+  for rank, out in enumerate(outputs):
     for name in ("sharded", "streamed"):
       assert f"OK {name} process {rank}" in out, out

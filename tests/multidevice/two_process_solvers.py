@@ -18,21 +18,14 @@ over 2 processes. Run by tests/test_predict_scale.py; both processes print
   both processes share, each process reading its own devices' tiles.
 """
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import distributed_cpu
 
-import jax  # noqa: E402
-
-# Cross-process collectives on CPU need gloo (GPUs and TPUs have their own).
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
-                           process_id=int(sys.argv[2]))
-jax.config.update("jax_enable_x64", True)
+distributed_cpu.initialize()
 
 import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 import numpy as np  # noqa: E402
 

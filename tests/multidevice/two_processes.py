@@ -7,20 +7,13 @@ devices over 2 processes. Run by tests/test_batching.py; both processes
 print `OK process <rank> of 2` when every check passes.
 """
 
-import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-os.environ["JAX_PLATFORMS"] = "cpu"
+import distributed_cpu
+
+distributed_cpu.initialize()
 
 import jax  # noqa: E402
-
-# Cross-process collectives on CPU need gloo (GPUs and TPUs have their own).
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
-                           process_id=int(sys.argv[2]))
-jax.config.update("jax_enable_x64", True)
-
 from jax.experimental import multihost_utils  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
