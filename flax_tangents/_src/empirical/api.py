@@ -63,7 +63,7 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes,
                  implementation: Any) -> KernelFn:
   """`ntk_fn(x1, x2, params, **kwargs)`, jit-compiled, for one algorithm."""
   implementation = dispatch.as_implementation(implementation)
-  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
+  if implementation != NtkImplementation.AUTO:
     dispatch.implementation_fn(implementation)  # Fails early if missing.
   dispatch.check_vmap_axes_type(vmap_axes)
   trace_axes, diagonal_axes = _tuple_axes(trace_axes), _tuple_axes(

@@ -25,16 +25,12 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from flax_tangents._src.empirical import arguments
 from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.structured import batching
 from flax_tangents._src.empirical.structured import ir
 
 __all__ = ["vmap_axes_finding", "warning_message"]
-
-
-def _is_array(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or (
-      hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
 
 
 def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -87,27 +83,19 @@ def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
     return None  # One example: per-example evaluation is the same call.
   in_axes, out_axes, kwargs_axes = vmap_axes
   none = lambda a: a is None  # noqa: E731
-  kw_leaves, kw_tree = jax.tree.flatten(dict(kwargs))
-  positions = [i for i, leaf in enumerate(kw_leaves) if _is_array(leaf)]
-  kw_axes: list[Optional[int]] = []
-  for name in sorted(kwargs):
-    n = len(jax.tree.leaves(kwargs[name]))
-    kw_axes += (jax.tree.leaves(kwargs_axes[name], is_leaf=none)
-                if name in kwargs_axes else [None] * n)
+  kw = arguments.ArrayKwargs(kwargs)
+  kw_axes = kw.leaf_axes(kwargs_axes)
 
   def traced(p, x_value, kw_arrays):
-    leaves = list(kw_leaves)
-    for i, value in zip(positions, kw_arrays):
-      leaves[i] = value
-    return f(p, x_value, **jax.tree.unflatten(kw_tree, leaves))
+    return f(p, x_value, **kw.rebuild(kw_arrays))
 
   program, _ = ir.flatten(
       traced, jax.tree.map(_struct, params), jax.tree.map(_struct, x),
-      [_struct(kw_leaves[i]) for i in positions])
+      [_struct(leaf) for leaf in kw.arrays])
   n_params = len(jax.tree.leaves(params))
   states = ([None] * n_params +
             list(jax.tree.leaves(in_axes, is_leaf=none)) +
-            [kw_axes[i] for i in positions])
+            [kw_axes[i] for i in kw.positions])
   result = batching.analyse(program, states, strict=True)
   for k, (state, consts, want) in enumerate(
       zip(result.states, result.consts, jax.tree.leaves(out_axes))):
