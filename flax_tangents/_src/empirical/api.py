@@ -29,6 +29,7 @@ import functools
 from typing import Any, Callable, Optional, Union
 
 import jax
+from jax import core
 
 from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical import auto
@@ -102,7 +103,7 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes,
 
     key = (auto.signature(args), static, jax.default_backend())
     choice = selector.choose(key, candidates, args)
-    if not any(isinstance(leaf, jax.core.Tracer)
+    if not any(isinstance(leaf, core.Tracer)
                for leaf in jax.tree.leaves(args)):
       try:  # The executable AUTO compiled: no second compilation.
         return choice.executable(*args)

@@ -226,8 +226,9 @@ def with_params(variables: Mapping[str, Any], params: PyTree) -> PyTree:
   merged = dict(variables)
   merged["params"] = params
   if not isinstance(variables, dict):
+    mapping_type: Any = type(variables)  # A Mapping subclass.
     try:
-      return type(variables)(merged)
+      return mapping_type(merged)
     except TypeError:
       pass
   return merged

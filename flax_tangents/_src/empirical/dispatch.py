@@ -275,11 +275,8 @@ def prepare(f: Callable[..., Any], variables: layout.PyTree,
     example_axes.canonicalize_vmap_axes(vmap_axes, x2, fx2, kwargs2)
   if canonical is not None:
     # Never a silently wrong kernel: `f` must treat examples independently.
-    finding = independence.vmap_axes_finding(f_params, params, x1, kwargs1,
-                                             canonical)
-    if finding is None and x2 is not None:
-      finding = independence.vmap_axes_finding(f_params, params, x2, kwargs2,
-                                               canonical)
+    finding = independence.finding_for_both(f_params, params, x1, x2,
+                                            kwargs1, kwargs2, canonical)
     if finding is not None:
       warnings.warn(independence.warning_message(vmap_axes, finding),
                     UserWarning, stacklevel=3)

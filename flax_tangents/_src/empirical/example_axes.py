@@ -15,6 +15,7 @@ import numpy as np
 from flax_tangents._src.empirical.layout import PyTree
 
 __all__ = [
+    "CanonicalVmapAxes",
     "VmapAxes",
     "canonicalize_tree_axes",
     "canonicalize_vmap_axes",
@@ -26,7 +27,8 @@ __all__ = [
 # is a pytree like `x` of non-negative ints (or None), `out_axes` a pytree like
 # `f`'s output of non-negative ints, `kwargs_axes` a dict from keyword name to
 # a pytree of non-negative ints (or None) like that keyword's value.
-VmapAxes = Optional[tuple[PyTree, PyTree, dict[str, PyTree]]]
+CanonicalVmapAxes = tuple[PyTree, PyTree, dict[str, PyTree]]
+VmapAxes = Optional[CanonicalVmapAxes]
 
 
 def _broadcast_axes(axes: PyTree, tree: PyTree, what: str) -> PyTree:
@@ -185,7 +187,7 @@ def split_vmapped_kwargs(kwargs: Mapping[str, Any], vmap_axes: VmapAxes
 
 
 def per_example_fn(
-    f: Callable[..., PyTree], vmap_axes: VmapAxes,
+    f: Callable[..., PyTree], vmap_axes: CanonicalVmapAxes,
     fixed_kwargs: Mapping[str, Any]
 ) -> tuple[Callable[..., PyTree], tuple[PyTree, PyTree], PyTree]:
   """`f` on one example, ready for `jax.vmap`.

@@ -30,7 +30,7 @@ from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.structured import batching
 from flax_tangents._src.empirical.structured import ir
 
-__all__ = ["vmap_axes_finding", "warning_message"]
+__all__ = ["finding_for_both", "vmap_axes_finding", "warning_message"]
 
 
 def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -40,7 +40,7 @@ def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
 
 
 def _batch_size(x: Any, kwargs: Mapping[str, Any],
-                vmap_axes: example_axes.VmapAxes) -> int:
+                vmap_axes: example_axes.CanonicalVmapAxes) -> int:
   in_axes, _, kwargs_axes = vmap_axes
   none = lambda a: a is None  # noqa: E731
   pairs = list(zip(jax.tree.leaves(in_axes, is_leaf=none),
@@ -54,7 +54,8 @@ def _batch_size(x: Any, kwargs: Mapping[str, Any],
 
 def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
                       kwargs: Mapping[str, Any],
-                      vmap_axes: example_axes.VmapAxes) -> Optional[str]:
+                      vmap_axes: example_axes.CanonicalVmapAxes
+                      ) -> Optional[str]:
   """None if `f` provably treats examples independently along `vmap_axes`.
 
   Args:
@@ -109,6 +110,18 @@ def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
         f"is batched along axis {state}")
     return (f"output {k} {got}, not along its declared out axis {want}")
   return None
+
+
+def finding_for_both(f: Callable[..., Any], params: Any, x1: Any,
+                     x2: Optional[Any], kwargs1: Mapping[str, Any],
+                     kwargs2: Mapping[str, Any],
+                     vmap_axes: example_axes.CanonicalVmapAxes
+                     ) -> Optional[str]:
+  """`vmap_axes_finding` for `x1`, then (if proven there) for `x2`."""
+  finding = vmap_axes_finding(f, params, x1, kwargs1, vmap_axes)
+  if finding is None and x2 is not None:
+    finding = vmap_axes_finding(f, params, x2, kwargs2, vmap_axes)
+  return finding
 
 
 def warning_message(vmap_axes: Any, finding: str) -> str:

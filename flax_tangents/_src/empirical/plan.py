@@ -160,11 +160,10 @@ def empirical_ntk_plan(f: Callable[..., Any], x1: Any, x2: Any = None,
   if vmap_axes is not None:
     canonical = example_axes.canonicalize_vmap_axes(
         vmap_axes, x1, prepared.fx1, prepared.kwargs1)
-    reason = independence.vmap_axes_finding(prepared.f, prepared.params, x1,
-                                            prepared.kwargs1, canonical)
-    if reason is None and x2 is not None:
-      reason = independence.vmap_axes_finding(
-          prepared.f, prepared.params, x2, prepared.kwargs2, canonical)
+    if canonical is not None:  # Always: `vmap_axes` is not None.
+      reason = independence.finding_for_both(
+          prepared.f, prepared.params, x1, x2, prepared.kwargs1,
+          prepared.kwargs2, canonical)
     if reason is not None:
       canonical = None
   side = side_lib.Side(prepared.f, prepared.params, x1, prepared.kwargs1,

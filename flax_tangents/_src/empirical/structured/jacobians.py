@@ -15,6 +15,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src.empirical.structured import evaluation
 from flax_tangents._src.empirical.structured import ir
 from flax_tangents._src.empirical.structured import planner
 from flax_tangents._src.empirical.structured.side import Side
@@ -54,9 +55,9 @@ def arrays(side: Side, plans: list[Optional[planner.LeafPlan]]):
   def evaluate(x_value, kw_arrays, deltas):
     args = (list(side.param_leaves) + jax.tree.leaves(x_value) +
             list(kw_arrays))
-    env, tapped = ir.evaluate_with_taps(program, args,
+    env, tapped = evaluation.evaluate_with_taps(program, args,
                                         dict(zip(stops, deltas)), taps)
-    read = functools.partial(ir.read_atom, env)
+    read = functools.partial(evaluation.read_atom, env)
     return [read(a) for a in program.outputs], locate(read, tapped)
 
   if side.vmap_axes is None:
@@ -118,10 +119,10 @@ def _diagonal_arrays(side: Side, diag_outs: list[int], plans, stops, taps,
   full = [v for v in stops if v not in side.diag_stops]
 
   def forward(diag_deltas, full_deltas):
-    env, tapped = ir.evaluate_with_taps(program, args, {
+    env, tapped = evaluation.evaluate_with_taps(program, args, {
         **dict(zip(diag, diag_deltas)), **dict(zip(full, full_deltas))
     }, taps)
-    read = functools.partial(ir.read_atom, env)
+    read = functools.partial(evaluation.read_atom, env)
     outs = [read(a) for a in program.outputs]
     return outs, locate(read, tapped)
 
@@ -165,7 +166,7 @@ def _batch_consistently(value, batched, size):
 def _zeros(program: ir.FlatProgram, addresses) -> list[jax.Array]:
   zeros = []
   for address in addresses:
-    shape, dtype = ir.address_aval(program, address)
+    shape, dtype = evaluation.address_aval(program, address)
     zeros.append(jnp.zeros(shape, dtype))
   return zeros
 
@@ -174,7 +175,7 @@ def _factor_taps(chains):
   """Factors computed in loop bodies become taps of the evaluation.
 
   Returns:
-    `(taps, locate)`: the taps for `ir.evaluate_with_taps`, and
+    `(taps, locate)`: the taps for `evaluation.evaluate_with_taps`, and
     `locate(read, tapped)` giving one list of factor values per chain.
   """
   taps: dict[tuple[int, ...], list] = {}
