@@ -80,6 +80,41 @@ def canonicalize_tree_axes(axes: PyTree, tree: PyTree, what: str) -> PyTree:
       _broadcast_axes(axes, tree, what), tree, is_leaf=lambda a: a is None)
 
 
+def _check_sizes(vmap_axes: Any, inputs: tuple[Any, Any],
+                 outputs: tuple[Any, Any],
+                 kwargs: dict[str, tuple[Any, Any]]) -> None:
+  """Every vmapped axis must have the same size.
+
+  Args:
+    vmap_axes: the user's `vmap_axes`, for the message.
+    inputs: `(in_axes, x)`.
+    outputs: `(out_axes, fx)`.
+    kwargs: by keyword name, `(axes, value)`.
+
+  Raises:
+    ValueError: if the vmapped axes have different sizes.
+  """
+  sizes = {}
+
+  def record(axes, tree, what):
+    for axis, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda a: a is None),
+                          jax.tree.leaves(tree)):
+      if axis is not None:
+        sizes.setdefault(jnp.shape(leaf)[axis], []).append(
+            f"{what} of shape {jnp.shape(leaf)} along axis {axis}")
+
+  record(*inputs, "input x")
+  record(*outputs, "output f(params, x)")
+  for name, (axes, value) in kwargs.items():
+    record(axes, value, f"keyword {name!r}")
+  if len(sizes) > 1:
+    details = "; ".join(f"size {s}: {', '.join(w)}" for s, w in sizes.items())
+    raise ValueError(
+        f"vmap_axes={vmap_axes!r} do not fit the inputs: the vmapped axes "
+        f"have different sizes ({details}). They must all index the same "
+        "batch of examples; fix vmap_axes or pass vmap_axes=None.")
+
+
 def canonicalize_vmap_axes(vmap_axes: Any, x: PyTree, fx: PyTree,
                            kwargs: Mapping[str, Any]) -> VmapAxes:
   """Normalizes and checks `vmap_axes` against inputs, outputs and kwargs.
@@ -139,26 +174,8 @@ def canonicalize_vmap_axes(vmap_axes: Any, x: PyTree, fx: PyTree,
       for name, axes in kwargs_axes.items()
   }
 
-  # Every vmapped axis must have the same size.
-  sizes = {}
-
-  def record(axes, tree, what):
-    for axis, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda a: a is None),
-                          jax.tree.leaves(tree)):
-      if axis is not None:
-        sizes.setdefault(jnp.shape(leaf)[axis], []).append(
-            f"{what} of shape {jnp.shape(leaf)} along axis {axis}")
-
-  record(in_axes, x, "input x")
-  record(out_axes, fx, "output f(params, x)")
-  for name, axes in kwargs_axes.items():
-    record(axes, kwargs[name], f"keyword {name!r}")
-  if len(sizes) > 1:
-    details = "; ".join(f"size {s}: {', '.join(w)}" for s, w in sizes.items())
-    raise ValueError(
-        f"vmap_axes={vmap_axes!r} do not fit the inputs: the vmapped axes "
-        f"have different sizes ({details}). They must all index the same "
-        "batch of examples; fix vmap_axes or pass vmap_axes=None.")
+  by_name = {name: (axes, kwargs[name]) for name, axes in kwargs_axes.items()}
+  _check_sizes(vmap_axes, (in_axes, x), (out_axes, fx), by_name)
   if not any(a is not None for a in jax.tree.leaves(
       (in_axes, kwargs_axes), is_leaf=lambda a: a is None)):
     raise ValueError(
