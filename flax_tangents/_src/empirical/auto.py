@@ -32,6 +32,7 @@ import time
 from typing import Any, Optional
 
 import jax
+from jax import core
 import jax.numpy as jnp
 import numpy as np
 
@@ -74,8 +75,16 @@ def signature(tree: Any) -> Hashable:
   (PyTreeDef({'a': *}), (((2,), 'float32'),))
   """
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((tuple(jnp.shape(leaf)), str(jnp.result_type(leaf)))
-                        for leaf in leaves)
+  return treedef, tuple(_leaf_signature(leaf) for leaf in leaves)
+
+
+def _leaf_signature(leaf: Any) -> tuple[tuple[int, ...], str]:
+  # Reading `.shape`/`.dtype` is ~30x cheaper than `jnp.result_type`; this
+  # runs on every call, and AUTO must cost what its pick costs.
+  shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
+  if shape is None or dtype is None:  # Python scalars.
+    return tuple(jnp.shape(leaf)), str(jnp.result_type(leaf))
+  return tuple(shape), str(jax.dtypes.canonicalize_dtype(dtype))
 
 
 def available_bytes() -> Optional[int]:
@@ -94,7 +103,7 @@ def available_bytes() -> Optional[int]:
 
 
 def _is_tracer(leaf: Any) -> bool:
-  return isinstance(leaf, jax.core.Tracer)
+  return isinstance(leaf, core.Tracer)
 
 
 def _stand_in(leaf: Any, key: jax.Array) -> Any:
@@ -102,7 +111,7 @@ def _stand_in(leaf: Any, key: jax.Array) -> Any:
   if not _is_tracer(leaf):
     return leaf
   shape, dtype = jnp.shape(leaf), leaf.dtype
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+  if jnp.issubdtype(dtype, jax.dtypes.prng_key):
     keys = jax.random.split(key, int(np.prod(shape, dtype=int)))
     return keys.reshape(shape)
   if jnp.issubdtype(dtype, jnp.inexact):
@@ -183,66 +192,22 @@ def choose(traces: Mapping[Any, Callable[[], Any]], args: Sequence[Any]
   ('f', ['g'])
   """
   free = available_bytes()
-  traced, estimates, skipped, first_error = {}, {}, {}, None
-  for implementation, trace in traces.items():
-    try:
-      traced[implementation] = trace()
-    except Exception as e:  # pylint: disable=broad-except
-      first_error = first_error or e
-      skipped[implementation] = f"failed to trace: {e!r:.200}"
-      continue
-    estimate = cost.estimate(traced[implementation].jaxpr)
-    estimates[implementation] = estimate.seconds()
-    if free is not None and estimate.largest > free:
-      del traced[implementation]
-      skipped[implementation] = (
-          f"an array of {estimate.largest / 2**20:.0f} MiB would not fit in "
-          f"the {free / 2**20:.0f} MiB free")
+  traced, estimates, skipped, errors = _trace_and_estimate(traces, free)
   if not traced:
-    if first_error is not None:
-      raise first_error
-    raise MemoryError("AUTO: no NTK implementation fits in memory: " +
-                      "; ".join(f"{_name(k)}: {v}" for k, v in
-                                skipped.items()))
+    raise _nothing_fits(errors, skipped)
   cheapest = min(estimates[k] for k in traced)
   close = [k for k in traced if estimates[k] <= _CLOSE * cheapest]
   for k in traced:
     if k not in close:
       skipped[k] = (f"estimated {estimates[k]:.3g} s, over {_CLOSE}x the "
                     f"cheapest ({cheapest:.3g} s)")
-  concrete = None
-  executables, measured = {}, {}
-  for k in sorted(close, key=lambda k: estimates[k]):
-    try:
-      executable = traced[k].lower().compile()
-    except Exception as e:  # pylint: disable=broad-except
-      first_error = first_error or e
-      skipped[k] = f"failed to compile: {e!r:.200}"
-      continue
-    need = _executable_bytes(executable)
-    if free is not None and need is not None and need > free:
-      skipped[k] = (f"needs {need / 2**20:.0f} MiB, over the "
-                    f"{free / 2**20:.0f} MiB free")
-      continue
-    executables[k] = executable
-    if len(close) == 1:
-      break
-    if concrete is None:
-      concrete = concrete_args(args)
-    try:
-      measured[k] = _best_seconds(executable, concrete)
-    except Exception as e:  # pylint: disable=broad-except
-      first_error = first_error or e
-      skipped[k] = f"failed to run: {e!r:.200}"
-      del executables[k]
+  close.sort(key=lambda k: estimates[k])
+  executables, measured = _compile_and_time(
+      {k: traced[k] for k in close}, args, free, skipped, errors)
   if not executables:
-    if first_error is not None:
-      raise first_error
-    raise MemoryError("AUTO: no NTK implementation fits in memory: " +
-                      "; ".join(f"{_name(k)}: {v}" for k, v in
-                                skipped.items()))
+    raise _nothing_fits(errors, skipped)
   if measured:
-    best = min(measured, key=measured.get)
+    best = min(measured, key=lambda k: measured[k])
     reason = (f"fastest of {len(measured)} timed candidates "
               f"({measured[best]:.3g} s)")
   else:
@@ -254,6 +219,80 @@ def choose(traces: Mapping[Any, Callable[[], Any]], args: Sequence[Any]
       skipped[k] = f"measured {measured[k]:.3g} s"
   return AutoChoice(best, reason, estimates, measured, skipped,
                     executables[best])
+
+
+def _trace_and_estimate(traces: Mapping[Any, Callable[[], Any]],
+                        free: Optional[int]):
+  """Traces each candidate and costs it; drops those too large to fit.
+
+  Returns:
+    `(traced, estimates, skipped, errors)`: the kept `Traced` objects, the
+    estimated seconds of every traced candidate, why the others were
+    dropped, and the exceptions met (in order).
+  """
+  traced, estimates, skipped, errors = {}, {}, {}, []
+  for implementation, trace in traces.items():
+    try:
+      traced[implementation] = trace()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      skipped[implementation] = f"failed to trace: {e!r:.200}"
+      continue
+    estimate = cost.estimate(traced[implementation].jaxpr)
+    estimates[implementation] = estimate.seconds()
+    if free is not None and estimate.largest > free:
+      del traced[implementation]
+      skipped[implementation] = (
+          f"an array of {estimate.largest / 2**20:.0f} MiB would not fit in "
+          f"the {free / 2**20:.0f} MiB free")
+  return traced, estimates, skipped, errors
+
+
+def _compile_and_time(traced: Mapping[Any, Any], args: Sequence[Any],
+                      free: Optional[int], skipped: dict, errors: list):
+  """Compiles each candidate once; times them when there are several.
+
+  Candidates that fail, or whose executable would not fit in `free` bytes,
+  are recorded in `skipped` (and their exceptions in `errors`).
+
+  Returns:
+    `(executables, measured)`: compiled candidates in `traced`'s order, and
+    the best measured seconds of each timed one.
+  """
+  concrete = None
+  executables, measured = {}, {}
+  for k, candidate in traced.items():
+    try:
+      executable = candidate.lower().compile()
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      skipped[k] = f"failed to compile: {e!r:.200}"
+      continue
+    need = _executable_bytes(executable)
+    if free is not None and need is not None and need > free:
+      skipped[k] = (f"needs {need / 2**20:.0f} MiB, over the "
+                    f"{free / 2**20:.0f} MiB free")
+      continue
+    executables[k] = executable
+    if len(traced) == 1:
+      break
+    if concrete is None:
+      concrete = concrete_args(args)
+    try:
+      measured[k] = _best_seconds(executable, concrete)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+      skipped[k] = f"failed to run: {e!r:.200}"
+      del executables[k]
+  return executables, measured
+
+
+def _nothing_fits(errors: list, skipped: Mapping[Any, str]) -> Exception:
+  """The first candidate's error, or a `MemoryError` naming each reason."""
+  if errors:
+    return errors[0]
+  return MemoryError("AUTO: no NTK implementation fits in memory: " +
+                     "; ".join(f"{_name(k)}: {v}" for k, v in skipped.items()))
 
 
 class AutoSelector:

@@ -114,74 +114,25 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
   """
   dtype = jnp.result_type(c1.dtype, c2.dtype)
   chains = (chain1, chain2)
-  root = set(plan.root_labels)
-  shared = {label: letters.new() for label in plan.root_labels}
-  side_letters = ({}, {})
-
+  names = _Letters(plan, letters)
   for side, alias in enumerate(stop_aliases):
     if alias is not None:
       axis, batch_letter = alias
-      side_letters[side][chains[side].stop_labels[axis]] = batch_letter
-
-  def letter(label: int, side: int) -> str:
-    if label in shared:
-      return shared[label]
-    table = side_letters[side]
-    if label not in table:
-      table[label] = letters.new()
-    return table[label]
-
-  def subscript(labels, side):
-    return "".join(letter(l, side) for l in labels)
+      names.tables[side][chains[side].stop_labels[axis]] = batch_letter
 
   operands, specs = [c1, c2], [
-      c_letters1 + subscript(chain1.stop_labels, 0),
-      c_letters2 + subscript(chain2.stop_labels, 1)
+      c_letters1 + names.subscript(chain1.stop_labels, 0),
+      c_letters2 + names.subscript(chain2.stop_labels, 1)
   ]
   values = ([v for v, _ in factors1], [v for v, _ in factors2])
   batches = ([batch1 if b else "" for _, b in factors1],
              [batch2 if b else "" for _, b in factors2])
-  # An index factor on each side over the same parameter axis: a Gram of
-  # index equalities instead of two one-hot tensors.
-  fusable = _fusable_targets(plan, chain1) & _fusable_targets(plan, chain2)
-  fused = [{f.target: i for i, f in enumerate(chain.factors)
-            if isinstance(f, structure.IndexFactor) and f.target in fusable}
-           for chain in chains]
-  for target in sorted(fusable):
-    i, k = fused[0][target], fused[1][target]
-    (idx1, valid1), (idx2, valid2) = values[0][i], values[1][k]
-    operands.append(_gram(idx1, valid1, idx2, valid2, dtype))
-    specs.append(batches[0][i] + subscript(chain1.factors[i].labels, 0) +
-                 batches[1][k] + subscript(chain2.factors[k].labels, 1))
-  for side, chain in enumerate(chains):
-    for i, factor in enumerate(chain.factors):
-      if i in fused[side].values():
-        continue
-      if isinstance(factor, structure.IndexFactor):
-        idx, valid = values[side][i]
-        operands.append(
-            _one_hot(idx, valid, plan.sizes[factor.target],
-                     bool(batches[side][i]), dtype))
-        specs.append(batches[side][i] +
-                     subscript(factor.labels + (factor.target,), side))
-      else:
-        value = jnp.asarray(values[side][i])
-        operands.append(value.astype(dtype))
-        specs.append(batches[side][i] + subscript(factor.labels, side))
+  for operand, spec in _factor_operands(plan, chains, values, batches, names,
+                                        dtype):
+    operands.append(operand)
+    specs.append(spec)
 
-  # Labels summed out along a chain that no operand mentions contribute
-  # their size (once for a parameter label, once per input otherwise).
-  scale = 1
-  used = set("".join(specs))
-  for label in plan.root_labels:
-    if (label in chain1.dropped + chain2.dropped and
-        shared[label] not in used):
-      scale *= plan.sizes[label]
-  for side, chain in enumerate(chains):
-    for label in chain.dropped:
-      if label not in root and letter(label, side) not in used:
-        scale *= plan.sizes[label]
-
+  scale = _unmentioned_size(plan, chains, names, set("".join(specs)))
   spec = ",".join(specs) + "->" + out_letters
   optimize = ("optimal" if len(operands) <= 6 else
               "dp" if len(operands) <= 16 else "greedy")
@@ -189,3 +140,78 @@ def term(plan: planner.LeafPlan, chain1: planner.Chain,
                       precision=lax.Precision.HIGHEST,
                       preferred_element_type=dtype)
   return result * scale if scale != 1 else result
+
+
+class _Letters:
+  """Einsum letters of labels: parameter labels shared, others per side."""
+
+  def __init__(self, plan: planner.LeafPlan, letters: LetterPool):
+    self.letters = letters
+    self.shared = {label: letters.new() for label in plan.root_labels}
+    self.tables: tuple[dict[int, str], dict[int, str]] = ({}, {})
+
+  def letter(self, label: int, side: int) -> str:
+    if label in self.shared:
+      return self.shared[label]
+    table = self.tables[side]
+    if label not in table:
+      table[label] = self.letters.new()
+    return table[label]
+
+  def subscript(self, labels: Sequence[int], side: int) -> str:
+    return "".join(self.letter(l, side) for l in labels)
+
+
+def _factor_operands(plan: planner.LeafPlan, chains, values, batches,
+                     names: _Letters, dtype) -> list[tuple[jax.Array, str]]:
+  """`(operand, subscript)` of each factor of both chains.
+
+  An index factor on each side over the same parameter axis becomes one
+  Gram of index equalities instead of two one-hot tensors.
+  """
+  chain1, chain2 = chains
+  fusable = _fusable_targets(plan, chain1) & _fusable_targets(plan, chain2)
+  fused = [{f.target: i for i, f in enumerate(chain.factors)
+            if isinstance(f, structure.IndexFactor) and f.target in fusable}
+           for chain in chains]
+  out = []
+  for target in sorted(fusable):
+    i, k = fused[0][target], fused[1][target]
+    (idx1, valid1), (idx2, valid2) = values[0][i], values[1][k]
+    out.append((_gram(idx1, valid1, idx2, valid2, dtype),
+                batches[0][i] + names.subscript(chain1.factors[i].labels, 0) +
+                batches[1][k] + names.subscript(chain2.factors[k].labels, 1)))
+  for side, chain in enumerate(chains):
+    for i, factor in enumerate(chain.factors):
+      if i in fused[side].values():
+        continue
+      if isinstance(factor, structure.IndexFactor):
+        idx, valid = values[side][i]
+        out.append((_one_hot(idx, valid, plan.sizes[factor.target],
+                             bool(batches[side][i]), dtype),
+                    batches[side][i] +
+                    names.subscript(factor.labels + (factor.target,), side)))
+      else:
+        value = jnp.asarray(values[side][i])
+        out.append((value.astype(dtype),
+                    batches[side][i] + names.subscript(factor.labels, side)))
+  return out
+
+
+def _unmentioned_size(plan: planner.LeafPlan, chains, names: _Letters,
+                      used: set[str]) -> int:
+  """Product of the sizes of labels summed out that no operand mentions.
+
+  Each counts once for a parameter label, once per input otherwise.
+  """
+  scale = 1
+  dropped = chains[0].dropped + chains[1].dropped
+  for label in plan.root_labels:
+    if label in dropped and names.shared[label] not in used:
+      scale *= plan.sizes[label]
+  root = set(plan.root_labels)
+  for side, chain in enumerate(chains):
+    for label in chain.dropped:
+      if label not in root and names.letter(label, side) not in used:
+        scale *= plan.sizes[label]
+  return scale

@@ -22,7 +22,6 @@ def _gather(ctx):
   dnums = p["dimension_numbers"]
   if dnums.operand_batching_dims or dnums.start_indices_batching_dims:
     return None
-  indices_atom = ctx.equation.inputs[1]
   w_shape, out_shape = ctx.in_shape, ctx.out_shape
   slice_sizes = p["slice_sizes"]
   offset_dims = tuple(dnums.offset_dims)
@@ -37,8 +36,37 @@ def _gather(ctx):
     if j not in start_map and slice_sizes[j] == w_shape[j]:
       out_labels[position] = ctx.in_labels[j]  # Whole axis copied.
   batch_labels = tuple(out_labels[a] for a in batch_positions)
+  starts_and_valid = _clamped_starts(ctx, start_map)
+  factors = []
+  for j in range(len(w_shape)):
+    if j in start_map:
+      labels = batch_labels + ((out_labels[offset_of[j]],)
+                               if j in offset_of else ())
+      factors.append(structure.IndexFactor(
+          labels, ctx.in_labels[j],
+          _looked_up_rows(starts_and_valid, start_map.index(j),
+                          slice_sizes[j] if j in offset_of else None)))
+    elif j in offset_of and slice_sizes[j] != w_shape[j]:
+      size = slice_sizes[j]
+      factors.append(
+          structure.IndexFactor((out_labels[offset_of[j]],), ctx.in_labels[j],
+                                lambda read, n=size: (jnp.arange(n), None),
+                                static=True))
+    elif j in collapsed and w_shape[j] != 1:
+      factors.append(
+          structure.IndexFactor((), ctx.in_labels[j],
+                                lambda read: (jnp.asarray(0), None),
+                                static=True))
+  return structure.RuleResult(tuple(out_labels), tuple(factors))
+
+
+def _clamped_starts(ctx, start_map):
+  """`read -> (starts, valid)`: the gather's start indices, clamped as XLA
+  clamps them; `valid` (FILL_OR_DROP mode only) marks in-range starts."""
+  p, w_shape, indices_atom = ctx.params, ctx.in_shape, ctx.equation.inputs[1]
   fill = p["mode"] == lax.GatherScatterMode.FILL_OR_DROP
-  limits = jnp.asarray([w_shape[j] - slice_sizes[j] for j in start_map])
+  limits = jnp.asarray(
+      [w_shape[j] - p["slice_sizes"][j] for j in start_map])
 
   def starts_and_valid(read):
     starts = read(indices_atom)
@@ -49,35 +77,24 @@ def _gather(ctx):
     starts = jnp.clip(starts, 0, bound)
     return starts, valid
 
-  factors = []
-  for j in range(len(w_shape)):
-    if j in start_map:
-      k = start_map.index(j)
-      has_offset = j in offset_of
-      labels = batch_labels + ((out_labels[offset_of[j]],)
-                               if has_offset else ())
+  return starts_and_valid
 
-      def compute(read, k=k, j=j, has_offset=has_offset):
-        starts, valid = starts_and_valid(read)
-        idx = starts[..., k]
-        if has_offset:
-          offsets = jnp.arange(slice_sizes[j])
-          idx = idx[..., None] + offsets.reshape((1,) * idx.ndim + (-1,))
-          valid = None if valid is None else jnp.broadcast_to(
-              valid[..., None], idx.shape)
-        return idx, valid
 
-      factors.append(structure.IndexFactor(labels, ctx.in_labels[j], compute))
-    elif j in offset_of and slice_sizes[j] != w_shape[j]:
-      size = slice_sizes[j]
-      factors.append(
-          structure.IndexFactor((out_labels[offset_of[j]],), ctx.in_labels[j],
-                                lambda read, n=size: (jnp.arange(n), None)))
-    elif j in collapsed and w_shape[j] != 1:
-      factors.append(
-          structure.IndexFactor((), ctx.in_labels[j],
-                                lambda read: (jnp.asarray(0), None)))
-  return structure.RuleResult(tuple(out_labels), tuple(factors))
+def _looked_up_rows(starts_and_valid, k, slice_size):
+  """The index factor's `compute` for the `k`-th indexed axis; with a
+  `slice_size`, each start reads that many consecutive rows."""
+
+  def compute(read):
+    starts, valid = starts_and_valid(read)
+    idx = starts[..., k]
+    if slice_size is not None:
+      offsets = jnp.arange(slice_size)
+      idx = idx[..., None] + offsets.reshape((1,) * idx.ndim + (-1,))
+      valid = None if valid is None else jnp.broadcast_to(
+          valid[..., None], idx.shape)
+    return idx, valid
+
+  return compute
 
 
 def _dynamic_slice(ctx):
