@@ -13,13 +13,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from flax_tangents import predict
 from flax_tangents._src import nnx_adapter
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.empirical.api import empirical_ntk_fn
 from flax_tangents._src.empirical.linearize import linearize
+from flax_tangents._src.predict import gradient_descent as predict
 from flax_tangents._src.train import results
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import PyTree
 
 _AUTO = "auto"
 
