@@ -73,6 +73,13 @@ def dropout_kernel(kernel: Kernel, keep: float, *, layer: str,
 
   Raises:
     ValueError: if `keep` is not in `(0, 1]` or the kernel is of raw inputs.
+
+  >>> import jax.numpy as jnp
+  >>> import flax_tangents as ft
+  >>> k = ft.Kernel.from_inputs(jnp.ones((2, 3))).replace(is_input=False)
+  >>> dropout_kernel(k, 0.5, layer='Dropout').nngp  # x1 is x2: diagonal
+  Array([[2., 1.],
+         [1., 2.]], dtype=float...)
   """
   if not 0.0 < keep <= 1.0:
     raise ValueError(

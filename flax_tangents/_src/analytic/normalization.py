@@ -53,6 +53,13 @@ def layer_norm_kernel(kernel: Kernel, axis: Axes, eps: float,
   Raises:
     ValueError: if `axis` omits the channel axis, or the input is not
       Gaussian.
+
+  >>> import jax.numpy as jnp
+  >>> import flax_tangents as ft
+  >>> from flax_tangents import nn as ftn
+  >>> k = ft.kernel_fn(ftn.Dense(4, W_std=2.0))(jnp.ones((2, 3)))
+  >>> k.cov1, layer_norm_kernel(k, -1, 0.0, 'LayerNorm').cov1
+  (Array([4., 4.], dtype=float...), Array([1., 1.], dtype=float...))
   """
   ndim = len(kernel.shape1)
   axes = canonical_axes(axis, ndim)

@@ -49,6 +49,14 @@ def pool_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
 
   Returns:
     The pooled covariance.
+
+  >>> import jax.numpy as jnp
+  >>> cov = jnp.eye(4)[None]  # one input, 4 uncorrelated unit locations
+  >>> pool_covariance(cov, 1, diagonal_spatial=False, window_shape=(2,),
+  ...                 strides=(2,), pads=((0, 0),), circular=False,
+  ...                 normalize='window')[0]
+  Array([[0.5, 0. ],
+         [0. , 0.5]], dtype=float...)
   """
   sizes = conv.spatial_sizes(cov, n_batch, len(window_shape),
                              diagonal_spatial)
