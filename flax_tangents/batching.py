@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, Optional, TypeVar, Union, cast
 
 import jax
 from jax.sharding import Mesh
@@ -139,6 +139,8 @@ def batch(kernel_fn: KernelFnT,
       raise ValueError("ft.batch: pass either `mesh` or `device_count`, "
                        "not both.")
     mesh = _mesh_from_device_count(device_count)
+  # An int `mesh` became `device_count` above; other values are used as is.
+  mesh = cast(Optional[Mesh], mesh)
   if (isinstance(batch_size, bool) or
       not isinstance(batch_size, (int, np.integer)) or batch_size < 0):
     raise ValueError(f"`batch_size` must be a non-negative integer, got "
@@ -153,10 +155,13 @@ def batch(kernel_fn: KernelFnT,
                  Mesh(np.asarray(jax.devices()), ("tiles",))).size
     if n_devices == 1:
       return kernel_fn
-    return _RowsPerDevice(_refuse_batch_mixing(kernel_fn), n_devices, mesh,
-                          store_on_device, progress)
-  return BatchedKernelFn(_refuse_batch_mixing(kernel_fn), int(batch_size),
-                         mesh, store_on_device, checkpoint_dir, progress)
+    # Callable like `kernel_fn`, with its outputs.
+    return cast(KernelFnT, _RowsPerDevice(
+        _refuse_batch_mixing(kernel_fn), n_devices, mesh, store_on_device,
+        progress))
+  return cast(KernelFnT, BatchedKernelFn(
+      _refuse_batch_mixing(kernel_fn), int(batch_size), mesh, store_on_device,
+      checkpoint_dir, progress))
 
 
 def _mesh_from_device_count(device_count: int) -> Optional[Mesh]:
@@ -196,7 +201,8 @@ def _refuse_batch_mixing(kernel_fn: Callable[..., Any]) -> Callable[..., Any]:
 
   # `ft.batch` keys its compiled tile programs by the user's function (and by
   # a digest of what it computes), not by this wrapper.
-  refusing.ft_cache_owner = getattr(kernel_fn, "ft_cache_owner", kernel_fn)
+  setattr(refusing, "ft_cache_owner",
+          getattr(kernel_fn, "ft_cache_owner", kernel_fn))
   return refusing
 
 

@@ -138,10 +138,11 @@ def monte_carlo_kernel_fn(
   >>> kernel_fn(jnp.ones((5, 2)), None, 'nngp').shape
   (5, 5)
   """
-  given = dict(batch_size=batch_size, mesh=mesh,
-               store_on_device=store_on_device, trace_axes=trace_axes,
-               diagonal_axes=diagonal_axes, implementation=implementation,
-               vmap_axes=vmap_axes, device_count=device_count)
+  given: dict[str, Any] = dict(
+      batch_size=batch_size, mesh=mesh, store_on_device=store_on_device,
+      trace_axes=trace_axes, diagonal_axes=diagonal_axes,
+      implementation=implementation, vmap_axes=vmap_axes,
+      device_count=device_count)
   if _is_nt_form(model, key):
     model, key, n_samples, order = (_StaxNetwork(model, key), n_samples,
                                     None, _NT_ORDER)

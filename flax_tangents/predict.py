@@ -31,17 +31,17 @@ regularizers and learning rates are refused.
 """
 
 from flax_tangents._src.predict.checks import IllConditionedWarning
-from flax_tangents._src.predict.gradient_descent import ODEState
+from flax_tangents._src.predict.conventions import Gaussian
+from flax_tangents._src.predict.ensemble import gradient_descent_mse_ensemble
 from flax_tangents._src.predict.gradient_descent import PredictFn
-from flax_tangents._src.predict.gradient_descent import PredictFnODE
-from flax_tangents._src.predict.gradient_descent import gradient_descent
 from flax_tangents._src.predict.gradient_descent import gradient_descent_mse
 from flax_tangents._src.predict.gradient_descent import max_learning_rate
-from flax_tangents._src.predict.inference import Gaussian
 from flax_tangents._src.predict.inference import gp_inference
-from flax_tangents._src.predict.inference import gradient_descent_mse_ensemble
 from flax_tangents._src.predict.krylov import ConvergenceError
 from flax_tangents._src.predict.linalg import NotPSDError
+from flax_tangents._src.predict.ode import ODEState
+from flax_tangents._src.predict.ode import PredictFnODE
+from flax_tangents._src.predict.ode import gradient_descent
 from flax_tangents._src.predict.solvers import CG
 from flax_tangents._src.predict.solvers import DENSE_MAX_N
 from flax_tangents._src.predict.solvers import SolveInfo

@@ -8,6 +8,7 @@ JACOBIAN_CONTRACTION implementation.
 import functools
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -148,3 +149,44 @@ def test_unused_parameter_and_no_parameters():
   zero = structured_ntk(lambda p, x: x * 2., {}, x, None, {}, {},
                         trace_axes=(-1,), diagonal_axes=(), vmap_axes=None)
   assert zero.shape == (4, 4) and not np.any(np.asarray(zero))
+
+
+def _largest_intermediate(fn, *args) -> int:
+  """Elements of the largest array any equation of `fn`'s jaxpr makes."""
+  largest = 0
+
+  def visit(jaxpr):
+    nonlocal largest
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        largest = max(largest, int(np.prod(var.aval.shape)))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return largest
+
+
+def test_static_index_factors_in_a_loop_are_not_stacked():
+  # The gate kernels of Flax's `OptimizedLSTMCell` are concatenated inside
+  # the recurrence. The concatenation's index factors are the same at every
+  # step; stacked over the steps, a pair of them was a (T*G)^2 Gram.
+  steps, gates = 16, 8
+  params = {"a": jnp.linspace(-1., 1., 12).reshape(3, 4),
+            "b": jnp.linspace(.5, -.5, 12).reshape(3, 4)}
+
+  def f(p, x):
+    def step(h, x_t):
+      y = x_t @ jnp.concatenate([p["a"], p["b"]], axis=1)
+      h = jnp.tanh(y[:, :4] * y[:, 4:] + h)
+      return h, None
+    h, _ = jax.lax.scan(step, jnp.zeros((x.shape[0], 4)), x.swapaxes(0, 1))
+    return h
+
+  x1 = jnp.sin(jnp.arange(2 * steps * 3.)).reshape(2, steps, 3)
+  x2 = jnp.cos(jnp.arange(3 * steps * 3.)).reshape(3, steps, 3)
+  kernel_fn = lambda p, a, b: structured_ntk(  # noqa: E731
+      f, p, a, b, {}, {}, trace_axes=(), diagonal_axes=(), vmap_axes=None)
+  _assert_close(kernel_fn(params, x1, x2),
+                _layout(_full_reference(f, params, x1, x2, {}, {}), (), ()))
+  assert _largest_intermediate(kernel_fn, params, x1, x2) < (steps * gates)**2

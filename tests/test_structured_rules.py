@@ -19,6 +19,7 @@ from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.structured import interpreter
 from flax_tangents._src.empirical.structured import planner
+from flax_tangents._src.empirical.structured import side as side_lib
 
 _KEY = jax.random.PRNGKey(0)
 N = 3
@@ -161,7 +162,7 @@ def _direct(f, params, x1, x2):
 def test_rule_matches_generic_and_direct(name, monkeypatch):
   f, params, x, structured = CASES[name]
   x2 = x[::-1][:2]
-  side = interpreter._Side(f, params, x, {}, None)
+  side = side_lib.Side(f, params, x, {}, None)
   (plan,) = side.plans
   used_rule = all(c.stop_var != side.program.inputs[0] for c in plan.chains)
   if structured:
@@ -202,7 +203,7 @@ def test_embedding_never_forms_a_vocabulary_sized_jacobian():
   table = _normal(3, (vocab, width))
   tokens = jax.random.randint(_KEY, (2, 3), 0, vocab)
   f = lambda p, t: jnp.take(p, t, axis=0).sum(1)  # noqa: E731
-  side = interpreter._Side(f, table, tokens, {}, None)
+  side = side_lib.Side(f, table, tokens, {}, None)
   plans, _ = interpreter._reconcile(side, side)
   compiled = jax.jit(lambda p, t: interpreter.ntk(
       f, p, t, None, {}, {}, trace_axes=(), diagonal_axes=(),
@@ -215,10 +216,9 @@ def test_embedding_never_forms_a_vocabulary_sized_jacobian():
 
 def _diagonal_out_axes(f, params, x):
   """The outputs' batch axes when examples are proven independent, or None."""
-  side = interpreter._Side(f, params, x, {}, None)
+  side = side_lib.Side(f, params, x, {}, None)
   active = [p for p in side.plans if p is not None]
-  side._plan_diagonal(active, interpreter._unique(
-      [c.stop_var for p in active for c in p.chains]))
+  side.plan_diagonal(active, side_lib.stop_vars(active))
   return side.diag_outs
 
 

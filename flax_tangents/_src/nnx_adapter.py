@@ -185,21 +185,32 @@ def kernel_fn_of(module: Any, make: Callable[[Callable[..., PyTree]], Any],
     graphdef, variables = to_variables(params, _live(module), "params")
     return for_graph(graphdef)(x1, x2, *get_args, variables, **kwargs)
 
-  if takes_get:
-
-    def kernel_fn(x1: PyTree, x2: Optional[PyTree] = None, get: Any = None,
-                  params: Any = None, **kwargs) -> Any:
-      return call(x1, x2, (get,), params, kwargs)
-  else:
-
-    def kernel_fn(x1: PyTree, x2: Optional[PyTree] = None, params: Any = None,
-                  **kwargs) -> Any:
-      return call(x1, x2, (), params, kwargs)
+  kernel_fn = (_with_get if takes_get else _without_get)(call)
 
   first = for_graph(split(module)[0])
   for name in ("trace_axes", "diagonal_axes", "auto_selector"):
     if hasattr(first, name):
       setattr(kernel_fn, name, getattr(first, name))
+  return kernel_fn
+
+
+def _with_get(call: Callable[..., Any]) -> Callable[..., Any]:
+  """`kernel_fn(x1, x2=None, get=None, params=None, **kwargs)` of `call`."""
+
+  def kernel_fn(x1: PyTree, x2: Optional[PyTree] = None, get: Any = None,
+                params: Any = None, **kwargs) -> Any:
+    return call(x1, x2, (get,), params, kwargs)
+
+  return kernel_fn
+
+
+def _without_get(call: Callable[..., Any]) -> Callable[..., Any]:
+  """`kernel_fn(x1, x2=None, params=None, **kwargs)` of `call`."""
+
+  def kernel_fn(x1: PyTree, x2: Optional[PyTree] = None, params: Any = None,
+                **kwargs) -> Any:
+    return call(x1, x2, (), params, kwargs)
+
   return kernel_fn
 
 

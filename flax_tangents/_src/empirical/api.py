@@ -29,6 +29,7 @@ import functools
 from typing import Any, Callable, Optional, Union
 
 import jax
+from jax import core
 
 from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical import auto
@@ -63,7 +64,7 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes,
                  implementation: Any) -> KernelFn:
   """`ntk_fn(x1, x2, params, **kwargs)`, jit-compiled, for one algorithm."""
   implementation = dispatch.as_implementation(implementation)
-  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
+  if implementation != NtkImplementation.AUTO:
     dispatch.implementation_fn(implementation)  # Fails early if missing.
   dispatch.check_vmap_axes_type(vmap_axes)
   trace_axes, diagonal_axes = _tuple_axes(trace_axes), _tuple_axes(
@@ -102,7 +103,7 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes,
 
     key = (auto.signature(args), static, jax.default_backend())
     choice = selector.choose(key, candidates, args)
-    if not any(isinstance(leaf, jax.core.Tracer)
+    if not any(isinstance(leaf, core.Tracer)
                for leaf in jax.tree.leaves(args)):
       try:  # The executable AUTO compiled: no second compilation.
         return choice.executable(*args)

@@ -10,11 +10,16 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flax_tangents._src.empirical.layout import PyTree
 
 __all__ = [
+    "ArrayKwargs",
+    "is_array",
+    "is_array_like",
     "is_flax_variables",
+    "params_of",
     "split_kwargs",
     "split_variables",
     "with_params",
@@ -25,6 +30,74 @@ __all__ = [
 _RNG_KWARGS = ("rng", "rngs")
 # Keyword arguments whose tuple values are settings, not `(for_x1, for_x2)`.
 _UNSPLIT_KWARGS = ("mutable",)
+
+
+# Array leaves.
+
+
+def is_array(leaf: Any) -> bool:
+  """Whether `jax.jit` traces `leaf`: a JAX or NumPy array (or scalar).
+
+  >>> is_array(np.ones(2)), is_array(False)
+  (True, False)
+  """
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def is_array_like(leaf: Any) -> bool:
+  """`is_array`, or anything with a shape and a dtype (a shape struct).
+
+  The test of the programs traced from `f` (STRUCTURED_DERIVATIVES and the
+  `vmap_axes` check), which also take shape structs.
+
+  >>> is_array_like(jax.ShapeDtypeStruct((2,), np.float32))
+  True
+  """
+  return is_array(leaf) or (hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+
+
+class ArrayKwargs:
+  """Keyword arguments split into array leaves (traced) and the rest.
+
+  Attributes:
+    kwargs: the keyword arguments.
+    leaves: all their leaves, in `jax.tree.leaves` order (sorted by name).
+    positions: the indices in `leaves` of the array leaves
+      (`is_array_like`).
+    arrays: the array leaves.
+
+  >>> kw = ArrayKwargs({'train': False, 'mask': np.ones(2)})
+  >>> kw.positions, kw.rebuild([np.zeros(2)])
+  ([0], {'mask': array([0., 0.]), 'train': False})
+  """
+
+  def __init__(self, kwargs: Mapping[str, Any]):
+    self.kwargs = kwargs
+    self.leaves, self._tree = jax.tree.flatten(dict(kwargs))
+    self.positions = [i for i, leaf in enumerate(self.leaves)
+                      if is_array_like(leaf)]
+    self.arrays = [self.leaves[i] for i in self.positions]
+
+  def rebuild(self, arrays: Any) -> dict[str, Any]:
+    """The keyword arguments with `arrays` in place of the array leaves."""
+    leaves = list(self.leaves)
+    for i, value in zip(self.positions, arrays):
+      leaves[i] = value
+    return jax.tree.unflatten(self._tree, leaves)
+
+  def leaf_axes(self, kwargs_axes: Mapping[str, Any]
+                ) -> list[Optional[int]]:
+    """One vmap axis (or None) per leaf, from canonical `kwargs_axes`."""
+    axes: list[Optional[int]] = []
+    for name in sorted(self.kwargs):
+      if name in kwargs_axes:
+        axes += jax.tree.leaves(kwargs_axes[name], is_leaf=lambda a: a is None)
+      else:
+        axes += [None] * len(jax.tree.leaves(self.kwargs[name]))
+    return axes
+
+
+# Keyword arguments of the x1 and x2 evaluations.
 
 
 def _trees_equal(x1: PyTree, x2: PyTree) -> jax.Array:
@@ -123,7 +196,7 @@ def split_variables(
     def f_params(p, x, **kwargs):
       return _output_only(f(with_params(variables, p), x, **kwargs), kwargs)
 
-    return f_params, variables["params"]
+    return f_params, params_of(variables)
 
   def f_plain(p, x, **kwargs):
     return _output_only(f(p, x, **kwargs), kwargs)
@@ -136,6 +209,15 @@ def is_flax_variables(tree: PyTree) -> bool:
   return isinstance(tree, Mapping) and "params" in tree
 
 
+def params_of(variables: PyTree) -> PyTree:
+  """The `'params'` collection of Flax variables, or a plain pytree as is.
+
+  >>> params_of({'params': {'w': 1.}, 'batch_stats': {}}), params_of(2.)
+  ({'w': 1.0}, 2.0)
+  """
+  return variables["params"] if is_flax_variables(variables) else variables
+
+
 def with_params(variables: Mapping[str, Any], params: PyTree) -> PyTree:
   """`variables` with its `'params'` collection replaced by `params`.
 
@@ -144,8 +226,9 @@ def with_params(variables: Mapping[str, Any], params: PyTree) -> PyTree:
   merged = dict(variables)
   merged["params"] = params
   if not isinstance(variables, dict):
+    mapping_type: Any = type(variables)  # A Mapping subclass.
     try:
-      return type(variables)(merged)
+      return mapping_type(merged)
     except TypeError:
       pass
   return merged

@@ -4,7 +4,8 @@
 the arguments every implementation receives (see `layout`, `arguments`,
 `example_axes`), checking inputs, outputs and axes with errors that name the
 cause and the fix.
-`implementation_fn` maps an `NtkImplementation` to its `ntk` function.
+`implementation_fn` maps an `NtkImplementation` to its `ntk` function (an
+`NtkAlgorithm`).
 `partition_kwargs` separates array keyword arguments (traced by `jax.jit`)
 from static ones (`train=False`, `mutable=[...]`).
 """
@@ -22,6 +23,8 @@ from flax_tangents._src.empirical import independence
 from flax_tangents._src.empirical import jacobian_contraction
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical import ntk_vector_products
+from flax_tangents._src.empirical import structured
+from flax_tangents._src.empirical.implementation import NtkAlgorithm
 from flax_tangents._src.empirical.implementation import NtkImplementation
 
 __all__ = [
@@ -58,57 +61,50 @@ def as_implementation(implementation: Any) -> NtkImplementation:
     ) from None
 
 
-def _structured_ntk() -> Callable[..., Any]:
-  """STRUCTURED_DERIVATIVES' `ntk`, imported lazily (it is built apart)."""
-  try:
-    # pylint: disable-next=import-outside-toplevel
-    from flax_tangents._src.empirical import structured
-  except Exception as e:  # pylint: disable=broad-except
-    raise NotImplementedError(
-        "NtkImplementation.STRUCTURED_DERIVATIVES is not available in this "
-        f"installation (importing it failed: {e!r}). Use "
-        "JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS or AUTO.") from e
-  ntk = getattr(structured, "ntk", None)
-  if ntk is None:
-    raise NotImplementedError(
-        "NtkImplementation.STRUCTURED_DERIVATIVES is not implemented yet. Use "
-        "JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS or AUTO.")
-  return ntk
+def _structured_ntk() -> NtkAlgorithm:
+  """STRUCTURED_DERIVATIVES' `ntk` (tests replace it to make it missing)."""
+  return structured.ntk
 
 
-def implementation_fn(implementation: NtkImplementation
-                      ) -> Callable[..., Any]:
+# How to get each single algorithm's `ntk`: a getter, so that an algorithm
+# missing from an installation raises NotImplementedError when asked for.
+_ALGORITHMS: dict[NtkImplementation, Callable[[], NtkAlgorithm]] = {
+    NtkImplementation.JACOBIAN_CONTRACTION: lambda: jacobian_contraction.ntk,
+    NtkImplementation.NTK_VECTOR_PRODUCTS: lambda: ntk_vector_products.ntk,
+    # Looked up when called, so that replacing `_structured_ntk` works.
+    NtkImplementation.STRUCTURED_DERIVATIVES: lambda: _structured_ntk(),
+}
+
+
+def implementation_fn(implementation: NtkImplementation) -> NtkAlgorithm:
   """The `ntk(f, params, x1, x2, kwargs1, kwargs2, *, ...)` of an algorithm.
 
   Raises:
-    NotImplementedError: for STRUCTURED_DERIVATIVES when it is unavailable.
+    NotImplementedError: for an algorithm missing from this installation.
     ValueError: for AUTO, which is not a single algorithm.
+
+  >>> implementation_fn(NtkImplementation.JACOBIAN_CONTRACTION).__module__
+  'flax_tangents._src.empirical.jacobian_contraction'
   """
-  if implementation == NtkImplementation.JACOBIAN_CONTRACTION:
-    return jacobian_contraction.ntk
-  if implementation == NtkImplementation.NTK_VECTOR_PRODUCTS:
-    return ntk_vector_products.ntk
-  if implementation == NtkImplementation.STRUCTURED_DERIVATIVES:
-    return _structured_ntk()
-  raise ValueError(f"{implementation!r} is not a single algorithm.")
+  algorithm = _ALGORITHMS.get(implementation)
+  if algorithm is None:
+    raise ValueError(f"{implementation!r} is not a single algorithm.")
+  return algorithm()
 
 
 def available_implementations() -> tuple[NtkImplementation, ...]:
   """The algorithms AUTO may choose from, in this installation."""
-  available = (NtkImplementation.JACOBIAN_CONTRACTION,
-               NtkImplementation.NTK_VECTOR_PRODUCTS)
-  try:
-    _structured_ntk()
-  except NotImplementedError:
-    return available
-  return available + (NtkImplementation.STRUCTURED_DERIVATIVES,)
+  available = []
+  for implementation in _ALGORITHMS:
+    try:
+      implementation_fn(implementation)
+    except NotImplementedError:
+      continue
+    available.append(implementation)
+  return tuple(available)
 
 
 # Keyword arguments: arrays are traced, everything else is static.
-
-
-def _is_array(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
 
 
 class StaticKwargs:
@@ -145,9 +141,9 @@ def partition_kwargs(kwargs: Mapping[str, Any]
   (1, ((0, False),))
   """
   leaves, treedef = jax.tree.flatten(dict(kwargs))
-  arrays = [leaf for leaf in leaves if _is_array(leaf)]
+  arrays = [leaf for leaf in leaves if arguments.is_array(leaf)]
   static = tuple((i, leaf) for i, leaf in enumerate(leaves)
-                 if not _is_array(leaf))
+                 if not arguments.is_array(leaf))
   return arrays, StaticKwargs(treedef, static)
 
 
@@ -279,11 +275,8 @@ def prepare(f: Callable[..., Any], variables: layout.PyTree,
     example_axes.canonicalize_vmap_axes(vmap_axes, x2, fx2, kwargs2)
   if canonical is not None:
     # Never a silently wrong kernel: `f` must treat examples independently.
-    finding = independence.vmap_axes_finding(f_params, params, x1, kwargs1,
-                                             canonical)
-    if finding is None and x2 is not None:
-      finding = independence.vmap_axes_finding(f_params, params, x2, kwargs2,
-                                               canonical)
+    finding = independence.finding_for_both(f_params, params, x1, x2,
+                                            kwargs1, kwargs2, canonical)
     if finding is not None:
       warnings.warn(independence.warning_message(vmap_axes, finding),
                     UserWarning, stacklevel=3)

@@ -15,6 +15,7 @@ import numpy as np
 from flax_tangents._src.empirical.layout import PyTree
 
 __all__ = [
+    "CanonicalVmapAxes",
     "VmapAxes",
     "canonicalize_tree_axes",
     "canonicalize_vmap_axes",
@@ -26,7 +27,8 @@ __all__ = [
 # is a pytree like `x` of non-negative ints (or None), `out_axes` a pytree like
 # `f`'s output of non-negative ints, `kwargs_axes` a dict from keyword name to
 # a pytree of non-negative ints (or None) like that keyword's value.
-VmapAxes = Optional[tuple[PyTree, PyTree, dict[str, PyTree]]]
+CanonicalVmapAxes = tuple[PyTree, PyTree, dict[str, PyTree]]
+VmapAxes = Optional[CanonicalVmapAxes]
 
 
 def _broadcast_axes(axes: PyTree, tree: PyTree, what: str) -> PyTree:
@@ -76,6 +78,41 @@ def canonicalize_tree_axes(axes: PyTree, tree: PyTree, what: str) -> PyTree:
   return jax.tree.map(
       lambda a, leaf: _normalize_leaf_axis(a, leaf, what),
       _broadcast_axes(axes, tree, what), tree, is_leaf=lambda a: a is None)
+
+
+def _check_sizes(vmap_axes: Any, inputs: tuple[Any, Any],
+                 outputs: tuple[Any, Any],
+                 kwargs: dict[str, tuple[Any, Any]]) -> None:
+  """Every vmapped axis must have the same size.
+
+  Args:
+    vmap_axes: the user's `vmap_axes`, for the message.
+    inputs: `(in_axes, x)`.
+    outputs: `(out_axes, fx)`.
+    kwargs: by keyword name, `(axes, value)`.
+
+  Raises:
+    ValueError: if the vmapped axes have different sizes.
+  """
+  sizes = {}
+
+  def record(axes, tree, what):
+    for axis, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda a: a is None),
+                          jax.tree.leaves(tree)):
+      if axis is not None:
+        sizes.setdefault(jnp.shape(leaf)[axis], []).append(
+            f"{what} of shape {jnp.shape(leaf)} along axis {axis}")
+
+  record(*inputs, "input x")
+  record(*outputs, "output f(params, x)")
+  for name, (axes, value) in kwargs.items():
+    record(axes, value, f"keyword {name!r}")
+  if len(sizes) > 1:
+    details = "; ".join(f"size {s}: {', '.join(w)}" for s, w in sizes.items())
+    raise ValueError(
+        f"vmap_axes={vmap_axes!r} do not fit the inputs: the vmapped axes "
+        f"have different sizes ({details}). They must all index the same "
+        "batch of examples; fix vmap_axes or pass vmap_axes=None.")
 
 
 def canonicalize_vmap_axes(vmap_axes: Any, x: PyTree, fx: PyTree,
@@ -137,26 +174,8 @@ def canonicalize_vmap_axes(vmap_axes: Any, x: PyTree, fx: PyTree,
       for name, axes in kwargs_axes.items()
   }
 
-  # Every vmapped axis must have the same size.
-  sizes = {}
-
-  def record(axes, tree, what):
-    for axis, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda a: a is None),
-                          jax.tree.leaves(tree)):
-      if axis is not None:
-        sizes.setdefault(jnp.shape(leaf)[axis], []).append(
-            f"{what} of shape {jnp.shape(leaf)} along axis {axis}")
-
-  record(in_axes, x, "input x")
-  record(out_axes, fx, "output f(params, x)")
-  for name, axes in kwargs_axes.items():
-    record(axes, kwargs[name], f"keyword {name!r}")
-  if len(sizes) > 1:
-    details = "; ".join(f"size {s}: {', '.join(w)}" for s, w in sizes.items())
-    raise ValueError(
-        f"vmap_axes={vmap_axes!r} do not fit the inputs: the vmapped axes "
-        f"have different sizes ({details}). They must all index the same "
-        "batch of examples; fix vmap_axes or pass vmap_axes=None.")
+  by_name = {name: (axes, kwargs[name]) for name, axes in kwargs_axes.items()}
+  _check_sizes(vmap_axes, (in_axes, x), (out_axes, fx), by_name)
   if not any(a is not None for a in jax.tree.leaves(
       (in_axes, kwargs_axes), is_leaf=lambda a: a is None)):
     raise ValueError(
@@ -185,7 +204,7 @@ def split_vmapped_kwargs(kwargs: Mapping[str, Any], vmap_axes: VmapAxes
 
 
 def per_example_fn(
-    f: Callable[..., PyTree], vmap_axes: VmapAxes,
+    f: Callable[..., PyTree], vmap_axes: CanonicalVmapAxes,
     fixed_kwargs: Mapping[str, Any]
 ) -> tuple[Callable[..., PyTree], tuple[PyTree, PyTree], PyTree]:
   """`f` on one example, ready for `jax.vmap`.

@@ -30,6 +30,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from flax_tangents._src.empirical.structured import evaluation
 from flax_tangents._src.empirical.structured import ir
 
 __all__ = ["conv", "filter_gradient", "patches", "with_patch_gradients"]
@@ -118,7 +119,7 @@ def conv(lhs: jax.Array, rhs: jax.Array, *, window_strides, padding,
                         preferred_element_type=preferred_element_type)
   # `out` is (N, *out_spatial, C_out): put its axes where out_spec says.
   current = (out_spec[0],) + tuple(out_spec[2:]) + (out_spec[1],)
-  return jnp.transpose(out, np.argsort(current))
+  return jnp.transpose(out, tuple(int(a) for a in np.argsort(current)))
 
 
 def filter_gradient(lhs: jax.Array, cotangent: jax.Array, rhs_shape,
@@ -139,7 +140,8 @@ def filter_gradient(lhs: jax.Array, cotangent: jax.Array, rhs_shape,
                           "preferred_element_type"))
   # `w` is (C_in, *K, C_out): put its axes where rhs_spec says.
   current = (rhs_spec[1],) + tuple(rhs_spec[2:]) + (rhs_spec[0],)
-  return jnp.transpose(w, np.argsort(current)).astype(cotangent.dtype)
+  perm = tuple(int(a) for a in np.argsort(current))
+  return jnp.transpose(w, perm).astype(cotangent.dtype)
 
 
 def _conv_with_patch_gradient(eqn: ir.Equation, lhs, rhs):
@@ -192,10 +194,10 @@ def with_patch_gradients(f: Callable[..., Any]) -> Callable[..., Any]:
     program, out_tree = ir.flatten(lambda p, v: f(p, v, **kwargs), *structs)
     if not _has_conv(program):
       return f(params, x, **kwargs)
-    env = ir.evaluate(program, jax.tree.leaves((params, x)), {},
-                      overrides={"conv_general_dilated":
-                                 _conv_with_patch_gradient})
-    return jax.tree.unflatten(out_tree,
-                              [ir.read_atom(env, a) for a in program.outputs])
+    env = evaluation.evaluate(program, jax.tree.leaves((params, x)), {},
+                              overrides={"conv_general_dilated":
+                                         _conv_with_patch_gradient})
+    return jax.tree.unflatten(
+        out_tree, [evaluation.read_atom(env, a) for a in program.outputs])
 
   return fast

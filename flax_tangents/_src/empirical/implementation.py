@@ -1,8 +1,19 @@
-"""`NtkImplementation`: which algorithm computes an empirical NTK."""
+"""Which algorithm computes an empirical NTK, and what each one provides.
 
+`NtkImplementation` names the algorithms (the public option);
+`NtkAlgorithm` is the call every single algorithm implements
+(`jacobian_contraction.ntk`, `ntk_vector_products.ntk`, `structured.ntk`),
+by which `dispatch.implementation_fn` hands one out.
+"""
+
+from collections.abc import Callable, Mapping
 import enum
+from typing import Any, Optional, Protocol
 
-__all__ = ["NtkImplementation"]
+from flax_tangents._src.empirical import example_axes
+from flax_tangents._src.empirical import layout
+
+__all__ = ["NtkAlgorithm", "NtkImplementation"]
 
 
 class NtkImplementation(enum.IntEnum):
@@ -29,3 +40,26 @@ class NtkImplementation(enum.IntEnum):
   JACOBIAN_CONTRACTION = 1
   NTK_VECTOR_PRODUCTS = 2
   STRUCTURED_DERIVATIVES = 3
+
+
+class NtkAlgorithm(Protocol):
+  """An empirical NTK algorithm: `ntk(f, params, x1, x2, kwargs1, kwargs2,
+  *, trace_axes, diagonal_axes, vmap_axes)`.
+
+  It receives what `dispatch.prepare` produced: `f(params, x, **kwargs)`
+  of the differentiated parameters alone, the keyword arguments of the
+  `x1` and `x2` evaluations, and `vmap_axes` as None or the canonical
+  triple of `example_axes.canonicalize_vmap_axes` (already checked by
+  `independence`). It returns a pytree like `f`'s output of kernels in NT
+  layout (`layout`), the same kernel whichever algorithm computes it.
+
+  >>> from flax_tangents._src.empirical import jacobian_contraction
+  >>> algorithm: NtkAlgorithm = jacobian_contraction.ntk
+  """
+
+  def __call__(self, f: Callable[..., layout.PyTree], params: layout.PyTree,
+               x1: layout.PyTree, x2: Optional[layout.PyTree],
+               kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
+               trace_axes: layout.Axes, diagonal_axes: layout.Axes,
+               vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
+    ...

@@ -25,16 +25,12 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from flax_tangents._src.empirical import arguments
 from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical.structured import batching
 from flax_tangents._src.empirical.structured import ir
 
-__all__ = ["vmap_axes_finding", "warning_message"]
-
-
-def _is_array(leaf: Any) -> bool:
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) or (
-      hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
+__all__ = ["finding_for_both", "vmap_axes_finding", "warning_message"]
 
 
 def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
@@ -44,7 +40,7 @@ def _struct(leaf: Any) -> jax.ShapeDtypeStruct:
 
 
 def _batch_size(x: Any, kwargs: Mapping[str, Any],
-                vmap_axes: example_axes.VmapAxes) -> int:
+                vmap_axes: example_axes.CanonicalVmapAxes) -> int:
   in_axes, _, kwargs_axes = vmap_axes
   none = lambda a: a is None  # noqa: E731
   pairs = list(zip(jax.tree.leaves(in_axes, is_leaf=none),
@@ -58,7 +54,8 @@ def _batch_size(x: Any, kwargs: Mapping[str, Any],
 
 def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
                       kwargs: Mapping[str, Any],
-                      vmap_axes: example_axes.VmapAxes) -> Optional[str]:
+                      vmap_axes: example_axes.CanonicalVmapAxes
+                      ) -> Optional[str]:
   """None if `f` provably treats examples independently along `vmap_axes`.
 
   Args:
@@ -87,27 +84,19 @@ def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
     return None  # One example: per-example evaluation is the same call.
   in_axes, out_axes, kwargs_axes = vmap_axes
   none = lambda a: a is None  # noqa: E731
-  kw_leaves, kw_tree = jax.tree.flatten(dict(kwargs))
-  positions = [i for i, leaf in enumerate(kw_leaves) if _is_array(leaf)]
-  kw_axes: list[Optional[int]] = []
-  for name in sorted(kwargs):
-    n = len(jax.tree.leaves(kwargs[name]))
-    kw_axes += (jax.tree.leaves(kwargs_axes[name], is_leaf=none)
-                if name in kwargs_axes else [None] * n)
+  kw = arguments.ArrayKwargs(kwargs)
+  kw_axes = kw.leaf_axes(kwargs_axes)
 
   def traced(p, x_value, kw_arrays):
-    leaves = list(kw_leaves)
-    for i, value in zip(positions, kw_arrays):
-      leaves[i] = value
-    return f(p, x_value, **jax.tree.unflatten(kw_tree, leaves))
+    return f(p, x_value, **kw.rebuild(kw_arrays))
 
   program, _ = ir.flatten(
       traced, jax.tree.map(_struct, params), jax.tree.map(_struct, x),
-      [_struct(kw_leaves[i]) for i in positions])
+      [_struct(leaf) for leaf in kw.arrays])
   n_params = len(jax.tree.leaves(params))
   states = ([None] * n_params +
             list(jax.tree.leaves(in_axes, is_leaf=none)) +
-            [kw_axes[i] for i in positions])
+            [kw_axes[i] for i in kw.positions])
   result = batching.analyse(program, states, strict=True)
   for k, (state, consts, want) in enumerate(
       zip(result.states, result.consts, jax.tree.leaves(out_axes))):
@@ -121,6 +110,18 @@ def vmap_axes_finding(f: Callable[..., Any], params: Any, x: Any,
         f"is batched along axis {state}")
     return (f"output {k} {got}, not along its declared out axis {want}")
   return None
+
+
+def finding_for_both(f: Callable[..., Any], params: Any, x1: Any,
+                     x2: Optional[Any], kwargs1: Mapping[str, Any],
+                     kwargs2: Mapping[str, Any],
+                     vmap_axes: example_axes.CanonicalVmapAxes
+                     ) -> Optional[str]:
+  """`vmap_axes_finding` for `x1`, then (if proven there) for `x2`."""
+  finding = vmap_axes_finding(f, params, x1, kwargs1, vmap_axes)
+  if finding is None and x2 is not None:
+    finding = vmap_axes_finding(f, params, x2, kwargs2, vmap_axes)
+  return finding
 
 
 def warning_message(vmap_axes: Any, finding: str) -> str:

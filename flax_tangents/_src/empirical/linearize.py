@@ -88,7 +88,7 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
     return nnx_adapter.expansion_of(
         f, params, lambda g, v: taylor_expand(g, v, degree))
   flax_variables = arguments.is_flax_variables(params)
-  params_0 = params["params"] if flax_variables else params
+  params_0 = arguments.params_of(params)
 
   def f_tayl(p: PyTree, *args, **kwargs) -> PyTree:
     new_params = p["params"] if flax_variables else p
@@ -155,7 +155,7 @@ def linearize(f: ApplyFn, params: PyTree = None) -> ApplyFn:
     raise TypeError("linearize(f, params) needs the expansion point `params` "
                     "(optional only for an nnx.Module `f`).")
   flax_variables = arguments.is_flax_variables(params)
-  params_0 = params["params"] if flax_variables else params
+  params_0 = arguments.params_of(params)
 
   def f_lin(p: PyTree, *args, **kwargs) -> PyTree:
     new_params = p["params"] if flax_variables else p

@@ -110,7 +110,7 @@ def _per_example_kernels(f: Callable[..., layout.PyTree],
                          params: layout.PyTree, x1: layout.PyTree,
                          x2: layout.PyTree, kwargs1: Mapping[str, Any],
                          kwargs2: Mapping[str, Any],
-                         vmap_axes: example_axes.VmapAxes,
+                         vmap_axes: example_axes.CanonicalVmapAxes,
                          fx1: layout.PyTree) -> layout.PyTree:
   """Full kernels `(*out1, *out2)` per leaf, one `x2` example at a time.
 

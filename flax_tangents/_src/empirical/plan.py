@@ -18,8 +18,9 @@ import jax
 import numpy as np
 
 from flax_tangents._src.empirical import dispatch
+from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical import independence
-from flax_tangents._src.empirical.structured import interpreter
+from flax_tangents._src.empirical.structured import side as side_lib
 
 __all__ = ["LeafReport", "NtkPlan", "empirical_ntk_plan"]
 
@@ -157,26 +158,23 @@ def empirical_ntk_plan(f: Callable[..., Any], x1: Any, x2: Any = None,
   prepared = dispatch.prepare(f, params, x1, x2, kwargs, (), (), None)
   canonical, reason = None, None
   if vmap_axes is not None:
-    from flax_tangents._src.empirical import example_axes  # pylint: disable=g-import-not-at-top
     canonical = example_axes.canonicalize_vmap_axes(
         vmap_axes, x1, prepared.fx1, prepared.kwargs1)
-    reason = independence.vmap_axes_finding(prepared.f, prepared.params, x1,
-                                            prepared.kwargs1, canonical)
-    if reason is None and x2 is not None:
-      reason = independence.vmap_axes_finding(
-          prepared.f, prepared.params, x2, prepared.kwargs2, canonical)
+    if canonical is not None:  # Always: `vmap_axes` is not None.
+      reason = independence.finding_for_both(
+          prepared.f, prepared.params, x1, x2, prepared.kwargs1,
+          prepared.kwargs2, canonical)
     if reason is not None:
       canonical = None
-  side = interpreter._Side(prepared.f, prepared.params, x1,  # pylint: disable=protected-access
-                           prepared.kwargs1, canonical)
+  side = side_lib.Side(prepared.f, prepared.params, x1, prepared.kwargs1,
+                       canonical)
   plans = side.plans
   independent, why = None, None
   if canonical is None:
     active = [p for p in plans if p is not None]
-    stops = interpreter._unique(  # pylint: disable=protected-access
-        [c.stop_var for p in active for c in p.chains])
+    stops = side_lib.stop_vars(active)
     if stops:
-      side._plan_diagonal(active, stops)  # pylint: disable=protected-access
+      side.plan_diagonal(active, stops)
       independent, why = side.diag_outs is not None, side.diag_reason
   paths = jax.tree_util.tree_leaves_with_path(prepared.params)
   leaves = []

@@ -22,12 +22,14 @@ from typing import Any, Optional
 import warnings
 
 import jax
+from jax import core
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
     "IllConditionedWarning",
     "check_diag_reg",
+    "check_predict_inputs",
     "check_learning_rate",
     "check_times",
     "canonical_dtypes",
@@ -54,7 +56,7 @@ class IllConditionedWarning(UserWarning):
 
 def _scalar(value: Any, name: str) -> Optional[float]:
   """`value` as a float, or None when it is traced."""
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, core.Tracer):
     return None
   array = np.asarray(value)
   if array.size != 1:
@@ -95,7 +97,7 @@ def check_times(t: Any) -> None:
   Raises:
     ValueError: naming the offending value and the fix.
   """
-  if t is None or isinstance(t, jax.core.Tracer):
+  if t is None or isinstance(t, core.Tracer):
     return
   times = np.asarray(t)
   if not np.issubdtype(times.dtype, np.number) or np.iscomplexobj(times):
@@ -115,9 +117,35 @@ def check_times(t: Any) -> None:
         "eigenvalues, so negative times have no meaningful prediction.")
 
 
+def check_predict_inputs(fx_train_0: Any, fx_test_0: Any,
+                         k_test_train: Any) -> None:
+  """Raises unless a predictor's call asks for something it can compute.
+
+  Args:
+    fx_train_0: initial train outputs, or None (test set only).
+    fx_test_0: initial test outputs, or None (train set only).
+    k_test_train: the test-train kernel (needed for test outputs).
+
+  Raises:
+    ValueError: if both outputs are None, or test outputs lack a kernel.
+
+  >>> check_predict_inputs(0., None, None)
+  >>> check_predict_inputs(None, None, None)
+  Traceback (most recent call last):
+  ...
+  ValueError: Both fx_train_0 and fx_test_0 are None: there is nothing ...
+  """
+  if fx_train_0 is None and fx_test_0 is None:
+    raise ValueError("Both fx_train_0 and fx_test_0 are None: there is "
+                     "nothing to predict.")
+  if fx_test_0 is not None and k_test_train is None:
+    raise ValueError("Predictions on the test set (fx_test_0 is not None) "
+                     "need k_test_train.")
+
+
 def is_concrete(*trees: Any) -> bool:
   """Whether no leaf of `trees` is being traced (e.g. under `jax.jit`)."""
-  return not any(isinstance(leaf, jax.core.Tracer)
+  return not any(isinstance(leaf, core.Tracer)
                  for leaf in jax.tree.leaves(trees))
 
 
@@ -129,7 +157,7 @@ def solve_precision(*trees: Any) -> contextlib.AbstractContextManager:
   their precision). Code run in it must cast its outputs back to the inputs'
   dtype.
   """
-  if jax.config.jax_enable_x64 or not is_concrete(*trees):
+  if jax.config.read("jax_enable_x64") or not is_concrete(*trees):
     return contextlib.nullcontext()
   return jax.enable_x64(True)
 
@@ -149,8 +177,8 @@ def canonical_dtypes(tree: Any) -> Any:
 
 
 def is_low_precision(dtype: Any) -> bool:
-  return (jnp.issubdtype(dtype, jnp.floating)
-          and jnp.finfo(dtype).eps > np.finfo(np.float64).eps)
+  return bool(jnp.issubdtype(dtype, jnp.floating)
+              and jnp.finfo(dtype).eps > np.finfo(np.float64).eps)
 
 
 def _suggest_diag_reg(top: float, mean_diag: float, eps: float,

@@ -70,7 +70,9 @@ class ArrayOperator:
             f"A kernel spread over several processes must have a "
             f"NamedSharding (as ft.batch returns it); got "
             f"{type(kernel.sharding).__name__}.")
-      self.mesh = kernel.sharding.mesh
+      mesh = kernel.sharding.mesh
+      assert isinstance(mesh, Mesh)  # A concrete array's mesh.
+      self.mesh = mesh
 
   def matmul(self, v: jax.Array) -> jax.Array:
     if self.mesh is None:
@@ -113,6 +115,7 @@ def _split_rows(kernel: jax.Array) -> jax.Array:
       or any(axis is not None for axis in sharding.spec)):
     return kernel  # One device, or already split.
   mesh = sharding.mesh
+  assert isinstance(mesh, Mesh)  # A concrete array's mesh.
   n_pad = math.ceil(kernel.shape[0] / mesh.size) * mesh.size
   rows = NamedSharding(mesh, PartitionSpec(devices.tile_axis_spec(mesh)[0]))
   # Each device slices its rows out of its own copy: no communication.

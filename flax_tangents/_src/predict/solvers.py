@@ -37,12 +37,13 @@ from flax_tangents._src.predict import nystrom as nystrom_lib
 from flax_tangents._src.predict import operators
 from flax_tangents._src.scale import devices
 from flax_tangents._src.scale import fingerprint as fingerprint_lib
-from flax_tangents._src.scale.progress import ProgressArg
 from flax_tangents._src.scale.tiled_kernel import TiledKernel
 
 __all__ = ["CG", "DENSE_MAX_N", "IterativeSystem", "SolveInfo", "resolve"]
 
 DENSE_MAX_N = 10_000
+# `CG(progress=...)`: None, a bool, or `progress(iteration, residual)`.
+SolveProgressArg = Union[None, bool, Callable[[int, float], None]]
 
 ConvergenceError = krylov.ConvergenceError
 
@@ -80,7 +81,7 @@ class CG:
   preconditioner: Optional[str] = "nystrom"
   rank: int = 100
   seed: int = 0
-  progress: ProgressArg = None
+  progress: SolveProgressArg = None
   mesh: Optional[Mesh] = None
   state_dir: Optional[str] = None
 
@@ -160,7 +161,7 @@ def resolve(solver: SolverArg, kernel: Any, kept_ndim: int) -> Optional[CG]:
 class _Reporter:
   """Progress of one solve: a line on stderr, or a user callback."""
 
-  def __init__(self, setting: ProgressArg, label: str, tol: float):
+  def __init__(self, setting: SolveProgressArg, label: str, tol: float):
     self.callback = setting if callable(setting) else None
     primary = devices.is_primary_process()
     self.draw = primary and self.callback is None and (
@@ -369,7 +370,8 @@ def _write_npz(path: str, arrays: dict[str, Any]) -> None:
   temporary = path + ".tmp"
   try:
     with open(temporary, "wb") as f:
-      np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+      host: dict[str, Any] = {k: np.asarray(v) for k, v in arrays.items()}
+      np.savez(f, **host)
     os.replace(temporary, path)
   except OSError:
     pass  # Saving is a convenience; the solve itself goes on.

@@ -172,6 +172,7 @@ def _stitcher(role, perm, index, transposed, b, n1, n2):
       return _trim(blocks, role, n1, n2)
     gathered = gathered.reshape(index.shape + tile_shape)
     if any_transposed:
+      assert transposed is not None  # `any_transposed` says so.
       mirrored = jnp.transpose(gathered, (0, 1) + tuple(2 + p for p in perm))
       mask = transposed.reshape(transposed.shape + (1,) * len(tile_shape))
       gathered = jnp.where(mask, mirrored, gathered)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 from jax.sharding import Mesh
@@ -33,75 +33,15 @@ from flax_tangents._src.scale import fingerprint as fingerprint_lib
 from flax_tangents._src.scale import progress as progress_lib
 from flax_tangents._src.scale import tile_checkpoint
 from flax_tangents._src.scale import tile_outputs
+from flax_tangents._src.scale.call_arguments import Call
 from flax_tangents._src.scale.tile_plan import DIAG
 from flax_tangents._src.scale.tile_plan import FULL
 from flax_tangents._src.scale.tile_plan import OFFDIAG
 from flax_tangents._src.scale.tile_plan import TilePlan
-from flax_tangents._src.scale.tile_plan import leading_size
 from flax_tangents._src.scale.tile_plan import pad_rows
 from flax_tangents._src.scale.tile_plan import tile_rows
 
 __all__ = ["BatchedKernelFn"]
-
-# Keyword arguments never split between x1 and x2 (Flax settings, keys).
-_UNSPLIT_KWARGS = frozenset({"mutable", "rng", "rngs", "get"})
-
-
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _hashable(values: tuple) -> Optional[tuple]:
-  try:
-    hash(values)
-    return values
-  except TypeError:
-    return None
-
-
-class _Call:
-  """The arguments of one call, sorted into tiled, array and static parts."""
-
-  def __init__(self, x1: Any, x2: Any, args: tuple, kwargs: dict):
-    self.symmetric = x2 is None
-    self.n1 = leading_size(x1, "x1")
-    self.n2 = self.n1 if self.symmetric else leading_size(x2, "x2")
-    self.get = args[0] if args else kwargs.get("get")
-    self.tiled: dict[str, tuple[Any, Any]] = {}
-    rest = {}
-    for name, value in kwargs.items():
-      if self._is_tiled_pair(name, value):
-        self.tiled[name] = value
-      else:
-        rest[name] = value
-    leaves, self.treedef = jax.tree.flatten((args, rest))
-    self.is_dynamic = tuple(_is_array(leaf) for leaf in leaves)
-    self.dynamic = [leaf for leaf in leaves if _is_array(leaf)]
-    self.static = tuple(leaf for leaf in leaves if not _is_array(leaf))
-
-  def _is_tiled_pair(self, name: str, value: Any) -> bool:
-    if (name in _UNSPLIT_KWARGS or not isinstance(value, tuple)
-        or len(value) != 2 or any(v is None for v in value)):
-      return False
-    try:
-      return (leading_size(value[0], name) == self.n1
-              and leading_size(value[1], name) == self.n2)
-    except ValueError:
-      return False
-
-  def rebuild(self, dynamic: list[Any]) -> tuple[tuple, dict]:
-    dynamic_iter, static_iter = iter(dynamic), iter(self.static)
-    leaves = [next(dynamic_iter) if is_dyn else next(static_iter)
-              for is_dyn in self.is_dynamic]
-    return jax.tree.unflatten(self.treedef, leaves)
-
-  def program_key(self, kind: str) -> Optional[tuple]:
-    static = _hashable(self.static)
-    if static is None:
-      return None
-    return (kind, self.treedef, static, self.is_dynamic,
-            tuple(sorted(self.tiled)), self.symmetric)
-
 
 class BatchedKernelFn:
   """See `ft.batch`."""
@@ -139,7 +79,7 @@ class BatchedKernelFn:
           "ft.batch tiles kernels of inputs; pass the inputs `x1`, `x2` "
           "rather than a Kernel (apply the batched function to the data and "
           "the whole network instead of composing it with a Kernel).")
-    call = _Call(x1, x2, args, kwargs)
+    call = Call(x1, x2, args, kwargs)
     mesh = self.mesh if self.mesh is not None else devices.default_mesh()
     b = min(self.batch_size, max(call.n1, call.n2))
     # Traced on every call: a kernel function with state (an NNX model
@@ -152,13 +92,7 @@ class BatchedKernelFn:
     mirror = call.symmetric and template.all_transposable
     plan = TilePlan(call.n1, call.n2, b, call.symmetric, mirror)
 
-    x1_padded = pad_rows(x1, plan.n1_blocks * b)
-    x2_padded = x1_padded if call.symmetric else pad_rows(
-        x2, plan.n2_blocks * b)
-    tiled1 = {n: pad_rows(v[0], plan.n1_blocks * b)
-              for n, v in call.tiled.items()}
-    tiled2 = {n: pad_rows(v[1], plan.n2_blocks * b)
-              for n, v in call.tiled.items()}
+    padded_inputs = _padded_inputs(call, x1, x2, plan)
     dynamic = devices.put_replicated(call.dynamic, mesh)
 
     if self.store_on_device:
@@ -166,24 +100,12 @@ class BatchedKernelFn:
     else:
       assembler = assemble.HostAssembler(template, plan)
 
-    checkpoint, done = None, set()
-    if self.checkpoint_dir is not None:
-      checkpoint = tile_checkpoint.TileCheckpoint(
-          self.checkpoint_dir, self._fingerprint(call, x1, x2, plan,
-                                                 computation),
-          {"plan": plan.describe(),
-           "leaves": tile_outputs.describe_leaves(template)})
+    checkpoint = self._open_checkpoint(call, x1, x2, plan, template,
+                                       computation)
     try:
+      done = set()
       if checkpoint is not None:
-        expected = {assemble.leaf_name(k): (leaf.shape,
-                                            np.dtype(leaf.dtype).name)
-                    for k, leaf in enumerate(template.leaves)}
-        for ids, leaves in checkpoint.load(len(plan.tiles), expected):
-          if self.store_on_device:
-            assembler.add_host(ids, leaves)
-          else:
-            assembler.add(ids, leaves)
-          done.update(int(i) for i in ids if i >= 0)
+        done = _restore(checkpoint, plan, template, assembler)
       todo = [tile for tile in plan.tiles if tile.id not in done]
       if checkpoint is not None and todo:
         checkpoint.ensure_writable()
@@ -191,8 +113,7 @@ class BatchedKernelFn:
                                        self.progress,
                                        devices.is_primary_process())
       self._compute(call, template, plan, mesh, todo, assembler, checkpoint,
-                    progress, (x1_padded, x2_padded, tiled1, tiled2), dynamic,
-                    computation)
+                    progress, padded_inputs, dynamic, computation)
     except BaseException:
       if checkpoint is not None:
         checkpoint.abandon()
@@ -201,6 +122,19 @@ class BatchedKernelFn:
       checkpoint.close()
     progress.close()
     return template.build(assembler.result(), call.n1, call.n2)
+
+  def _open_checkpoint(self, call: Call, x1: Any, x2: Any, plan: TilePlan,
+                       template: tile_outputs.OutputTemplate,
+                       computation: str
+                       ) -> Optional[tile_checkpoint.TileCheckpoint]:
+    """The call's tile checkpoint in `checkpoint_dir`, or None without one."""
+    if self.checkpoint_dir is None:
+      return None
+    return tile_checkpoint.TileCheckpoint(
+        self.checkpoint_dir, self._fingerprint(call, x1, x2, plan,
+                                               computation),
+        {"plan": plan.describe(),
+         "leaves": tile_outputs.describe_leaves(template)})
 
   def _compute(self, call, template, plan, mesh, todo, assembler, checkpoint,
                progress, padded_inputs, dynamic, computation) -> None:
@@ -237,7 +171,7 @@ class BatchedKernelFn:
 
   # ------------------------------------------------------------ programs
 
-  def _one_tile(self, call: _Call, kind: str) -> Callable[..., Any]:
+  def _one_tile(self, call: Call, kind: str) -> Callable[..., Any]:
     """The wrapped function on one (unstacked) tile."""
     def one_tile(x1, x2, tiled1, tiled2, dynamic):
       args, kwargs = call.rebuild(dynamic)
@@ -247,7 +181,7 @@ class BatchedKernelFn:
       return self.kernel_fn(x1, None if kind == DIAG else x2, *args, **kwargs)
     return one_tile
 
-  def _template(self, call: _Call, x1: Any, x2: Any, b: int,
+  def _template(self, call: Call, x1: Any, x2: Any, b: int,
                 computation: str) -> tile_outputs.OutputTemplate:
     kind = DIAG if call.symmetric else FULL
     specs = self._tile_specs(call, x1, x2, b)
@@ -266,7 +200,7 @@ class BatchedKernelFn:
     return template
 
   @staticmethod
-  def _tile_specs(call: _Call, x1: Any, x2: Any, b: int) -> tuple:
+  def _tile_specs(call: Call, x1: Any, x2: Any, b: int) -> tuple:
     """Abstract inputs of one tile: `(x1, x2, tiled1, tiled2)`."""
     def tile_spec(x):
       return jax.tree.map(
@@ -276,7 +210,7 @@ class BatchedKernelFn:
             tile_spec({n: v[0] for n, v in call.tiled.items()}),
             tile_spec({n: v[1] for n, v in call.tiled.items()}))
 
-  def _new_template(self, call: _Call, kind: str, specs: tuple,
+  def _new_template(self, call: Call, kind: str, specs: tuple,
                     b: int) -> tile_outputs.OutputTemplate:
     one_tile = self._one_tile(call, kind)
     abstract = jax.eval_shape(one_tile, *specs, call.dynamic)
@@ -316,7 +250,7 @@ class BatchedKernelFn:
     layout = tile_outputs._kernel_layout(kernel)  # pylint: disable=protected-access
     return lambda rest: layout
 
-  def _program(self, call: _Call, kind: str,
+  def _program(self, call: Call, kind: str,
                template: tile_outputs.OutputTemplate, mesh: Mesh,
                computation: str) -> Callable[..., Any]:
     key = call.program_key(kind)
@@ -349,7 +283,7 @@ class BatchedKernelFn:
 
   # ---------------------------------------------------------- fingerprint
 
-  def _computation(self, call: _Call, x1: Any, x2: Any, b: int) -> str:
+  def _computation(self, call: Call, x1: Any, x2: Any, b: int) -> str:
     """Digest of the per-tile program: what the kernel function computes."""
     kind = DIAG if call.symmetric else FULL
     specs = self._tile_specs(call, x1, x2, b)
@@ -358,7 +292,7 @@ class BatchedKernelFn:
     return fingerprint_lib.computation_identity(
         self._one_tile(call, kind), *specs, abstract_dynamic)
 
-  def _fingerprint(self, call: _Call, x1: Any, x2: Any, plan: TilePlan,
+  def _fingerprint(self, call: Call, x1: Any, x2: Any, plan: TilePlan,
                    computation: str) -> dict[str, str]:
     digest = fingerprint_lib.digest
     return {
@@ -372,6 +306,36 @@ class BatchedKernelFn:
         "other arguments": digest(list(call.static)),
         "tiled arguments": digest(call.tiled),
     }
+
+
+def _padded_inputs(call: Call, x1: Any, x2: Any, plan: TilePlan) -> tuple:
+  """`(x1, x2, tiled1, tiled2)` padded to whole tiles."""
+  b = plan.batch_size
+  x1_padded = pad_rows(x1, plan.n1_blocks * b)
+  x2_padded = x1_padded if call.symmetric else pad_rows(
+      x2, plan.n2_blocks * b)
+  tiled1 = {n: pad_rows(v[0], plan.n1_blocks * b)
+            for n, v in call.tiled.items()}
+  tiled2 = {n: pad_rows(v[1], plan.n2_blocks * b)
+            for n, v in call.tiled.items()}
+  return x1_padded, x2_padded, tiled1, tiled2
+
+
+def _restore(checkpoint: tile_checkpoint.TileCheckpoint, plan: TilePlan,
+             template: tile_outputs.OutputTemplate,
+             assembler: Union[assemble.HostAssembler,
+                              assemble.DeviceAssembler]) -> set[int]:
+  """Adds the checkpoint's finished tiles to `assembler`; returns their ids."""
+  done = set()
+  expected = {assemble.leaf_name(k): (leaf.shape, np.dtype(leaf.dtype).name)
+              for k, leaf in enumerate(template.leaves)}
+  for ids, leaves in checkpoint.load(len(plan.tiles), expected):
+    if isinstance(assembler, assemble.DeviceAssembler):
+      assembler.add_host(ids, leaves)
+    else:
+      assembler.add(ids, leaves)
+    done.update(int(i) for i in ids if i >= 0)
+  return done
 
 
 _MAX_SHARED_CACHES = 16

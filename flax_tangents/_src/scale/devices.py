@@ -133,4 +133,5 @@ def all_processes_agree(mask: np.ndarray) -> np.ndarray:
     return np.asarray(mask, bool)
   gathered = np.asarray(multihost_utils.process_allgather(
       np.asarray(mask, np.uint8)))
-  return gathered.reshape((jax.process_count(),) + np.shape(mask)).all(0)
+  return np.asarray(
+      gathered.reshape((jax.process_count(),) + np.shape(mask)).all(0))

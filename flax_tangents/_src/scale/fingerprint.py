@@ -27,7 +27,8 @@ def digest(tree: Any) -> str:
   hasher.update(str(treedef).encode())
   for leaf in leaves:
     if isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-      if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      if (isinstance(leaf, jax.Array)
+          and jax.numpy.issubdtype(leaf.dtype, jax.dtypes.prng_key)):
         leaf = jax.random.key_data(leaf)  # Typed keys (e.g. NNX RNG state).
       host = np.ascontiguousarray(np.asarray(leaf))
       hasher.update(f"{host.shape}{host.dtype}".encode())

@@ -65,7 +65,7 @@ def _leaf_sharding(requested: Optional[Sharding], leaf: Any,
     sharding = getattr(leaf, "sharding", None)
   if not isinstance(sharding, Sharding):  # None, or orbax's metadata.
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if not _fits(sharding, shape):
+  if isinstance(sharding, NamedSharding) and not _fits(sharding, shape):
     return NamedSharding(sharding.mesh, PartitionSpec())
   return sharding
 

@@ -22,6 +22,7 @@ import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
+from jax import core
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -53,7 +54,7 @@ def canonicalize_n_samples(n_samples: Any) -> tuple[list[int], bool]:
 
 
 def _is_traced(tree: Any) -> bool:
-  return any(isinstance(leaf, jax.core.Tracer)
+  return any(isinstance(leaf, core.Tracer)
              for leaf in jax.tree.leaves(tree))
 
 
@@ -152,6 +153,7 @@ class MonteCarloSampler:
         sample_kwargs = dict(kwargs, rngs=jax.tree.map(
             lambda k: jax.random.fold_in(k, jax.random.bits(apply_key)),
             kwargs["rngs"]))
+      assert self._tiled is not None  # Made for a positive batch size.
       kernel = self._tiled(x1, x2, get, variables, **sample_kwargs)
       total = kernel if total is None else jax.tree.map(
           lambda a, b: a + b, total, kernel)

@@ -37,9 +37,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import queue
 import socket
-import threading
 import time
 from typing import Any, Iterator, Mapping, Optional
 import warnings
@@ -50,6 +48,7 @@ import numpy as np
 from flax_tangents._src.scale import devices
 from flax_tangents._src.scale import fingerprint as fingerprint_lib
 from flax_tangents._src.scale import tile_files
+from flax_tangents._src.scale import tile_writer
 
 try:
   import fcntl
@@ -106,7 +105,7 @@ class TileCheckpoint:
     self.directory = os.path.abspath(os.fspath(directory))
     self.tiles_directory = os.path.join(self.directory, "tiles")
     self._lock_file = None
-    self._writer: Optional[_Writer] = None
+    self._writer: Optional[tile_writer.TileWriter] = None
     self._n_written = 0
     try:
       self._lock()
@@ -174,6 +173,7 @@ class TileCheckpoint:
 
   def _unlock(self) -> None:
     if self._lock_file is not None:
+      assert fcntl is not None  # A lock file is only held with fcntl.
       try:
         fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
       finally:
@@ -302,7 +302,7 @@ class TileCheckpoint:
       CheckpointWriteError: if writing an earlier round failed.
     """
     if self._writer is None:
-      self._writer = _Writer(self.tiles_directory)
+      self._writer = tile_writer.TileWriter(self.tiles_directory)
     for leaf in leaves.values():
       if isinstance(leaf, jax.Array):
         leaf.copy_to_host_async()
@@ -340,62 +340,6 @@ class TileCheckpoint:
         self._writer.stop()
     finally:
       self._unlock()
-
-
-class _Writer:
-  """A background thread writing rounds of tiles, one round at a time."""
-
-  def __init__(self, directory: str):
-    self.directory = directory
-    self.error: Optional[BaseException] = None
-    self._queue: queue.Queue = queue.Queue()
-    self._thread = threading.Thread(target=self._run, daemon=True,
-                                    name="flax_tangents tile writer")
-    self._thread.start()
-
-  def put(self, item: Any) -> None:
-    self._queue.put(item)
-
-  def wait(self) -> None:
-    self._queue.join()
-
-  def stop(self) -> None:
-    self._queue.put(None)
-    self._thread.join()
-
-  def _run(self) -> None:
-    while True:
-      item = self._queue.get()
-      try:
-        if item is None:
-          return
-        if self.error is None:
-          self._write_round(*item)
-      except BaseException as error:  # pylint: disable=broad-except
-        self.error = error
-      finally:
-        self._queue.task_done()
-
-  def _write_round(self, ids: np.ndarray, leaves: dict[str, Any]) -> None:
-    tiles: dict[int, dict[str, np.ndarray]] = {}
-    for name, leaf in leaves.items():
-      for position, value in _local_tiles(leaf):
-        if ids[position] >= 0:
-          tiles.setdefault(position, {})[name] = value
-    for position, arrays in sorted(tiles.items()):
-      tile_files.write_tile(self.directory, int(ids[position]), arrays)
-
-
-def _local_tiles(leaf: Any) -> Iterator[tuple[int, np.ndarray]]:
-  """`(position in the round, tile)` for the tiles this process holds."""
-  if not isinstance(leaf, jax.Array):
-    array = np.asarray(leaf)
-    yield from enumerate(array)
-    return
-  for shard in leaf.addressable_shards:
-    start = shard.index[0].start or 0
-    for offset, tile in enumerate(np.asarray(shard.data)):
-      yield start + offset, tile
 
 
 def _write_json(path: str, contents: Any) -> None:

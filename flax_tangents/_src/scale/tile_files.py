@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import threading
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -64,7 +64,8 @@ def probe_writable(directory: str) -> None:
 
 
 def _save(file, arrays: Mapping[str, np.ndarray]) -> None:
-  np.savez(file, **arrays)
+  named: dict[str, Any] = dict(arrays)
+  np.savez(file, **named)
 
 
 def write_tile(directory: str, tile_id: int,

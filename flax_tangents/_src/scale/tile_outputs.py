@@ -29,8 +29,9 @@ from flax_tangents._src.analytic.kernel import Kernel
 __all__ = ["OutputTemplate", "PAIR", "ROW", "COL", "transpose_permutation"]
 
 PAIR, ROW, COL = "pair", "row", "col"
-_ROLE_BY_NAME = {"nngp": PAIR, "ntk": PAIR, "cov1": ROW, "mask1": ROW,
-                 "cov2": COL, "mask2": COL}
+_ROLE_BY_NAME: dict[Optional[str], str] = {
+    "nngp": PAIR, "ntk": PAIR, "cov1": ROW, "mask1": ROW, "cov2": COL,
+    "mask2": COL}
 
 # A layout is a sequence of 'pair' / 'single' for the axes after (N1, N2).
 Layout = Sequence[str]

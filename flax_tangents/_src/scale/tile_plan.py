@@ -137,7 +137,9 @@ def leading_size(x: Any, what: str) -> int:
   if len(sizes) != 1 or None in sizes:
     raise ValueError(f"`{what}` must be an array (or a pytree of arrays) "
                      f"with one leading batch size; got sizes {sizes}.")
-  return sizes.pop()
+  size = sizes.pop()
+  assert size is not None  # Refused above.
+  return size
 
 
 def maybe(x: Optional[Any], fn) -> Optional[Any]:

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import time
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
 from flax_tangents._src import nnx_adapter
-from flax_tangents._src.analytic.errors import KernelRuleError
-from flax_tangents._src.empirical.api import empirical_ntk_fn
 from flax_tangents._src.empirical.linearize import linearize
-from flax_tangents._src.predict import gradient_descent as predict
+from flax_tangents._src.train import loop
+from flax_tangents._src.train import predictions
 from flax_tangents._src.train import results
 from flax_tangents._src.typing import PyTree
 
-_AUTO = "auto"
+_AUTO = predictions.AUTO
 
 
 def _split_variables(variables: PyTree):
@@ -34,67 +30,6 @@ def _split_variables(variables: PyTree):
     fixed = {k: v for k, v in variables.items() if k != "params"}
     return variables["params"], lambda p: {**fixed, "params": p}
   return variables, lambda p: p
-
-
-def _record_steps(record_steps: Union[None, int, Sequence[int]],
-                  steps: int) -> list[int]:
-  if record_steps is None:
-    record_steps = max(steps // 20, 1)
-  if isinstance(record_steps, (int, np.integer)):
-    if record_steps <= 0:
-      raise ValueError(f"record_steps must be positive; got {record_steps}.")
-    chosen = set(range(0, steps + 1, int(record_steps)))
-  else:
-    chosen = {int(s) for s in record_steps}
-    bad = [s for s in chosen if not 0 <= s <= steps]
-    if bad:
-      raise ValueError(f"record_steps {sorted(bad)} are outside [0, {steps}].")
-  return sorted(chosen | {0, steps})
-
-
-def _analytic_kernel_fn(apply_fn: Callable[..., Any]) -> Optional[Callable]:
-  """`ft.kernel_fn` of the module behind `model.apply`, if it has one."""
-  module = getattr(apply_fn, "__self__", None)
-  if module is None:
-    return None
-  try:
-    from flax_tangents._src.analytic.interceptor import kernel_fn as ft_kernel
-    return ft_kernel(module)
-  except Exception:  # pylint: disable=broad-except
-    # Not built from layers with kernel rules: no infinite-width limit.
-    return None
-
-
-class _Checkpointer:
-  """Training state and records in an orbax `CheckpointManager`."""
-
-  def __init__(self, directory: str, max_to_keep: int = 2):
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                           create=True)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory),
-                                         options=options)
-
-  def latest_step(self) -> Optional[int]:
-    return self.manager.latest_step()
-
-  def save(self, step: int, state: PyTree, records: dict[str, list]) -> None:
-    stacked = {k: np.stack(v) for k, v in records.items()}
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        records=ocp.args.StandardSave(stacked)), force=True)
-    self.manager.wait_until_finished()
-
-  def restore(self, step: int, state_like: PyTree):
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                      state_like)
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        records=ocp.args.StandardRestore()))
-    records = {k: list(np.asarray(v)) for k, v in out["records"].items()}
-    return out["state"], records
-
-  def close(self) -> None:
-    self.manager.close()
 
 
 def fit(
@@ -206,156 +141,101 @@ def fit(
   """
   nnx_module = nnx_adapter.is_module(apply_fn)
   if nnx_module:
-    apply_fn, variables = nnx_adapter.as_apply(apply_fn, variables,
-                                               "variables")
+    apply_fn, variables = nnx_adapter.as_apply(apply_fn, variables, "variables")
   apply_kwargs = dict(apply_kwargs or {})
   loss_fn = results.resolve_loss(loss)
-  x_train, y_train = jnp.asarray(x_train), jnp.asarray(y_train)
-  has_test = x_test is not None and y_test is not None
-  if has_test:
-    x_test, y_test = jnp.asarray(x_test), jnp.asarray(y_test)
-  n_train = x_train.shape[0]
-  if batch_size is not None and not 0 < batch_size <= n_train:
-    raise ValueError(f"batch_size must be in [1, {n_train}]; got "
-                     f"{batch_size}.")
-  if steps < 0:
-    raise ValueError(f"steps must be non-negative; got {steps}.")
-  records_at = _record_steps(record_steps, steps)
-  stop = steps if stop_at is None else min(int(stop_at), steps)
-
+  data = _Data.of(x_train, y_train, x_test, y_test)
+  schedule = loop.Schedule.of(data.x_train.shape[0], batch_size, steps,
+                              record_steps, stop_at, checkpoint_every)
   params_0, rebuild = _split_variables(variables)
-  f = lambda p, x: apply_fn(rebuild(p), x, **apply_kwargs)
-  f_lin = linearize(f, params_0) if linearized else None
-  models = {"network": f}
-  if linearized:
-    models["linearized"] = f_lin
-
-  # ------------------------------------------------------------ the step ---
-  key = jax.random.PRNGKey(seed)
-  steps_per_epoch = 1 if batch_size is None else n_train // batch_size
-
-  def batch_at(step):
-    if batch_size is None:
-      return x_train, y_train
-    epoch, position = jnp.divmod(step, steps_per_epoch)
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), n_train)
-    index = jax.lax.dynamic_slice(order, (position * batch_size,),
-                                  (batch_size,))
-    return x_train[index], y_train[index]
-
-  def one_step(step, state):
-    xb, yb = batch_at(step)
-    new = {}
-    for name, fn in models.items():
-      params, opt_state = state[name]["params"], state[name]["opt_state"]
-      grads = jax.grad(lambda p: loss_fn(fn(p, xb), yb))(params)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      new[name] = {"params": optax.apply_updates(params, updates),
-                   "opt_state": opt_state}
-    return {**state, **new}
-
-  @jax.jit
-  def run(state, start, end):
-    # Dynamic bounds: one compilation for every segment length.
-    return jax.lax.fori_loop(start, end, one_step, state)
-
-  @jax.jit
-  def outputs(state):
-    out = {}
-    for name, fn in models.items():
-      out[name] = (fn(state[name]["params"], x_train),
-                   fn(state[name]["params"], x_test) if has_test else None)
-    return out
-
-  state = {name: {"params": params_0, "opt_state": optimizer.init(params_0)}
-           for name in models}
-  records: dict[str, list] = {"steps": []}
-  done = 0
-
-  checkpointer = None
-  if checkpoint_dir is not None:
-    checkpointer = _Checkpointer(checkpoint_dir)
-    latest = checkpointer.latest_step()
-    if latest is not None:
-      state, records = checkpointer.restore(latest, state)
-      done = latest
-  saves_at = set()
-  if checkpointer is not None:
-    saves_at = (set(range(0, steps + 1, checkpoint_every)) if checkpoint_every
-                else set(records_at)) | {stop}
-
-  def record(step):
-    records["steps"].append(np.asarray(step))
-    for name, (fx_tr, fx_te) in outputs(state).items():
-      records.setdefault(f"{name}/fx_train", []).append(np.asarray(fx_tr))
-      if fx_te is not None:
-        records.setdefault(f"{name}/fx_test", []).append(np.asarray(fx_te))
-
-  start_time = time.time()
-  if done == 0 and not records["steps"]:
-    record(0)
-  boundaries = sorted(b for b in set(records_at) | saves_at
-                      if done < b <= stop)
-  for boundary in boundaries:
-    state = run(state, done, boundary)
-    done = boundary
-    if boundary in records_at:
-      record(boundary)
-      if progress:
-        _print_progress(boundary, steps, records, loss_fn, y_train,
-                        time.time() - start_time)
-    if boundary in saves_at:
-      checkpointer.save(boundary, state, records)
-  if checkpointer is not None:
-    checkpointer.close()
-
-  # ----------------------------------------------------------- summaries ---
+  models = _models(apply_fn, rebuild, apply_kwargs, params_0, linearized)
+  run = loop.training_program(models, optimizer, loss_fn, data.x_train,
+                              data.y_train, batch_size, seed)
+  state = loop.initial_state(models, optimizer, params_0)
+  state, records, done = loop.train(
+      run, loop.outputs_program(models, data.x_train, data.x_test), state,
+      schedule, checkpoint_dir,
+      _progress_report(steps, loss_fn, data.y_train) if progress else None)
   recorded = np.asarray(records["steps"], dtype=int)
-  curves = {}
-  for name in models:
-    curves[name] = results.Curves.from_outputs(
-        loss_fn, np.stack(records[f"{name}/fx_train"]), y_train,
-        np.stack(records[f"{name}/fx_test"]) if has_test else None, y_test)
-
-  times = recorded * (1. if learning_rate is None else learning_rate)
+  curves = {name: data.curves(loss_fn, records, name) for name in models}
   ntk_empirical = ntk_analytic = None
   if learning_rate is not None:
-    fx_train_0 = jnp.asarray(records["network/fx_train"][0])
-    fx_test_0 = (jnp.asarray(records["network/fx_test"][0]) if has_test else
-                 None)
-    predict_kwargs = dict(loss=loss, loss_fn=loss_fn, y_train=y_train,
-                          y_test=y_test, steps=recorded,
-                          learning_rate=learning_rate, momentum=momentum,
-                          fx_train_0=fx_train_0, fx_test_0=fx_test_0)
+    predict_kwargs = data.predict_kwargs(records, loss, loss_fn, recorded,
+                                         learning_rate, momentum)
     if empirical_ntk:
-      trace = tuple(ntk_trace_axes)
-      if trace not in ((), (-1,), (1,)):
-        raise ValueError("ntk_trace_axes must be () or (-1,); got "
-                         f"{ntk_trace_axes}.")
-      # Examples are independent at initialization (inference mode), so
-      # Jacobians are taken example by example.
-      ntk_fn = empirical_ntk_fn(f, trace_axes=trace, vmap_axes=0)
-      k_dd = ntk_fn(x_train, None, params_0)
-      k_td = ntk_fn(x_test, x_train, params_0) if has_test else None
-      ntk_empirical = _predicted_curves(k_dd, k_td, trace_axes=trace or (),
-                                        **predict_kwargs)
-    analytic = None
-    if kernel_fn == _AUTO:
-      auto_fn = _analytic_kernel_fn(apply_fn)
-      if auto_fn is not None:
-        try:
-          analytic = _analytic_ntk(auto_fn, x_train,
-                                   x_test if has_test else None)
-        except KernelRuleError:
-          pass  # Some layer has no infinite-width rule: no analytic limit.
-    elif kernel_fn is not None:
-      analytic = _analytic_ntk(kernel_fn, x_train, x_test if has_test else None)
-    if analytic is not None:
-      ntk_analytic = _predicted_curves(*analytic, trace_axes=(-1,),
-                                       **predict_kwargs)
+      ntk_empirical = predictions.empirical_curves(
+          models["network"], params_0, ntk_trace_axes, data.x_train,
+          data.x_test, **predict_kwargs)
+    ntk_analytic = predictions.analytic_curves(
+        kernel_fn, apply_fn, data.x_train, data.x_test, **predict_kwargs)
+  result = _result(recorded, learning_rate, curves, ntk_empirical,
+                   ntk_analytic, rebuild, state, done == steps)
+  return nnx_adapter.with_states(result) if nnx_module else result
 
+
+class _Data(NamedTuple):
+  """Training and test data as arrays; the test data are both or None."""
+  x_train: jax.Array
+  y_train: jax.Array
+  x_test: Optional[jax.Array]
+  y_test: Optional[jax.Array]
+
+  @classmethod
+  def of(cls, x_train: Any, y_train: Any, x_test: Any,
+         y_test: Any) -> "_Data":
+    """The data of `fit`'s arguments."""
+    if x_test is None or y_test is None:
+      return cls(jnp.asarray(x_train), jnp.asarray(y_train), None, None)
+    return cls(jnp.asarray(x_train), jnp.asarray(y_train),
+               jnp.asarray(x_test), jnp.asarray(y_test))
+
+  def curves(self, loss_fn: results.LossFn, records: dict[str, list],
+             name: str) -> results.Curves:
+    """The recorded `Curves` of model `name`."""
+    fx_test = (None if self.x_test is None else
+               np.stack(records[f"{name}/fx_test"]))
+    return results.Curves.from_outputs(
+        loss_fn, np.stack(records[f"{name}/fx_train"]), self.y_train,
+        fx_test, self.y_test)
+
+  def predict_kwargs(self, records: dict[str, list], loss: Any,
+                     loss_fn: results.LossFn, recorded: np.ndarray,
+                     learning_rate: float,
+                     momentum: Optional[float]) -> dict[str, Any]:
+    """Keyword arguments of `predictions.predicted_curves`."""
+    fx_test_0 = (None if self.x_test is None else
+                 jnp.asarray(records["network/fx_test"][0]))
+    return dict(loss=loss, loss_fn=loss_fn, y_train=self.y_train,
+                y_test=self.y_test, steps=recorded,
+                learning_rate=learning_rate, momentum=momentum,
+                fx_train_0=jnp.asarray(records["network/fx_train"][0]),
+                fx_test_0=fx_test_0)
+
+
+def _models(apply_fn: Callable[..., Any], rebuild: Callable[[PyTree], PyTree],
+            apply_kwargs: dict[str, Any], params_0: PyTree,
+            linearized: bool) -> dict[str, Callable[..., Any]]:
+  """`{'network': f, 'linearized': f_lin}`, functions of `(params, x)`."""
+
+  def network(params, inputs):
+    return apply_fn(rebuild(params), inputs, **apply_kwargs)
+
+  models: dict[str, Callable[..., Any]] = {"network": network}
+  if linearized:
+    models["linearized"] = linearize(network, params_0)
+  return models
+
+
+def _result(recorded: np.ndarray, learning_rate: Optional[float],
+            curves: dict[str, results.Curves],
+            ntk_empirical: Optional[results.Curves],
+            ntk_analytic: Optional[results.Curves],
+            rebuild: Callable[[PyTree], PyTree], state: PyTree,
+            completed: bool) -> results.TrainResult:
+  """The `TrainResult` of the curves and the final state."""
   network, lin = curves["network"], curves.get("linearized")
-  result = results.TrainResult(
+  times = recorded * (1. if learning_rate is None else learning_rate)
+  return results.TrainResult(
       steps=recorded, times=times, network=network, linearized=lin,
       ntk_empirical=ntk_empirical, ntk_analytic=ntk_analytic,
       distance_train=(None if lin is None else
@@ -364,43 +244,15 @@ def fit(
                      results.rms_distance(network.fx_test, lin.fx_test)),
       variables=rebuild(state["network"]["params"]),
       linearized_variables=(rebuild(state["linearized"]["params"])
-                            if linearized else None),
-      completed=done == steps)
-  return nnx_adapter.with_states(result) if nnx_module else result
+                            if lin is not None else None),
+      completed=completed)
 
 
-def _analytic_ntk(kernel_fn, x_train, x_test):
-  """Train-train and test-train NTKs, compiled when `kernel_fn` allows."""
-
-  def kernels(x_tr, x_te):
-    k_dd = kernel_fn(x_tr, None, "ntk")
-    return k_dd, (None if x_te is None else kernel_fn(x_te, x_tr, "ntk"))
-
-  try:
-    return jax.jit(kernels)(x_train, x_test)
-  except (jax.errors.ConcretizationTypeError, TypeError):
-    # A kernel function that needs concrete inputs runs eagerly.
-    return kernels(x_train, x_test)
-
-
-def _predicted_curves(k_dd, k_td, *, trace_axes, loss, loss_fn, y_train, y_test,
-                      steps, learning_rate, momentum, fx_train_0, fx_test_0):
-  """Curves of the NTK prediction at the recorded steps."""
-  if loss == "mse" and momentum is None:
-    predict_fn = predict.gradient_descent_mse(
-        k_dd, y_train, learning_rate=learning_rate, trace_axes=trace_axes)
-  else:
-    predict_fn = predict.gradient_descent(
-        loss_fn, k_dd, y_train, learning_rate=learning_rate,
-        momentum=momentum, trace_axes=trace_axes)
-  t = jnp.asarray(steps, fx_train_0.dtype)
-  if fx_test_0 is None:
-    fx_train = predict_fn(t, fx_train_0)
-    fx_test = None
-  else:
-    fx_train, fx_test = predict_fn(t, fx_train_0, fx_test_0, k_td)
-  return results.Curves.from_outputs(loss_fn, fx_train, y_train, fx_test,
-                                     y_test)
+def _progress_report(steps: int, loss_fn: results.LossFn,
+                     y_train: jax.Array) -> Callable[..., None]:
+  """`report(step, records, elapsed)`, printing a progress line."""
+  return lambda step, records, elapsed: _print_progress(
+      step, steps, records, loss_fn, y_train, elapsed)
 
 
 def _print_progress(step, steps, records, loss_fn, y_train, elapsed):

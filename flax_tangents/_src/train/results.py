@@ -155,13 +155,18 @@ class TrainResult:
       for b in names[i + 1:]:
         ca, cb = models[a], models[b]
         key = f"{a}-{b}"
-        gaps[f"{key}/fx_train"] = float(
-            rms_distance(ca.fx_train[-1:], cb.fx_train[-1:])[0])
+        gaps[f"{key}/fx_train"] = _last_distance(ca.fx_train, cb.fx_train)
         gaps[f"{key}/train_loss"] = float(
             abs(ca.train_loss[-1] - cb.train_loss[-1]))
         if ca.fx_test is not None and cb.fx_test is not None:
-          gaps[f"{key}/fx_test"] = float(
-              rms_distance(ca.fx_test[-1:], cb.fx_test[-1:])[0])
+          gaps[f"{key}/fx_test"] = _last_distance(ca.fx_test, cb.fx_test)
           gaps[f"{key}/test_loss"] = float(
               abs(ca.test_loss[-1] - cb.test_loss[-1]))
     return gaps
+
+
+def _last_distance(a: np.ndarray, b: np.ndarray) -> float:
+  """The RMS distance of the last records of two `(R, ...)` outputs."""
+  distance = rms_distance(a[-1:], b[-1:])
+  assert distance is not None  # Both outputs are given.
+  return float(distance[0])

@@ -290,8 +290,12 @@ class _Planner:
 
   @staticmethod
   def in_scope(factor: structure.Factor, scope: _Scope) -> structure.Factor:
-    """A factor computed in a loop body is stacked over its iterations."""
-    if not scope.prefix:
+    """A factor computed in a loop body is stacked over its iterations.
+
+    A static index factor is the same in every iteration: stacking it would
+    only multiply the Gram of a pair of them by the squared loop length.
+    """
+    if not scope.prefix or getattr(factor, "static", False):
       return factor
     return dataclasses.replace(factor,
                                labels=scope.loop_labels + factor.labels,

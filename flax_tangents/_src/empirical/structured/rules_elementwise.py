@@ -205,6 +205,5 @@ RULES: dict[str, structure.Rule] = {
     "copy_p": _identity,
     "reduce_precision": _identity,
     "sharding_constraint": _identity,
-    "optimization_barrier": None,
+    # No rule for `optimization_barrier`: the chain stops before it.
 }
-RULES = {k: v for k, v in RULES.items() if v is not None}

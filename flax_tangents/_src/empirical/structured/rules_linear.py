@@ -50,15 +50,17 @@ def _dot_general(ctx):
   else:
     out_labels = batch_labels + w_free_labels + other_free_labels
 
-  factor_labels = [None] * len(other_shape)
+  # Batch, contracted and free axes are all of the other operand's axes.
+  factor_labels: dict[int, int] = {}
   for i, a in enumerate(other_batch):
     factor_labels[a] = batch_labels[i]
   for i, a in enumerate(other_contract):
     factor_labels[a] = ctx.in_labels[w_contract[i]]
   for a, label in zip(other_free, other_free_labels):
     factor_labels[a] = label
-  factor = structure.DenseFactor(tuple(factor_labels),
-                                 lambda read: read(other))
+  factor = structure.DenseFactor(
+      tuple(factor_labels[a] for a in range(len(other_shape))),
+      lambda read: read(other))
   return structure.RuleResult(out_labels, (factor,))
 
 

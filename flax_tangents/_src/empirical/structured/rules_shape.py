@@ -29,7 +29,7 @@ def _index_factor(out_label: int, in_label: int, index_fn, out_size: int,
     valid = in_range if valid is None else valid & in_range
     return idx, valid
 
-  return structure.IndexFactor((out_label,), in_label, compute)
+  return structure.IndexFactor((out_label,), in_label, compute, static=True)
 
 
 def _broadcast_in_dim(ctx):

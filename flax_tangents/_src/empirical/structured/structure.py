@@ -53,12 +53,16 @@ class IndexFactor:
 
   `compute(read)` returns `(idx, valid)`: integer indices with axes `labels`
   and a boolean mask of the same shape (or None when all are valid).
-  `scope` is as for `DenseFactor`.
+  `scope` is as for `DenseFactor`. A `static` factor's `compute` ignores
+  `read` (its indices depend only on shapes, as for `slice` or
+  `concatenate`): in a loop body it is the same in every iteration, so it
+  is computed once and never stacked over the iterations.
   """
   labels: tuple[int, ...]
   target: int
   compute: Callable[[Reader], tuple[jax.Array, Optional[jax.Array]]]
   scope: tuple[int, ...] = ()
+  static: bool = False
 
 
 Factor = Union[DenseFactor, IndexFactor]
