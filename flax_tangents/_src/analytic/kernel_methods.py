@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import combinators
+from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import dot_general
 from flax_tangents._src.analytic import kernel_operations
 from flax_tangents._src.analytic import masking
@@ -109,18 +110,6 @@ def getitem(kernel: Kernel, idx: Any) -> Kernel:
   return mixture_units.map_units(kernel, lambda k: _getitem_one(k, idx))
 
 
-def _map_covariances(kernel: Kernel, fn) -> Kernel:
-  """Applies `fn(array, n_batch_axes)` to every covariance array."""
-  return kernel.replace(
-      nngp=None if kernel.nngp is None else fn(kernel.nngp, 2),
-      ntk=None if kernel.ntk is None else fn(kernel.ntk, 2),
-      cov1=None if kernel.cov1 is None else fn(
-          kernel.cov1, 1 if kernel.diagonal_batch else 2),
-      cov2=None if kernel.cov2 is None else fn(
-          kernel.cov2, 1 if kernel.diagonal_batch else 2),
-  )
-
-
 def transpose(kernel: Kernel, axes: Optional[Sequence[int]]) -> Kernel:
   """The kernel with spatial axes permuted (see `Kernel.transpose`)."""
   n = kernel.spatial_ndim
@@ -148,7 +137,7 @@ def transpose(kernel: Kernel, axes: Optional[Sequence[int]]) -> Kernel:
     return jnp.transpose(mask, (0,) + tuple(1 + a for a in axes) +
                          (mask.ndim - 1,))
 
-  return _map_covariances(kernel, permute).replace(
+  return covariance.map_covariances(kernel, permute).replace(
       shape1=permute_shape(kernel.shape1), shape2=permute_shape(kernel.shape2),
       mask1=permute_mask(kernel.mask1), mask2=permute_mask(kernel.mask2))
 
