@@ -9,6 +9,7 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import conv as conv_math
+from flax_tangents._src.analytic import pooling as pooling_math
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.covariance import spatial_diagonal
 from testing import DtypeCase
@@ -168,7 +169,7 @@ def test_matrix_maps_match_slices(diagonal, padding, stride, window):
       lambda: conv_math.conv_covariance(
           cov, 2, filter_shape=(window,) * 2, pads=pads, circular=circular,
           **geometry),
-      lambda: conv_math.pool_covariance(
+      lambda: pooling_math.pool_covariance(
           cov, 2, window_shape=(window,) * 2, pads=pads, circular=circular,
           normalize="edges", **geometry),
   ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -121,7 +121,7 @@ class MaskedArray:
   __rmul__ = __mul__
 
   def __truediv__(self, other: Any) -> "MaskedArray":
-    if not isinstance(other, numbers.Number) and jnp.ndim(other) != 0:
+    if not _is_scalar(other):
       return NotImplemented
     return MaskedArray(self.masked_value / other, self.mask)
 
@@ -137,6 +137,11 @@ class MaskedArray:
 
 jax.tree_util.register_dataclass(
     MaskedArray, data_fields=["masked_value", "mask"], meta_fields=[])
+
+def _is_scalar(x: Any) -> bool:
+  """Whether `x` is a number or a 0-d array (a `MaskedArray` divisor)."""
+  return isinstance(x, numbers.Number) or jnp.ndim(x) == 0
+
 
 def _is_operand(x: Any) -> bool:
   """Whether `x` combines with a `MaskedArray` (a number or an array)."""
@@ -156,7 +161,7 @@ def split(x: Any) -> tuple[Any, Optional[jax.Array], bool]:
 
 
 def supports_masking(
-    out_mask: Optional[Callable[[Any, jax.Array, Sequence[int]],
+    out_mask: Optional[Callable[[Any, jax.Array, tuple[int, ...]],
                                 Optional[jax.Array]]] = None):
   """Makes a finite layer accept `ft.MaskedArray` (NT's `supports_masking`).
 

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import jax
 
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import PyTree
 
 __all__ = [
     "REST",

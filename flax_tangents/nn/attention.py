@@ -19,11 +19,11 @@ from flax_tangents._src.analytic.attention import mask_keys
 from flax_tangents._src.analytic.enums import AttentionMechanism
 from flax_tangents._src.analytic.enums import PositionalEmbedding
 from flax_tangents._src.analytic.enums import canonicalize_fields
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents._src.masked_array import MaybeMasked
 from flax_tangents._src.masked_array import split
-from flax_tangents.kernel import Kernel
 
 __all__ = ["GlobalSelfAttention"]
 

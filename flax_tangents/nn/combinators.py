@@ -12,10 +12,10 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import combinators
 from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents._src.masked_array import split
-from flax_tangents.kernel import Kernel
 
 __all__ = ["FanInConcat", "FanInProd", "FanInSum"]
 

@@ -20,9 +20,10 @@ from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.affine import check_width_scale
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.analytic.registry import register_fresh_affine
 from flax_tangents._src.masked_array import supports_masking
-from flax_tangents.kernel import Kernel
 from flax_tangents.nn._parameterization import affine_params
 
 __all__ = ["Conv", "ConvLocal", "ConvTranspose"]
@@ -259,11 +260,12 @@ def _conv_local_rule(module: "ConvLocal", kernel: Kernel,
   del kwargs
   kernel_size, strides, pads, circular = module.geometry(kernel.shape1[1:-1])
   n = len(kernel_size)
-  geometry = dict(filter_shape=kernel_size, strides=strides, pads=pads,
-                  circular=circular, features=module.width,
-                  W_std=module.W_std, b_std=module.b_std,
-                  parameterization=module.parameterization,
-                  layer="ConvLocal", s_in=module.width_scale()[0])
+  geometry: dict[str, Any] = dict(
+      filter_shape=kernel_size, strides=strides, pads=pads,
+      circular=circular, features=module.width,
+      W_std=module.W_std, b_std=module.b_std,
+      parameterization=module.parameterization,
+      layer="ConvLocal", s_in=module.width_scale()[0])
   if kernel.diagonal_spatial:
     return conv_math.conv_kernel(kernel, **geometry)
   # Unshared weights decorrelate distinct output locations: the output is
@@ -333,3 +335,6 @@ class ConvLocal(_ConvBase):
         1.0 if ntk else self.b_std), out_spatial + (width,),
                       self.param_dtype)
     return y + _lift(bias * self.b_std if ntk else bias, y)
+
+
+register_fresh_affine(Conv, ConvTranspose, ConvLocal)

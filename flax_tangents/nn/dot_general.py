@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import dot_general as dot_math
 from flax_tangents._src.analytic import requirements
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import supports_masking
-from flax_tangents.kernel import Kernel
 
 __all__ = ["DotGeneral"]
 

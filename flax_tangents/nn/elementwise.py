@@ -10,9 +10,9 @@ import jax
 from flax_tangents._src.analytic.elementwise import GaussianExpectation
 from flax_tangents._src.analytic.elementwise import derivative_in_covariance
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import supports_masking
-from flax_tangents.kernel import Kernel
 
 __all__ = ["Elementwise", "ElementwiseBase"]
 

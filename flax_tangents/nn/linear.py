@@ -11,9 +11,10 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.affine import check_width_scale
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
+from flax_tangents._src.analytic.registry import register_fresh_affine
 from flax_tangents._src.masked_array import supports_masking
-from flax_tangents.kernel import Kernel
 from flax_tangents.nn._parameterization import affine_params
 
 __all__ = ["Dense"]
@@ -83,3 +84,6 @@ class Dense(nn.Module):
     if bias is None:
       return y
     return y + bias.reshape((1,) * (y.ndim - 1) + (width,))
+
+
+register_fresh_affine(Dense)

@@ -13,13 +13,14 @@ import numpy as np
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import pooling as pooling_math
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.spatial import global_pool_kernel
 from flax_tangents._src.masked_array import MaskedArray
 from flax_tangents._src.masked_array import MaybeMasked
 from flax_tangents._src.masked_array import split
 from flax_tangents._src.masked_array import supports_masking
-from flax_tangents.kernel import Kernel
 
 __all__ = ["AvgPool", "GlobalAvgPool", "GlobalSumPool", "SumPool"]
 
@@ -75,7 +76,7 @@ class _Pool(nn.Module):
       counts = np.ones(())
       for i, (size, k, s, pad) in enumerate(
           zip(x.shape[1:-1], window, strides, pads)):
-        axis_counts = conv_math.window_counts(size, k, s, pad)
+        axis_counts = pooling_math.window_counts(size, k, s, pad)
         counts = np.multiply.outer(counts, axis_counts)
       return y / jnp.asarray(counts[None, ..., None], y.dtype)
     return y / math.prod(window)
@@ -88,7 +89,7 @@ def _pool_rule(module: _Pool, kernel: Kernel, **kwargs: Any) -> Kernel:
   covariance.require_spatial_covariances(kernel, name)
 
   def pooled(cov: jax.Array, n_batch: int) -> jax.Array:
-    return conv_math.pool_covariance(
+    return pooling_math.pool_covariance(
         cov, n_batch, diagonal_spatial=kernel.diagonal_spatial,
         window_shape=window, strides=strides, pads=pads, circular=circular,
         normalize=module.normalization())

@@ -9,9 +9,9 @@ import jax
 
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import resize as resize_math
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import supports_masking
-from flax_tangents.kernel import Kernel
 
 __all__ = ["ImageResize", "Index", "Slice"]
 

@@ -25,10 +25,10 @@ import jax
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic.affine import affine_kernel
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting.initializers import entry_variance
 from flax_tangents._src.analytic.registry import register_kernel_rule
-from flax_tangents.kernel import Kernel
 from flax_tangents.nn import stock_attention as _stock_attention  # noqa: F401
 from flax_tangents.nn import stock_normalization as _stock_norm  # noqa: F401
 from flax_tangents.nn.dropout import dropout_rule
@@ -98,8 +98,9 @@ register_kernel_rule(nn.Dense, _stock_dense_rule)
 register_kernel_rule(nn.Dropout, dropout_rule)
 
 
-def _stock_conv_geometry(module: nn.Module, spatial_shape: tuple[int, ...],
-                         where: str):
+def _stock_conv_geometry(
+    module: nn.Module, spatial_shape: tuple[int, ...], where: str
+) -> tuple[tuple[int, ...], tuple[int, ...], conv_math.Pads, bool]:
   """`(kernel_size, strides, pads, circular)` of a stock `nn.Conv`/`ConvLocal`.
 
   Raises:
@@ -131,7 +132,8 @@ def _stock_conv_geometry(module: nn.Module, spatial_shape: tuple[int, ...],
         f"{where} has padding={module.padding!r}; supported: 'SAME', "
         "'VALID', 'CIRCULAR', 'CAUSAL' (1-D) and explicit pads.")
   pads = nn.linear.canonicalize_padding(padding, n)
-  return kernel_size, strides, tuple(tuple(p) for p in pads), False
+  return kernel_size, strides, tuple((int(low), int(high))
+                                     for low, high in pads), False
 
 
 def _conv_input(module: nn.Module, kernel: Kernel, where: str) -> int:
@@ -189,9 +191,10 @@ def _stock_conv_local_rule(module: nn.ConvLocal, kernel: Kernel,
   fan_in = channels * math.prod(kernel_size)
   W_std, b_std = _std(module, out_spatial + (fan_in, module.features),
                       fan_in, out_spatial + (module.features,), where)
-  geometry = dict(filter_shape=kernel_size, strides=strides, pads=pads,
-                  circular=circular, features=module.features, W_std=W_std,
-                  b_std=b_std, parameterization="standard", layer=where)
+  geometry: dict[str, Any] = dict(
+      filter_shape=kernel_size, strides=strides, pads=pads,
+      circular=circular, features=module.features, W_std=W_std,
+      b_std=b_std, parameterization="standard", layer=where)
   if kernel.diagonal_spatial:
     return conv_math.conv_kernel(kernel, **geometry)
   n = len(kernel_size)

@@ -16,9 +16,9 @@ from typing import Any
 import flax.linen as nn
 
 from flax_tangents._src.analytic.errors import KernelRuleError
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.registry import register_kernel_rule
-from flax_tangents.kernel import Kernel
 
 __all__: list[str] = []
 

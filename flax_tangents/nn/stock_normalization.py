@@ -13,12 +13,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import numpy as np
 
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting.initializers import InitializerError
 from flax_tangents._src.analytic.lifting.initializers import entry_variance
+from flax_tangents._src.analytic.normalization import layer_norm_kernel
 from flax_tangents._src.analytic.registry import register_kernel_rule
-from flax_tangents.kernel import Kernel
-from flax_tangents.nn.normalization import layer_norm_kernel
 
 __all__: list[str] = []
 
@@ -86,7 +86,7 @@ def _stock_layer_norm_rule(module: nn.LayerNorm, kernel: Kernel,
 register_kernel_rule(nn.LayerNorm, _stock_layer_norm_rule)
 
 
-def _constant_scale(init: Any, where: str) -> Optional[float]:
+def _constant_scale(init: Any, where: str) -> float:
   """The value of a deterministic scale initializer (`ones`, `constant`)."""
   if init is nn.initializers.ones:
     return 1.0

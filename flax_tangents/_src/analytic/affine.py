@@ -8,7 +8,7 @@ import jax
 
 from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import masking
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["PARAMETERIZATIONS", "affine_kernel", "check_parameterization",
            "check_width_scale"]
@@ -67,7 +67,7 @@ def check_width_scale(s: Sequence[int], parameterization: str,
 
 
 def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
-                  parameterization: str, fan_in: int,
+                  parameterization: str, fan_in: float,
                   spatial_map: Optional[Callable[[jax.Array, int],
                                                  jax.Array]] = None,
                   shape1: tuple[int, ...], shape2: tuple[int, ...],
@@ -122,8 +122,10 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
   if ntk_in is None:
     ntk = None
   elif parameterization == "ntk":
+    assert nngp is not None, "a Kernel with an NTK has an NNGP"
     ntk = nngp + w_var * ntk_in
   else:
+    assert nngp_in is not None, "a Kernel with an NTK has an NNGP"
     bias_grad = 0.0 if b_std is None else 1.0
     ntk = fan_in * nngp_in + bias_grad + w_var * ntk_in
   def out_mask(mask, shape):

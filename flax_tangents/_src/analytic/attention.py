@@ -21,29 +21,15 @@ from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import positional
 from flax_tangents._src.analytic.enums import AttentionMechanism
+from flax_tangents._src.analytic.enums import attention_fn
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.positional import POSITIONAL_EMBEDDINGS
-from flax_tangents.kernel import Kernel
 
 __all__ = ["ATTENTION_MECHANISMS", "POSITIONAL_EMBEDDINGS", "attention_fn",
            "attention_kernel", "flat_key_mask", "mask_keys"]
 
 ATTENTION_MECHANISMS = ("SOFTMAX", "IDENTITY", "ABS", "RELU")
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def attention_fn(mechanism: str) -> Callable[[jax.Array], jax.Array]:
-  """The map from query-key products to attention weights (last axis: keys).
-
-  Raises:
-    ValueError: for an unknown mechanism.
-  """
-  fns = {
-      "SOFTMAX": lambda x: jax.nn.softmax(x, axis=-1),
-      "IDENTITY": lambda x: x,
-      "ABS": jnp.abs,
-      "RELU": jax.nn.relu,
-  }
-  return fns[AttentionMechanism.parse(mechanism, "attention_mechanism")]
 
 
 def mask_keys(logits: jax.Array, key_mask: Optional[jax.Array],

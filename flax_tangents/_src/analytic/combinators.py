@@ -13,7 +13,7 @@ from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import requirements
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["channel_average", "fan_in_concat", "fan_in_prod", "fan_in_sum"]
 
@@ -41,7 +41,8 @@ def _check_branches(kernels: Sequence[Kernel], layer: str,
       raise ValueError(f"{layer}: branches carry different kernel layouts.")
 
 
-def _combine(kernels: Sequence[Kernel], field: str, fn) -> jax.Array:
+def _combine(kernels: Sequence[Kernel], field: str,
+             fn) -> Optional[jax.Array]:
   values = [getattr(k, field) for k in kernels]
   return None if any(v is None for v in values) else fn(values)
 
@@ -260,13 +261,16 @@ def fan_in_prod(kernels: Sequence[Kernel]) -> Kernel:
         "them.")
   mul = lambda values: functools.reduce(operator.mul, values)
 
-  def product_rule_ntk() -> jax.Array:
+  def product_rule_ntk() -> Optional[jax.Array]:
     if any(k.ntk is None for k in kernels):
       return None
     terms = []
     for i, k in enumerate(kernels):
       others = [o.nngp for j, o in enumerate(kernels) if j != i]
-      terms.append(functools.reduce(operator.mul, others, k.ntk))
+      product: Any = k.ntk  # Not None: checked above.
+      for other in others:
+        product = product * other
+      terms.append(product)
     return functools.reduce(operator.add, terms)
 
   first = kernels[0]

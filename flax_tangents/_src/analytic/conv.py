@@ -1,10 +1,11 @@
-"""Covariances through convolutions and pooling, written once for all layers.
+"""Covariances through convolutions, and the window sums pooling shares.
 
 A convolution with i.i.d. weights averages, for each output location pair
 `(t, t')`, the input covariances at the pairs `(s t + j, s t' + j)` of the
 same filter offset `j` (a *diagonal* filter `eye(k) / k` on the pair of axes).
-Pooling sums over all pairs `(s t + j, s t' + j')` of its window (separable:
-one window sum per axis). Both factorize over spatial dimensions and are
+Pooling (`pooling.py`) sums over all pairs `(s t + j, s t' + j')` of its
+window (separable: one window sum per axis). Both factorize over spatial
+dimensions and are
 written here as sums of strided slices of a padded array: XLA fuses them into
 one loop, which on CPU is much faster than a convolution with a one-hot
 filter.
@@ -22,7 +23,6 @@ from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from flax_tangents._src.analytic import affine
 from flax_tangents._src.analytic import masking
@@ -43,8 +43,9 @@ __all__ = [
     "embed_spatial_diagonal",
     "fold_axes",
     "pad_config",
-    "pool_covariance",
-    "window_counts",
+    "spatial_axes",
+    "spatial_sizes",
+    "window_sum",
 ]
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
@@ -117,7 +118,7 @@ def _strided(x: jax.Array, axes: Sequence[int], start: int, stride: int,
   return x[tuple(index)]
 
 
-def _window_sum(x: jax.Array, axes: Sequence[int], window: int, stride: int,
+def window_sum(x: jax.Array, axes: Sequence[int], window: int, stride: int,
                 pad: tuple[int, int], circular: bool) -> jax.Array:
   """`sum_j x[s t + j, s t' + j, ...]` over the padded `axes` (jointly).
 
@@ -132,13 +133,16 @@ def _window_sum(x: jax.Array, axes: Sequence[int], window: int, stride: int,
   return out
 
 
-def _sizes(cov: jax.Array, n_batch: int, n_spatial: int,
-           diagonal_spatial: bool) -> list[int]:
+def spatial_sizes(cov: jax.Array, n_batch: int, n_spatial: int,
+                  diagonal_spatial: bool) -> list[int]:
+  """The spatial sizes of a covariance with `n_batch` batch axes."""
   step = 1 if diagonal_spatial else 2
   return [cov.shape[n_batch + step * i] for i in range(n_spatial)]
 
 
-def _axes(n_batch: int, i: int, diagonal_spatial: bool) -> tuple[int, ...]:
+def spatial_axes(n_batch: int, i: int,
+                 diagonal_spatial: bool) -> tuple[int, ...]:
+  """The axes of spatial dimension `i`: a pair, or one when diagonal."""
   return ((n_batch + i,) if diagonal_spatial else
           (n_batch + 2 * i, n_batch + 2 * i + 1))
 
@@ -161,7 +165,7 @@ def conv_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
     The average of `cov` over the receptive field of each output location
     pair (same filter offset in both).
   """
-  sizes = _sizes(cov, n_batch, len(filter_shape), diagonal_spatial)
+  sizes = spatial_sizes(cov, n_batch, len(filter_shape), diagonal_spatial)
   if spatial_maps.use_matrices(sizes, diagonal_spatial):
     maps = [spatial_maps.conv_maps(
         spatial_maps.offset_matrices(size, k, s, tuple(pad), circular),
@@ -169,81 +173,15 @@ def conv_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
             for size, k, s, pad in zip(sizes, filter_shape, strides, pads)]
     return spatial_maps.apply_maps(cov, n_batch, maps, diagonal_spatial)
   for i, (k, s, pad) in enumerate(zip(filter_shape, strides, pads)):
-    cov = _window_sum(cov, _axes(n_batch, i, diagonal_spatial), k, s, pad,
-                      circular)
+    cov = window_sum(cov, spatial_axes(n_batch, i, diagonal_spatial), k, s,
+                     pad, circular)
   # Materialize: XLA would otherwise fuse stacked layers' slices into one loop
   # that recomputes each layer's output once per filter offset above it.
   return jax.lax.optimization_barrier(cov / math.prod(filter_shape))
 
 
-def window_counts(size: int, window: int, stride: int,
-                  pad: tuple[int, int]) -> np.ndarray:
-  """How many real (unpadded) inputs each output window covers."""
-  ones = np.ones(size)
-  ones = np.pad(ones, pad)
-  out = conv_output_size(size, window, stride, pad)
-  return np.array([ones[t * stride:t * stride + window].sum()
-                   for t in range(out)])
-
-
-def pool_covariance(cov: jax.Array, n_batch: int, *, diagonal_spatial: bool,
-                    window_shape: Sequence[int], strides: Sequence[int],
-                    pads: Pads, circular: bool,
-                    normalize: Optional[str]) -> jax.Array:
-  """Covariance of sum or average pooling.
-
-  Args:
-    cov: covariance with `n_batch` leading batch axes.
-    n_batch: 1 or 2.
-    diagonal_spatial: layout of `cov` (then off-diagonal covariances are
-      taken to be zero, as after an unshared convolution).
-    window_shape: pooling window.
-    strides: strides.
-    pads: `(low, high)` pads per dimension.
-    circular: pads wrap around.
-    normalize: `None` (sum), `'window'` (divide by the window size) or
-      `'edges'` (divide by the number of real inputs in each window).
-
-  Returns:
-    The pooled covariance.
-  """
-  sizes = _sizes(cov, n_batch, len(window_shape), diagonal_spatial)
-  if spatial_maps.use_matrices(sizes, diagonal_spatial):
-    maps = []
-    for size, k, s, pad in zip(sizes, window_shape, strides, pads):
-      window_matrix = spatial_maps.offset_matrices(
-          size, k, s, tuple(pad), circular).sum(axis=0)
-      if normalize == "edges" and not circular:
-        window_matrix = window_matrix / window_counts(size, k, s,
-                                                      pad)[:, None]
-      elif normalize is not None:
-        window_matrix = window_matrix / k
-      maps.append(spatial_maps.pool_maps(window_matrix, diagonal_spatial))
-    return spatial_maps.apply_maps(cov, n_batch, maps, diagonal_spatial)
-  for i, (k, s, pad) in enumerate(zip(window_shape, strides, pads)):
-    axes = _axes(n_batch, i, diagonal_spatial)
-    size = cov.shape[axes[0]]
-    for axis in axes:
-      cov = _window_sum(cov, (axis,), k, s, pad, circular)
-    if normalize is None:
-      continue
-    if normalize == "edges" and not circular:
-      counts = window_counts(size, k, s, pad)
-    else:
-      counts = np.full(conv_output_size(size, k, s, pad), float(k))
-    # Each axis of the pair is an average; the diagonal layout stands for
-    # uncorrelated locations, whose mean has variance sum / count**2.
-    denominator = (np.outer(counts, counts) if not diagonal_spatial else
-                   counts**2)
-    shape = [1] * cov.ndim
-    for axis in axes:
-      shape[axis] = len(counts)
-    cov = cov / jnp.asarray(denominator.reshape(shape), cov.dtype)
-  return cov
-
-
 def fold_axes(x: jax.Array, axes: Sequence[int],
-              fold: np.ndarray) -> jax.Array:
+              fold: jax.typing.ArrayLike) -> jax.Array:
   """Applies `fold` (`(size, valid_size)`) along each of `axes`."""
   fold = jnp.asarray(fold, x.dtype)
   for axis in axes:
@@ -268,7 +206,7 @@ def conv_transpose_covariance(cov: jax.Array, n_batch: int, *,
   """
   padding = check_padding(padding, "ConvTranspose")
   lax_padding = "VALID" if padding == "CIRCULAR" else padding
-  sizes = _sizes(cov, n_batch, len(filter_shape), diagonal_spatial)
+  sizes = spatial_sizes(cov, n_batch, len(filter_shape), diagonal_spatial)
   if spatial_maps.use_matrices(sizes, diagonal_spatial):
     maps = [spatial_maps.conv_maps(spatial_maps.transpose_offset_matrices(
         size, k, s, lax_padding,
@@ -276,7 +214,7 @@ def conv_transpose_covariance(cov: jax.Array, n_batch: int, *,
             for size, k, s in zip(sizes, filter_shape, strides)]
     return spatial_maps.apply_maps(cov, n_batch, maps, diagonal_spatial)
   for i, (k, s) in enumerate(zip(filter_shape, strides)):
-    axes = _axes(n_batch, i, diagonal_spatial)
+    axes = spatial_axes(n_batch, i, diagonal_spatial)
     n = len(axes)
     size = cov.shape[axes[0]]
     x = jnp.moveaxis(cov, axes, tuple(range(-n, 0)))

@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["DotAxis", "DotLayout", "apply_dot_general", "dot_layout",
            "dot_mask", "kernel_dot_general"]
@@ -191,11 +191,20 @@ def _check_sizes(layout: DotLayout, shape: tuple[int, ...],
           f"(shape {shape}) has size {shape[x_axis]}.")
 
 
+def _out_size(axis: DotAxis, shape: tuple[int, ...],
+              other: jax.Array) -> int:
+  if axis.kind == "unit":
+    return 1
+  if axis.kind == "other":
+    assert axis.other_axis is not None, axis
+    return other.shape[axis.other_axis]
+  assert axis.x_axis is not None, axis
+  return shape[axis.x_axis]
+
+
 def _out_shape(layout: DotLayout, shape: tuple[int, ...],
                other: jax.Array) -> tuple[int, ...]:
-  sizes = {"unit": lambda a: 1, "other": lambda a: other.shape[a.other_axis]}
-  return tuple(sizes[a.kind](a) if a.kind in sizes else shape[a.x_axis]
-               for a in layout.out_axes)
+  return tuple(_out_size(a, shape, other) for a in layout.out_axes)
 
 
 def _contract(cov: Optional[jax.Array], n_batch: int, layout: DotLayout,
@@ -229,9 +238,11 @@ def _contract(cov: Optional[jax.Array], n_batch: int, layout: DotLayout,
       out += left[0] + (right[0] if n_batch == 2 else "")
     elif axis.kind == "x":
       a = axis.x_axis
+      assert a is not None, axis
       out += left[a] + (right[a] if right[a] != left[a] else "")
     elif axis.kind == "other":
       o = axis.other_axis
+      assert o is not None, axis
       out += free_left[o] + (free_right[o] if free_right[o] != free_left[o]
                              else "")
   result = jnp.einsum(f"{spec1},{cov_spec},{spec2}->{out}", other1, cov,
@@ -263,6 +274,7 @@ def kernel_dot_general(kernel: Kernel, other1: jax.Array, other2: jax.Array,
         "batch covariances in cov1/cov2, but the kernel has "
         "`diagonal_batch=True`.")
   n_cov = 1 if kernel.diagonal_batch else 2
+  assert kernel.nngp is not None, "every Kernel has an NNGP"
   dtype = kernel.nngp.dtype
   other1, other2 = other1.astype(dtype), other2.astype(dtype)
   contract = lambda cov, n_batch, o1, o2: _contract(

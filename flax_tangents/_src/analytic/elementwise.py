@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
-from flax_tangents._src.analytic import mixtures
+from flax_tangents._src.analytic import mixture_units
 from flax_tangents._src.analytic import requirements
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["derivative_in_covariance", "elementwise_kernel"]
 
@@ -53,7 +53,7 @@ def elementwise_kernel(kernel: Kernel, nngp_fn: GaussianExpectation,
   Raises:
     ValueError: if the input (or a part of it) is not Gaussian.
   """
-  return mixtures.map_units(
+  return mixture_units.map_units(
       kernel, lambda k: _gaussian_elementwise(k, nngp_fn, d_nngp_fn, layer))
 
 
@@ -70,6 +70,7 @@ def _gaussian_elementwise(kernel: Kernel, nngp_fn: GaussianExpectation,
       a, b, batch_pair=batch_pair, diagonal_spatial=kernel.diagonal_spatial)
 
   v1, v2 = pair(var1, var2, True)
+  assert kernel.nngp is not None, "every Kernel has an NNGP"
   nngp = nngp_fn(kernel.nngp, v1, v2)
   ntk = (None if kernel.ntk is None else
          kernel.ntk * d_nngp_fn(kernel.nngp, v1, v2))

@@ -12,12 +12,14 @@ import enum
 from typing import Any, Callable, TypeVar, Union
 
 import jax
+import jax.numpy as jnp
 
 __all__ = [
     "AggregateImplementation",
     "AttentionMechanism",
     "Padding",
     "PositionalEmbedding",
+    "attention_fn",
     "canonicalize_fields",
 ]
 
@@ -127,8 +129,32 @@ class AttentionMechanism(_OptionEnum):
 
   def fn(self) -> Callable[[jax.Array], jax.Array]:
     """The elementwise function (softmax: over the last axis, the keys)."""
-    from flax_tangents._src.analytic import attention  # avoid import cycle
-    return attention.attention_fn(self)
+    return attention_fn(self)
+
+
+def attention_fn(mechanism: str) -> Callable[[jax.Array], jax.Array]:
+  """The map from query-key products to attention weights (last axis: keys).
+
+  Args:
+    mechanism: an `AttentionMechanism` or its name, in any case.
+
+  Returns:
+    The elementwise map (softmax: over the last axis).
+
+  Raises:
+    ValueError: for an unknown mechanism.
+
+  >>> import jax.numpy as jnp
+  >>> attention_fn('abs')(jnp.array([-1.0, 2.0]))
+  Array([1., 2.], dtype=float...)
+  """
+  fns = {
+      "SOFTMAX": lambda x: jax.nn.softmax(x, axis=-1),
+      "IDENTITY": lambda x: x,
+      "ABS": jnp.abs,
+      "RELU": jax.nn.relu,
+  }
+  return fns[AttentionMechanism.parse(mechanism, "attention_mechanism")]
 
 
 def canonicalize_fields(module: Any, **enums: type[_OptionEnum]) -> None:

@@ -17,11 +17,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import inputs
 from flax_tangents._src.analytic import requirements
-from flax_tangents.kernel import Kernel
-from flax_tangents.typing import Get
+from flax_tangents._src.analytic.kernel import Kernel
+from flax_tangents._src.typing import Get
 
 __all__ = [
     "call_signature",
@@ -228,9 +227,9 @@ def check_kernel_layout(kernels: list[Kernel],
 def input_kernels(x1: Any, x2: Any, **layout: bool) -> Any:
   """One input kernel per array of `x1` (paired with `x2`'s)."""
   if not inputs.is_tree(x1):
-    return covariance.inputs_to_kernel(x1, x2, **layout)
+    return Kernel.from_inputs(x1, x2, **layout)
   if x2 is None:
     return jax.tree.map(
-        lambda a: covariance.inputs_to_kernel(a, None, **layout), x1)
+        lambda a: Kernel.from_inputs(a, None, **layout), x1)
   return jax.tree.map(
-      lambda a, b: covariance.inputs_to_kernel(a, b, **layout), x1, x2)
+      lambda a, b: Kernel.from_inputs(a, b, **layout), x1, x2)

@@ -27,12 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic.kernel import Kernel
+from flax_tangents._src.masked_array import MaskedArray
 
 __all__ = [
     "check_finite_inputs",
     "check_finite_output",
     "input_leaves",
+    "masked_inputs",
+    "with_masks",
     "is_tree",
 ]
 
@@ -150,3 +154,47 @@ def check_finite_output(output: Any, x1: Any, x2: Any) -> None:
           "the inputs (e.g. standardize them), or compute in float64 "
           "(`jax.config.update('jax_enable_x64', True)` and float64 "
           "inputs).")
+
+
+def masked_inputs(x: Any, mask_constant: Any
+                  ) -> tuple[Any, list[Optional[jax.Array]]]:
+  """Inputs with padding zeroed, and the masks of their array leaves.
+
+  Padding is given by `mask_constant` (entries equal to it) or by
+  `ft.MaskedArray` leaves; masks come in the order of `jax.tree.leaves`.
+  """
+  if x is None:
+    return None, []
+  leaves, tree = jax.tree.flatten(
+      x, is_leaf=lambda a: isinstance(a, MaskedArray))
+  values, masks = [], []
+  for leaf in leaves:
+    value: Any  # An array, or a Kernel passed through.
+    if isinstance(leaf, MaskedArray):
+      if mask_constant is not None:
+        raise ValueError("Pass either MaskedArray inputs or mask_constant, "
+                         "not both.")
+      value = jnp.asarray(leaf.masked_value)
+      mask = None if leaf.mask is None else jnp.broadcast_to(
+          jnp.asarray(leaf.mask, bool), value.shape)
+    elif mask_constant is None or isinstance(leaf, Kernel):
+      value, mask = leaf, None
+    else:
+      value = jnp.asarray(leaf)
+      mask = masking.from_mask_constant(value, mask_constant)
+    values.append(masking.zero_masked(value, mask))
+    masks.append(mask)
+  return jax.tree.unflatten(tree, values), masks
+
+
+def with_masks(kernels: Any, masks1: list[Optional[jax.Array]],
+               masks2: list[Optional[jax.Array]]) -> Any:
+  """Input kernels with their masks (in the order of the inputs' leaves)."""
+  if not any(m is not None for m in masks1 + masks2):
+    return kernels
+  leaves, tree = jax.tree.flatten(
+      kernels, is_leaf=lambda k: isinstance(k, Kernel))
+  masks2 = masks2 or [None] * len(leaves)
+  leaves = [k.replace(mask1=m1, mask2=m2)
+            for k, m1, m2 in zip(leaves, masks1, masks2)]
+  return jax.tree.unflatten(tree, leaves)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import flax
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,18 +22,17 @@ from flax_tangents._src.analytic import front_end
 from flax_tangents._src.analytic import inputs
 from flax_tangents._src.analytic import lineage
 from flax_tangents._src.analytic import masking
-from flax_tangents._src.analytic import mixtures
+from flax_tangents._src.analytic import mixture_units
 from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import rule_checks
 from flax_tangents._src.analytic.errors import KernelRuleError
 from flax_tangents._src.analytic.errors import PlainFunctionError
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import dispatch
 from flax_tangents._src.analytic.lifting import paths
-from flax_tangents._src.masked_array import MaskedArray
-from flax_tangents.kernel import Kernel
-from flax_tangents.typing import AnalyticKernelFn
-from flax_tangents.typing import Get
+from flax_tangents._src.typing import AnalyticKernelFn
+from flax_tangents._src.typing import Get
 
 __all__ = ["kernel_fn"]
 
@@ -87,7 +86,7 @@ def _note_once(error: BaseException, module: nn.Module) -> None:
   if not getattr(error, "_flax_tangents_noted", False):
     error.add_note(f"(raised while computing the kernel of "
                    f"{_describe(module)})")
-    error._flax_tangents_noted = True  # pylint: disable=protected-access
+    setattr(error, "_flax_tangents_noted", True)
 
 
 dispatch.set_no_rule_error(_no_rule_error)
@@ -195,6 +194,64 @@ def _run_model(model: nn.Module, inputs: Any, passed: dict[str, Any],
   return output
 
 
+def _requirement_pass(model: nn.Module,
+                      cache: dict[Any, tuple[requirements.Recording, bool]],
+                      x1: Any, x2: Any, passed: dict[str, Any],
+                      offered: dict[str, Any], compute_ntk: bool
+                      ) -> tuple[requirements.Recording, bool]:
+  """What the model needs (`Recording`) and whether its output is spatial.
+
+  Runs the model under `jax.eval_shape` on full covariances; the result is
+  kept in `cache` per input shapes and keyword-argument structure.
+  """
+  spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+  specs = (jax.tree.map(spec, x1),
+           None if x2 is None else jax.tree.map(spec, x2))
+  kwargs_key = _structure_key((passed, offered))
+  key = (_structure_key(specs), compute_ntk, kwargs_key)
+  cacheable = kwargs_key is not None and key[0] is not None
+  if cacheable and key in cache:
+    return cache[key]
+
+  def probe(a, b):
+    kernels = _input_kernels(a, b, diagonal_batch=False,
+                             diagonal_spatial=False, compute_ntk=compute_ntk)
+    return _run_model(model, kernels, passed, offered)
+
+  with requirements.recording() as recorded:
+    output = jax.eval_shape(probe, *specs)
+  spatial_output = any(len(k.shape1) > 2 for k in _kernels_in(output))
+  if cacheable:
+    cache[key] = (recorded, spatial_output)
+  return recorded, spatial_output
+
+
+def _given_kernels(x1_or_kernel: Any, mask_constant: Any,
+                   compute_ntk: bool) -> Any:
+  """The kernels a call continues from, with a zero NTK if one is needed
+  and their masks re-applied.
+
+  Raises:
+    ValueError: if `mask_constant` is given too.
+  """
+  if mask_constant is not None:
+    raise ValueError(
+        "mask_constant masks entries of input arrays; a Kernel carries "
+        "its masks in mask1/mask2 (see `Kernel.mask`).")
+
+  def zero_ntk(part: Kernel) -> Kernel:
+    assert part.nngp is not None, "every Kernel has an NNGP"
+    return part.replace(ntk=jnp.zeros_like(part.nngp))
+
+  def with_ntk(k):
+    if isinstance(k, Kernel) and compute_ntk and k.ntk is None:
+      k = mixture_units.map_units(k, zero_ntk)  # Keeps a mixture's parts.
+    if isinstance(k, Kernel):
+      k = masking.remask(k, "the Kernel passed in")
+    return k
+  return jax.tree.map(with_ntk, x1_or_kernel, is_leaf=_is_kernel)
+
+
 def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> AnalyticKernelFn:
   """The analytic NNGP / NTK function of `model`'s infinite-width limit.
 
@@ -270,28 +327,6 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> AnalyticKernelFn:
                     if k in call_args.front_end_args()}
   layout_cache: dict[Any, tuple[requirements.Recording, bool]] = {}
 
-  def requirement_pass(x1, x2, passed, offered, compute_ntk):
-    spec = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
-    specs = (jax.tree.map(spec, x1),
-             None if x2 is None else jax.tree.map(spec, x2))
-    kwargs_key = _structure_key((passed, offered))
-    key = (_structure_key(specs), compute_ntk, kwargs_key)
-    cacheable = kwargs_key is not None and key[0] is not None
-    if cacheable and key in layout_cache:
-      return layout_cache[key]
-
-    def probe(a, b):
-      kernels = _input_kernels(a, b, diagonal_batch=False,
-                               diagonal_spatial=False, compute_ntk=compute_ntk)
-      return _run_model(model, kernels, passed, offered)
-
-    with requirements.recording() as recorded:
-      output = jax.eval_shape(probe, *specs)
-    spatial_output = any(len(k.shape1) > 2 for k in _kernels_in(output))
-    if cacheable:
-      layout_cache[key] = (recorded, spatial_output)
-    return recorded, spatial_output
-
   def kernel_fn_(x1_or_kernel: Any, x2: Any = None, get: Get = None, *,
                  diagonal_batch: Optional[bool] = None,
                  diagonal_spatial: Optional[bool] = None,
@@ -313,79 +348,23 @@ def kernel_fn(model: nn.Module, **apply_kwargs: Any) -> AnalyticKernelFn:
         raise ValueError("Pass either a Kernel or inputs x1 (and x2), not "
                          "a Kernel and x2.")
       _check_kernel_layout(given_kernels, diagonal_batch, diagonal_spatial)
-      if mask_constant is not None:
-        raise ValueError(
-            "mask_constant masks entries of input arrays; a Kernel carries "
-            "its masks in mask1/mask2 (see `Kernel.mask`).")
-
-      def with_ntk(k):
-        if isinstance(k, Kernel) and compute_ntk and k.ntk is None:
-          k = mixtures.map_units(  # Keeps a mixture's parts.
-              k, lambda part: part.replace(ntk=jnp.zeros_like(part.nngp)))
-        if isinstance(k, Kernel):
-          k = masking.remask(k, "the Kernel passed in")
-        return k
-      kernels = jax.tree.map(with_ntk, x1_or_kernel, is_leaf=_is_kernel)
+      kernels = _given_kernels(x1_or_kernel, mask_constant, compute_ntk)
       return _select(_run_model(model, kernels, passed, offered), get)
 
-    (x1, masks1), (x2, masks2) = (_masked_inputs(x, mask_constant)
+    (x1, masks1), (x2, masks2) = (inputs.masked_inputs(x, mask_constant)
                                   for x in (x1_or_kernel, x2))
     x1, x2 = inputs.input_leaves(x1, x2)
     inputs.check_finite_inputs(x1, x2)
-    recorded, spatial_output = requirement_pass(x1, x2, passed, offered,
-                                                compute_ntk)
+    recorded, spatial_output = _requirement_pass(
+        model, layout_cache, x1, x2, passed, offered, compute_ntk)
     layout = _choose_layout(recorded, spatial_output, diagonal_batch,
                             diagonal_spatial)
     kernels = _input_kernels(x1, x2, diagonal_batch=layout[0],
                              diagonal_spatial=layout[1],
                              compute_ntk=compute_ntk)
-    kernels = _with_masks(kernels, masks1, masks2)
+    kernels = inputs.with_masks(kernels, masks1, masks2)
     output = _select(_run_model(model, kernels, passed, offered), get)
     inputs.check_finite_output(output, x1, x2)
     return output
 
   return kernel_fn_
-
-
-def _masked_inputs(x: Any, mask_constant: Any
-                   ) -> tuple[Any, list[Optional[jax.Array]]]:
-  """Inputs with padding zeroed, and the masks of their array leaves.
-
-  Padding is given by `mask_constant` (entries equal to it) or by
-  `ft.MaskedArray` leaves; masks come in the order of `jax.tree.leaves`.
-  """
-  if x is None:
-    return None, []
-  leaves, tree = jax.tree.flatten(
-      x, is_leaf=lambda a: isinstance(a, MaskedArray))
-  values, masks = [], []
-  for leaf in leaves:
-    if isinstance(leaf, MaskedArray):
-      if mask_constant is not None:
-        raise ValueError("Pass either MaskedArray inputs or mask_constant, "
-                         "not both.")
-      value = jnp.asarray(leaf.masked_value)
-      mask = None if leaf.mask is None else jnp.broadcast_to(
-          jnp.asarray(leaf.mask, bool), value.shape)
-    elif mask_constant is None or isinstance(leaf, Kernel):
-      value, mask = leaf, None
-    else:
-      value = jnp.asarray(leaf)
-      mask = masking.from_mask_constant(value, mask_constant)
-    values.append(masking.zero_masked(value, mask))
-    masks.append(mask)
-  return jax.tree.unflatten(tree, values), masks
-
-
-def _with_masks(kernels: Any, masks1: list[Optional[jax.Array]],
-                masks2: list[Optional[jax.Array]]) -> Any:
-  """Input kernels with their masks (in the order of the inputs' leaves)."""
-  if not any(m is not None for m in masks1 + masks2):
-    return kernels
-  leaves, tree = jax.tree.flatten(kernels, is_leaf=_is_kernel)
-  masks2 = masks2 or [None] * len(leaves)
-  leaves = [k.replace(mask1=m1, mask2=m2)
-            for k, m1, m2 in zip(leaves, masks1, masks2)]
-  return jax.tree.unflatten(tree, leaves)
-
-

@@ -1,5 +1,9 @@
 """`Kernel` methods: batch slicing, masking, indexing and NT's arithmetic.
 
+This module installs them, with `masking.mask_kernel` and
+`dot_general.kernel_dot_general`, as the `Operations` of
+`flax_tangents/_src/analytic/kernel_operations.py` when it is imported.
+
 Every method gives the kernel of a transformed activation `y = f(x)`:
 
 - `k.slice(s1, s2)`: `x1[s1]`, `x2[s2]`;
@@ -14,22 +18,29 @@ Every method gives the kernel of a transformed activation `y = f(x)`:
   the message.
 
 All act on every unit alike, so they apply exactly to each part of a
-mixture (see `mixtures`).
+mixture (see `mixtures` and `mixture_units`).
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents._src.analytic import mixtures
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic import combinators
+from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import dot_general
+from flax_tangents._src.analytic import kernel_operations
+from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mixture_units
+from flax_tangents._src.analytic import resize
+from flax_tangents._src.analytic.kernel import Kernel
 
-__all__ = ["add", "divide", "getitem", "multiply", "slice_batches"]
+__all__ = ["add", "divide", "getitem", "multiply", "slice_batches",
+           "transpose"]
 
 _COV_FIELDS = ("nngp", "ntk", "cov1", "cov2")
 
@@ -53,6 +64,7 @@ def _slice_one(kernel: Kernel, n1_slice: slice, n2_slice: slice) -> Kernel:
   n1 = len(range(*n1_slice.indices(kernel.shape1[0])))
   n2 = len(range(*n2_slice.indices(kernel.shape2[0])))
   mask2_source = kernel.mask1 if kernel.mask2 is None else kernel.mask2
+  assert kernel.nngp is not None, "every Kernel has an NNGP"
   return kernel.replace(
       nngp=kernel.nngp[n1_slice, n2_slice],
       ntk=None if kernel.ntk is None else kernel.ntk[n1_slice, n2_slice],
@@ -69,12 +81,11 @@ def slice_batches(kernel: Kernel, n1_slice: slice, n2_slice: slice
   """The kernel of `x1[n1_slice]` and `x2[n2_slice]`."""
   _check_slice(n1_slice, "n1_slice")
   _check_slice(n2_slice, "n2_slice")
-  return mixtures.map_units(
+  return mixture_units.map_units(
       kernel, lambda k: _slice_one(k, n1_slice, n2_slice))
 
 
 def _getitem_one(kernel: Kernel, idx: Any) -> Kernel:
-  from flax_tangents._src.analytic import resize  # import cycle
   layer = "Kernel[...]"
   full = resize.normalize_index(idx, kernel.shape1, layer)
   batch, channel = full[0], full[-1]
@@ -90,14 +101,45 @@ def _getitem_one(kernel: Kernel, idx: Any) -> Kernel:
     kernel = _slice_one(kernel, batch, batch)
   rest = (slice(None),) + tuple(full[1:])
   out = resize.index_kernel(kernel, rest, layer)
-  from flax_tangents._src.analytic import masking  # import cycle
   return masking.map_masks(out, kernel,
                            lambda mask, shape: masking.index_mask(mask, rest))
 
 
 def getitem(kernel: Kernel, idx: Any) -> Kernel:
   """The kernel of `x[idx]` (see `Kernel.__getitem__`)."""
-  return mixtures.map_units(kernel, lambda k: _getitem_one(k, idx))
+  return mixture_units.map_units(kernel, lambda k: _getitem_one(k, idx))
+
+
+def transpose(kernel: Kernel, axes: Optional[Sequence[int]]) -> Kernel:
+  """The kernel with spatial axes permuted (see `Kernel.transpose`)."""
+  n = kernel.spatial_ndim
+  axes = tuple(range(n))[::-1] if axes is None else tuple(
+      a % n for a in axes)
+  if sorted(axes) != list(range(n)):
+    raise ValueError(f"`axes`={axes} is not a permutation of {n} spatial "
+                     "axes.")
+
+  def permute(x, n_batch):
+    if kernel.diagonal_spatial:
+      perm = list(range(n_batch)) + [n_batch + a for a in axes]
+    else:
+      perm = list(range(n_batch))
+      for a in axes:
+        perm += [n_batch + 2 * a, n_batch + 2 * a + 1]
+    return jnp.transpose(x, perm)
+
+  def permute_shape(shape):
+    return (shape[0],) + tuple(shape[1 + a] for a in axes) + (shape[-1],)
+
+  def permute_mask(mask):
+    if mask is None:
+      return None
+    return jnp.transpose(mask, (0,) + tuple(1 + a for a in axes) +
+                         (mask.ndim - 1,))
+
+  return covariance.map_covariances(kernel, permute).replace(
+      shape1=permute_shape(kernel.shape1), shape2=permute_shape(kernel.shape2),
+      mask1=permute_mask(kernel.mask1), mask2=permute_mask(kernel.mask2))
 
 
 def _is_scalar(x: Any) -> bool:
@@ -107,17 +149,20 @@ def _is_scalar(x: Any) -> bool:
       np.ndim(x) == 0)
 
 
+def _is_zero(x: Any) -> bool:
+  return isinstance(x, numbers.Number) and x == 0
+
+
 def _scaled(kernel: Kernel, factor: Any) -> Kernel:
   def scale(k: Kernel) -> Kernel:
     return k.replace(**{f: None if getattr(k, f) is None else
                         getattr(k, f) * factor for f in _COV_FIELDS})
-  return mixtures.map_units(kernel, scale)
+  return mixture_units.map_units(kernel, scale)
 
 
 def multiply(kernel: Kernel, other: Any) -> Kernel:
   """`kernel * other`: a constant factor, or the product of two branches."""
   if isinstance(other, Kernel):
-    from flax_tangents._src.analytic import combinators  # import cycle
     return combinators.fan_in_prod([kernel, other])
   if not _is_scalar(other):
     raise TypeError(
@@ -145,7 +190,6 @@ def _shifted(kernel: Kernel, square: Any) -> Kernel:
         "only right after an affine layer. Add the constant there (e.g. "
         "as the bias of the `Dense`/`Conv`: `b_std`), or after an affine "
         "layer.")
-  from flax_tangents._src.analytic import masking  # import cycle
   return masking.remask_shifted(kernel.replace(
       nngp=kernel.nngp + square, cov1=kernel.cov1 + square,
       cov2=None if kernel.cov2 is None else kernel.cov2 + square,
@@ -164,7 +208,6 @@ _SAME_KERNEL_ADVICE = (
 def add(kernel: Kernel, other: Any) -> Kernel:
   """`kernel + other` (or `-`): a sum of branches, or a constant shift."""
   if isinstance(other, Kernel):
-    from flax_tangents._src.analytic import combinators  # import cycle
     if other is not kernel:
       return combinators.fan_in_sum([kernel, other])
     try:  # Always refused: a branch is correlated with itself.
@@ -172,7 +215,7 @@ def add(kernel: Kernel, other: Any) -> Kernel:
     except ValueError as error:
       advice = "" if kernel.is_input else _SAME_KERNEL_ADVICE
       raise ValueError(f"{error}{advice}") from None
-  if isinstance(other, numbers.Number) and other == 0:
+  if _is_zero(other):
     return kernel  # lets `sum(kernels)` start from 0.
   if not _is_scalar(other):
     raise TypeError(
@@ -180,4 +223,10 @@ def add(kernel: Kernel, other: Any) -> Kernel:
         f"scalar constant, not to {type(other).__name__} of shape "
         f"{np.shape(other)}.")
   square = jnp.square(other)
-  return mixtures.map_units(kernel, lambda k: _shifted(k, square))
+  return mixture_units.map_units(kernel, lambda k: _shifted(k, square))
+
+
+kernel_operations.install(kernel_operations.Operations(
+    slice_batches=slice_batches, getitem=getitem, multiply=multiply,
+    divide=divide, add=add, transpose=transpose, mask=masking.mask_kernel,
+    dot_general=dot_general.kernel_dot_general))

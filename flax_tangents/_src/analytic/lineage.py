@@ -31,7 +31,7 @@ import itertools
 import threading
 from typing import Any, Iterator, Optional, Sequence
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = [
     "check_independent",
@@ -98,9 +98,10 @@ def fresh(kernel: Kernel) -> Kernel:
 def union(kernels: Sequence[Kernel]) -> Optional[frozenset[Source]]:
   """All sources of `kernels`, or `None` if any is unknown."""
   sources = [sources_of(k) for k in kernels]
-  if any(s is None for s in sources):
+  known = [s for s in sources if s is not None]
+  if len(known) != len(sources):
     return None
-  return frozenset().union(*sources)
+  return frozenset().union(*known)
 
 
 def _name(source: Source) -> str:
@@ -131,11 +132,12 @@ def check_sum(kernels: Sequence[Kernel], layer_name: str) -> None:
     raise ValueError(_uncentred_message(kernels, uncentred, layer_name))
   if any(s is None for s in sources):
     return
+  known = [s for s in sources if s is not None]
   for i, j in itertools.combinations(range(len(kernels)), 2):
-    if sources[i] & sources[j]:
+    if known[i] & known[j]:
       raise ValueError(
           f"{layer_name}: branches {i} and {j} both depend on "
-          f"{_shared(sources[i], sources[j])} (e.g. `x + x`, `x + pool(x)`, "
+          f"{_shared(known[i], known[j])} (e.g. `x + x`, `x + pool(x)`, "
           "or one module used in both branches), so they are correlated and "
           "the kernel of their sum is not the sum of their kernels. Start "
           "each branch but one with its own affine layer (`Dense`/`Conv`), "
@@ -170,10 +172,11 @@ def check_independent(kernels: Sequence[Kernel], layer_name: str) -> None:
   sources = [sources_of(k) for k in kernels]
   if any(s is None for s in sources):
     return
+  known = [s for s in sources if s is not None]
   for i, j in itertools.combinations(range(len(kernels)), 2):
-    if sources[i] & sources[j]:
+    if known[i] & known[j]:
       raise ValueError(
           f"{layer_name}: branches {i} and {j} both depend on "
-          f"{_shared(sources[i], sources[j])}, so they are not independent "
+          f"{_shared(known[i], known[j])}, so they are not independent "
           "and the kernel of their product is not the product of their "
           "kernels. Give each factor its own affine layer.")

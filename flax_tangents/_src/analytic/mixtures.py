@@ -10,7 +10,8 @@ channel-averaged kernel (what an affine layer needs) is wrong.
 So `Flatten` and channel concatenation return a kernel whose fields are the
 channel average (exact for the next affine layer, which sums over all
 units) and which keeps its parts: the kernel before flattening, or the
-branch kernels. Operations that act on every unit alike (`map_units`:
+branch kernels. Operations that act on every unit alike
+(`mixture_units.map_units`:
 nonlinearities, scalar arithmetic, batch slicing) apply to each part and
 re-average, exactly; any other rule sees only the average and drops the
 parts (`Kernel.replace` does not copy them), and the result is marked
@@ -33,12 +34,12 @@ centred Gaussian with the kernel's covariances. The audit of every rule:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
-__all__ = ["assemble", "identically_distributed", "is_centred_mixture",
-           "is_mixed", "map_units", "mark_mixed", "parts_of",
+__all__ = ["CONCAT", "FLATTEN", "identically_distributed",
+           "is_centred_mixture", "is_mixed", "mark_mixed", "parts_of",
            "with_parts"]
 
 FLATTEN = "flatten"
@@ -83,34 +84,3 @@ def with_parts(average: Kernel, parts: tuple[Kernel, ...],
   object.__setattr__(out, "_parts", tuple(parts))
   object.__setattr__(out, "_assembly", assembly)
   return out
-
-
-def assemble(parts: tuple[Kernel, ...], assembly: str) -> Kernel:
-  """The mixture of `parts`: flattened (one part) or concatenated."""
-  from flax_tangents._src.analytic import combinators  # import cycle
-  from flax_tangents._src.analytic import spatial  # import cycle
-  if assembly == FLATTEN:
-    (part,) = parts
-    return with_parts(spatial.flattened_average(part), parts, assembly)
-  if assembly == CONCAT:
-    return with_parts(combinators.channel_average(parts), parts, assembly)
-  raise ValueError(f"Unknown mixture assembly {assembly!r}.")
-
-
-def map_units(kernel: Kernel, op: Callable[[Kernel], Kernel]) -> Kernel:
-  """Applies `op`, which acts on every unit alike, exactly to a mixture.
-
-  Args:
-    kernel: any kernel.
-    op: maps the kernel of identically distributed units to the kernel of
-      the transformed units (e.g. a nonlinearity's rule).
-
-  Returns:
-    `op(kernel)` for identically distributed units; for a mixture, the
-    mixture of `op` applied to each part.
-  """
-  parts = parts_of(kernel)
-  if parts is None:
-    return op(kernel)
-  new_parts = tuple(map_units(part, op) for part in parts)
-  return assemble(new_parts, kernel._assembly)  # pylint: disable=protected-access

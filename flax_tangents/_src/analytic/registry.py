@@ -5,13 +5,18 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional, TypeVar
 
-__all__ = ["find_rule", "kernel_rule", "register_kernel_rule",
+from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic.kernel import Kernel
+
+__all__ = ["find_rule", "fresh_affine_types", "kernel_rule",
+           "register_fresh_affine", "register_kernel_rule",
            "registered_modules", "requires"]
 
 KernelRule = Callable[..., Any]
 ModuleT = TypeVar("ModuleT", bound=type)
 
 _RULES: dict[type, KernelRule] = {}
+_FRESH_AFFINE: list[type] = []
 
 
 def register_kernel_rule(module_type: type, rule: KernelRule) -> None:
@@ -86,6 +91,27 @@ def kernel_rule(rule: KernelRule) -> Callable[[ModuleT], ModuleT]:
   return register
 
 
+def register_fresh_affine(*module_types: type) -> None:
+  """Marks layers whose output is `W x + b` with fresh centred i.i.d. weights.
+
+  Lifting's provenance (`lifting/dispatch.py`) records such a layer's
+  output as independent of everything before it.
+
+  Args:
+    *module_types: `flax.linen.Module` subclasses (their subclasses count).
+
+  >>> from flax_tangents import nn as ftn
+  >>> ftn.Dense in fresh_affine_types()
+  True
+  """
+  _FRESH_AFFINE.extend(t for t in module_types if t not in _FRESH_AFFINE)
+
+
+def fresh_affine_types() -> tuple[type, ...]:
+  """The classes given to `register_fresh_affine`, in order."""
+  return tuple(_FRESH_AFFINE)
+
+
 def registered_modules() -> tuple[type, ...]:
   """Every module class with a kernel rule, in order of registration.
 
@@ -151,8 +177,6 @@ def requires(*, diagonal_batch: bool = True,
   >>> ft.kernel_fn(model)(jnp.ones((2, 5, 3))).diagonal_spatial
   False
   """
-  from flax_tangents._src.analytic import covariance  # avoid import cycle
-  from flax_tangents.kernel import Kernel
 
   def decorate(rule: KernelRule) -> KernelRule:
     layer = getattr(rule, "__qualname__", repr(rule))

@@ -25,7 +25,7 @@ from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic import spatial_maps
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = [
     "index_kernel",
@@ -248,7 +248,7 @@ def normalize_index(idx: Any, shape: Sequence[int],
   return tuple(out)
 
 
-def _selection(index: slice, size: int) -> np.ndarray:
+def _selection(index: Union[int, slice], size: int) -> np.ndarray:
   return np.eye(size)[index]
 
 

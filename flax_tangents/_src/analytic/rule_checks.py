@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["check_rule_output", "expected_shapes"]
 

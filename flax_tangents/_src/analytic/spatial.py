@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["flatten_kernel", "flattened_average", "global_pool_kernel"]
 

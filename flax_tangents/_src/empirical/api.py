@@ -36,9 +36,9 @@ from flax_tangents._src.empirical import auto
 from flax_tangents._src.empirical import dispatch
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.implementation import NtkImplementation
-from flax_tangents.typing import ApplyFn
-from flax_tangents.typing import EmpiricalGetKernelFn
-from flax_tangents.typing import EmpiricalKernelFn as KernelFn
+from flax_tangents._src.typing import ApplyFn
+from flax_tangents._src.typing import EmpiricalGetKernelFn
+from flax_tangents._src.typing import EmpiricalKernelFn as KernelFn
 
 __all__ = [
     "empirical_kernel_fn",

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents.typing import Axes
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import Axes
+from flax_tangents._src.typing import PyTree
 
 __all__ = [
     "Axes",

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from flax_tangents._src import nnx_adapter
 from flax_tangents._src.empirical import arguments
-from flax_tangents.typing import ApplyFn
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import ApplyFn
+from flax_tangents._src.typing import PyTree
 
 __all__ = ["linearize", "taylor_expand"]
 

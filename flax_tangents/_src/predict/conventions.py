@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.scale.tiled_kernel import TiledKernel
-from flax_tangents.typing import Get
+from flax_tangents._src.typing import Get
 
 __all__ = ["Gaussian", "LazyTrainKernels", "canonicalize_get", "is_array",
            "kernel_of", "package", "pick", "symmetrize"]

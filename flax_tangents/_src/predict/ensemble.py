@@ -23,7 +23,7 @@ from flax_tangents._src.predict import inference
 from flax_tangents._src.predict import linalg
 from flax_tangents._src.predict.conventions import Gaussian
 from flax_tangents._src.predict.conventions import kernel_of
-from flax_tangents.typing import Get
+from flax_tangents._src.typing import Get
 
 Axes = linalg.Axes
 

@@ -25,7 +25,7 @@ from flax_tangents._src.predict import solvers
 from flax_tangents._src.predict.conventions import Gaussian
 from flax_tangents._src.predict.conventions import kernel_of
 from flax_tangents._src.scale.tiled_kernel import TiledKernel
-from flax_tangents.typing import Get
+from flax_tangents._src.typing import Get
 
 Axes = linalg.Axes
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.predict import checks
-from flax_tangents.typing import Axes
+from flax_tangents._src.typing import Axes
 
 
 class NotPSDError(ValueError):

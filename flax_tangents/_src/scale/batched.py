@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec
 import numpy as np
 
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.scale import assemble
 from flax_tangents._src.scale import devices
 from flax_tangents._src.scale import fingerprint as fingerprint_lib
@@ -39,7 +40,6 @@ from flax_tangents._src.scale.tile_plan import OFFDIAG
 from flax_tangents._src.scale.tile_plan import TilePlan
 from flax_tangents._src.scale.tile_plan import pad_rows
 from flax_tangents._src.scale.tile_plan import tile_rows
-from flax_tangents.kernel import Kernel
 
 __all__ = ["BatchedKernelFn"]
 

@@ -26,7 +26,7 @@ from jax.sharding import Sharding
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["restore", "restore_kernel", "save", "save_kernel"]
 

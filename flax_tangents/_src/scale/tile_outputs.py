@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from flax_tangents.kernel import Kernel
+from flax_tangents._src.analytic.kernel import Kernel
 
 __all__ = ["OutputTemplate", "PAIR", "ROW", "COL", "transpose_permutation"]
 

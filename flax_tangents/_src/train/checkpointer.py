@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import PyTree
 
 __all__ = ["Checkpointer"]
 

@@ -15,7 +15,7 @@ from flax_tangents._src.empirical.linearize import linearize
 from flax_tangents._src.train import loop
 from flax_tangents._src.train import predictions
 from flax_tangents._src.train import results
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import PyTree
 
 _AUTO = predictions.AUTO
 

@@ -17,7 +17,7 @@ import optax
 
 from flax_tangents._src.train import results
 from flax_tangents._src.train.checkpointer import Checkpointer
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import PyTree
 
 __all__ = ["Schedule", "initial_state", "outputs_program", "record_steps_of",
            "train", "training_program"]

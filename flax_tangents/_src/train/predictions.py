@@ -18,7 +18,7 @@ from flax_tangents._src.empirical.api import empirical_ntk_fn
 from flax_tangents._src.predict import gradient_descent as gd
 from flax_tangents._src.predict import ode
 from flax_tangents._src.train import results
-from flax_tangents.typing import PyTree
+from flax_tangents._src.typing import PyTree
 
 __all__ = ["AUTO", "analytic_curves", "empirical_curves", "predicted_curves"]
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 import warnings
 
 import jax
@@ -101,12 +101,45 @@ def _gelu_fns(amplitude: float, k: float):
               s * c, s * v1, s * v2))
 
 
+def _single_term(key: tuple[Any, ...], scale: float
+                 ) -> Optional[Activation]:
+  """The closed form of `scale * term`, for a one-term form, or `None`."""
+  kind = key[0]
+  if kind == "relu":
+    fns = _scaled((functools.partial(gi_poly.rectified_monomial_nngp,
+                                     degree=key[1]),
+                   functools.partial(gi_poly.rectified_monomial_d_nngp,
+                                     degree=key[1])), scale)
+    return Activation(f"{scale} * RectifiedMonomial(degree={key[1]})",
+                      *fns)
+  if kind == "sin":
+    params = dict(a=scale, b=key[1], c=key[2])
+    return Activation(f"Sin({params})",
+                      functools.partial(gi_exp.sin_nngp, **params),
+                      functools.partial(gi_exp.sin_d_nngp, **params))
+  if kind == "exp":
+    params = dict(a=scale, b=key[1])
+    return Activation(f"Exp({params})",
+                      functools.partial(gi_exp.exp_nngp, **params),
+                      functools.partial(gi_exp.exp_d_nngp, **params))
+  if kind == "gauss":
+    params = dict(a=scale, b=key[1])
+    return Activation(f"Gaussian({params})",
+                      functools.partial(gi_exp.gaussian_nngp, **params),
+                      functools.partial(gi_exp.gaussian_d_nngp, **params))
+  if kind == "sign":
+    return Activation(f"{scale} * Sign()",
+                      *_scaled((gi.sign_nngp, gi.sign_d_nngp), scale))
+  return None
+
+
 def _closed_form(form: nf.Form) -> Optional[Activation]:
   keys = set(form)
   kinds = {k[0] for k in keys}
   coef = lambda key: form.get(key, 0.0)
   if kinds <= {"1", "x"}:
     poly = nf.polynomial_of(form)
+    assert poly is not None, form
     fns = (functools.partial(gi_poly.polynomial_nngp, coef=poly),
            functools.partial(gi_poly.polynomial_d_nngp, coef=poly))
     return Activation(f"Polynomial(coef={poly})", *fns)
@@ -121,32 +154,9 @@ def _closed_form(form: nf.Form) -> Optional[Activation]:
                       functools.partial(gi.abrelu_d_nngp, a=a, b=b))
   if len(keys) == 1:
     (key,), (scale,) = keys, form.values()
-    kind = key[0]
-    if kind == "relu":
-      fns = _scaled((functools.partial(gi_poly.rectified_monomial_nngp,
-                                       degree=key[1]),
-                     functools.partial(gi_poly.rectified_monomial_d_nngp,
-                                       degree=key[1])), scale)
-      return Activation(f"{scale} * RectifiedMonomial(degree={key[1]})",
-                        *fns)
-    if kind == "sin":
-      params = dict(a=scale, b=key[1], c=key[2])
-      return Activation(f"Sin({params})",
-                        functools.partial(gi_exp.sin_nngp, **params),
-                        functools.partial(gi_exp.sin_d_nngp, **params))
-    if kind == "exp":
-      params = dict(a=scale, b=key[1])
-      return Activation(f"Exp({params})",
-                        functools.partial(gi_exp.exp_nngp, **params),
-                        functools.partial(gi_exp.exp_d_nngp, **params))
-    if kind == "gauss":
-      params = dict(a=scale, b=key[1])
-      return Activation(f"Gaussian({params})",
-                        functools.partial(gi_exp.gaussian_nngp, **params),
-                        functools.partial(gi_exp.gaussian_d_nngp, **params))
-    if kind == "sign":
-      return Activation(f"{scale} * Sign()",
-                        *_scaled((gi.sign_nngp, gi.sign_d_nngp), scale))
+    single = _single_term(key, scale)
+    if single is not None:
+      return single
   erf_keys = [k for k in keys if k[0] == "erf"]
   if len(erf_keys) == 1 and keys <= {erf_keys[0], ("1",)}:
     params = dict(a=coef(erf_keys[0]), b=erf_keys[0][1], c=coef(("1",)))

@@ -19,7 +19,9 @@ from typing import Any, Iterator, Optional
 import flax.linen as nn
 import jax
 
+from flax_tangents._src.analytic import registry
 from flax_tangents._src.analytic.errors import KernelRuleError
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import elementwise_rules  # noqa: F401
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting import provenance as prov
@@ -31,7 +33,6 @@ from flax_tangents._src.analytic.lifting.errors import LiftingError
 from flax_tangents._src.analytic.lifting.errors import add_line
 from flax_tangents._src.analytic.lifting.errors import user_frame
 from flax_tangents._src.analytic.lifting.interpreter import Interpreter
-from flax_tangents.kernel import Kernel
 
 __all__ = ["call_depth", "check_transform", "lift", "record_rule_output",
            "tracing"]
@@ -55,12 +56,11 @@ def kernels_in(tree: Any) -> list[Kernel]:
 
 
 def _fresh_affine_types() -> tuple[type, ...]:
-  """Layers whose output is `W x + b` with fresh centred i.i.d. weights."""
-  from flax_tangents.nn import conv as ftn_conv  # pylint: disable=g-import-not-at-top
-  from flax_tangents.nn import linear as ftn_linear  # pylint: disable=g-import-not-at-top
-  return (nn.Dense, nn.Conv, nn.ConvLocal, nn.ConvTranspose,
-          ftn_linear.Dense, ftn_conv.Conv, ftn_conv.ConvLocal,
-          ftn_conv.ConvTranspose)
+  """Layers whose output is `W x + b` with fresh centred i.i.d. weights:
+  stock Flax's and those of `registry.register_fresh_affine` (`ftn.Dense`,
+  `ftn.Conv`, ...)."""
+  return ((nn.Dense, nn.Conv, nn.ConvLocal, nn.ConvTranspose) +
+          registry.fresh_affine_types())
 
 
 def record_rule_output(module: nn.Module, args: Any, out: Any) -> None:

@@ -39,7 +39,10 @@ def _root_of(value: Value) -> Optional[Net]:
 
 
 def _expr_of(value: Value) -> ex.Expr:
-  return ex.ROOT if isinstance(value, Net) else value.expr
+  if isinstance(value, Net):
+    return ex.ROOT
+  assert isinstance(value, Elem), value
+  return value.expr
 
 
 @register(*sorted(ex.ELEMENTWISE))
@@ -121,6 +124,7 @@ def _varying_constant(interp: Interpreter, eqn: Equation,
   out_shape = tuple(interp.program.avals[eqn.outputs[0]].shape)
   const_index = next(i for i, v in enumerate(values) if isinstance(v, Const))
   const = values[const_index]
+  assert isinstance(const, Const), const
   other = values[1 - const_index] if len(values) == 2 else None
   try:
     factors = np.broadcast_to(np.asarray(const.value), out_shape)

@@ -80,7 +80,7 @@ def add_line(error: BaseException, line: Optional[str]) -> None:
     return
   if not error.args or not isinstance(error.args[0], str):
     return
-  error.flax_tangents_line = line
+  setattr(error, "flax_tangents_line", line)
   error.args = (f"{error.args[0]} (called at {line})",) + error.args[1:]
 
 

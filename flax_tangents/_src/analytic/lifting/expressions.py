@@ -99,6 +99,7 @@ def evaluate(expr: Expr, x: jax.Array) -> jax.Array:
         dtype = x.dtype
       out = jnp.full(x.shape, e.value, dtype)
     else:
+      assert isinstance(e, Apply), e
       args = [value(a) for a in e.args]
       out = _bind(e, args, x.dtype)
     cache[id(e)] = out

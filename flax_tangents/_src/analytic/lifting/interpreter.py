@@ -10,7 +10,7 @@ needed).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.elementwise import elementwise_kernel
 from flax_tangents._src.analytic.errors import KernelRuleError
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import activations
 from flax_tangents._src.analytic.lifting import expressions as ex
 from flax_tangents._src.analytic.lifting import normal_form as nf
@@ -34,12 +35,11 @@ from flax_tangents._src.analytic.lifting.values import Const
 from flax_tangents._src.analytic.lifting.values import Elem
 from flax_tangents._src.analytic.lifting.values import Net
 from flax_tangents._src.analytic.lifting.values import Value
-from flax_tangents.kernel import Kernel
 
 __all__ = ["Interpreter"]
 
 # `rule(interpreter, equation, operand values) -> output values`.
-Rule = Callable[["Interpreter", Equation, list[Value]], list[Value]]
+Rule = Callable[["Interpreter", Equation, list[Value]], Sequence[Value]]
 _RULES: dict[str, Rule] = {}
 
 # Submodule calls: `call(record, args, kwargs) -> outputs`, set by dispatch.
@@ -89,7 +89,7 @@ class Interpreter:
       return Const(np.asarray(atom.value))
     return self.env[atom]
 
-  def net(self, value: Value, eqn: Equation) -> Net:
+  def net(self, value: Value, eqn: Optional[Equation]) -> Net:
     """The kernel of a value (a nonlinearity is applied here, if pending)."""
     if isinstance(value, Net):
       return value
@@ -273,14 +273,16 @@ class Interpreter:
           "`ft.register_kernel_rule`.")
 
   def _constant(self, eqn: Equation, values: list[Value]) -> list[Value]:
-    from_params = any(v.from_params for v in values)
+    consts = [v for v in values if isinstance(v, Const)]
+    assert len(consts) == len(values), "called on constants only"
+    from_params = any(v.from_params for v in consts)
     if from_params:
       # Never needed as numbers: parameters only matter if they meet a
       # kernel, which is refused.
       return [Const(None, from_params=True) for _ in eqn.outputs]
     params = eqn.primitive.get_bind_params(eqn.params)
     with jax.ensure_compile_time_eval():
-      outs = eqn.primitive.bind(*(v.value for v in values), **params)
+      outs = eqn.primitive.bind(*(v.value for v in consts), **params)
     if not eqn.primitive.multiple_results:
       outs = [outs]
     return [Const(o) for o in outs]

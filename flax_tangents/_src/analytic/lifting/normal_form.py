@@ -84,7 +84,8 @@ def _mul(a: Form, b: Form) -> Optional[Form]:
     return _scale(a, cb)
   pa, pb = polynomial_of(a), polynomial_of(b)
   if pa is not None and pb is not None:
-    return _poly_form(tuple(np.polynomial.polynomial.polymul(pa, pb)))
+    return _poly_form(tuple(
+        float(c) for c in np.polynomial.polynomial.polymul(pa, pb)))
   # x * f(x) for f = erf(b x) or tanh(poly): GELU-like products.
   for x_side, other in ((a, b), (b, a)):
     if set(x_side) == {("x", 1)}:
@@ -121,7 +122,9 @@ def _piecewise_linear(pred: Apply, when_false: Form, when_true: Form
   if not affine or affine[1] != 0.0 or affine[0] == 0.0:
     return None
   if affine[0] < 0:  # a x > 0 with a < 0 is x < 0.
-    name = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}.get(name)
+    swapped: dict[Optional[str], str] = {
+        "lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+    name = swapped.get(name)
   if name not in ("gt", "ge", "lt", "le"):
     return None
   if name in ("lt", "le"):
@@ -227,6 +230,7 @@ def normal_form(expr: Expr) -> Optional[Form]:
       if e.value.dtype == bool:
         return None
       return _const(float(e.value))
+    assert isinstance(e, Apply), e
     name = e.name
     if name == "select_n" and len(e.args) == 3:
       pred = e.args[0]
@@ -235,9 +239,10 @@ def normal_form(expr: Expr) -> Optional[Form]:
         return None if f is None or t is None else _piecewise_linear(
             pred, f, t)
       return None
-    args = [form(a) for a in e.args]
-    if any(a is None for a in args):
+    maybe_args = [form(a) for a in e.args]
+    if any(a is None for a in maybe_args):
       return None
+    args = [a for a in maybe_args if a is not None]
     if name in ("add", "add_any"):
       return _add(args[0], args[1])
     if name == "sub":

@@ -10,8 +10,11 @@ the kernel is the step's kernel applied `L` times (`transforms.repeat`).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import paths
 from flax_tangents._src.analytic.lifting import program as program_lib
 from flax_tangents._src.analytic.lifting import provenance as prov
@@ -24,7 +27,6 @@ from flax_tangents._src.analytic.lifting.values import Const
 from flax_tangents._src.analytic.lifting.values import Elem
 from flax_tangents._src.analytic.lifting.values import Net
 from flax_tangents._src.analytic.lifting.values import Value
-from flax_tangents.kernel import Kernel
 
 __all__: list[str] = []
 
@@ -67,7 +69,7 @@ def scan(interp: Interpreter, eqn: Equation,
       transform, module_path in interp.trace.param_paths)
   nets = [interp.net(carry[i], eqn) for i in dependent]
   inner = transforms.inner_module(transform)
-  step_provenance: list[prov.Provenance] = []
+  step_provenance: list[Optional[prov.Provenance]] = []
 
   def step(kernels):
     it = iter(kernels)

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from flax_tangents._src.analytic import combinators
-from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import mixtures
+from flax_tangents._src.analytic import pooling as pooling_math
 from flax_tangents._src.analytic import resize
 from flax_tangents._src.analytic.lifting import provenance as prov
 from flax_tangents._src.analytic.lifting import spatial_ops
@@ -163,7 +163,7 @@ def reduce_window_sum(interp, eqn, values):
   net = _operand(interp, eqn, values[0])
   p = eqn.params
   window, strides = p["window_dimensions"], p["window_strides"]
-  pads = tuple(tuple(int(x) for x in pad) for pad in p["padding"])
+  pads = tuple((int(low), int(high)) for low, high in p["padding"])
   if any(d != 1 for d in tuple(p["base_dilation"]) + tuple(
       p["window_dilation"])):
     raise interp.refuse(eqn, "dilated pooling windows are not supported")
@@ -175,7 +175,7 @@ def reduce_window_sum(interp, eqn, values):
   covariance.require_spatial_covariances(kernel, layer)
 
   def pooled(cov, n_batch):
-    return conv_math.pool_covariance(
+    return pooling_math.pool_covariance(
         cov, n_batch, diagonal_spatial=kernel.diagonal_spatial,
         window_shape=tuple(window[1:-1]), strides=tuple(strides[1:-1]),
         pads=pads[1:-1], circular=False, normalize=None)
@@ -293,8 +293,8 @@ def split(interp, eqn, values):
 def pad(interp, eqn, values):
   net = _operand(interp, eqn, values[0])
   fill = values[1]
-  if not isinstance(fill, Const) or uniform_value(fill.value) is None or (
-      float(uniform_value(fill.value)) != 0.0):
+  fill_value = uniform_value(fill.value) if isinstance(fill, Const) else None
+  if fill_value is None or float(fill_value) != 0.0:
     raise interp.refuse(eqn, "padding with a nonzero value is a "
                         "deterministic shift, which has no centred kernel")
   in_shape, out = _shapes(interp, eqn)

@@ -17,10 +17,11 @@ import numpy as np
 
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mixture_units
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import resize
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.spatial import flatten_kernel
-from flax_tangents.kernel import Kernel
 
 __all__ = [
     "add",
@@ -43,7 +44,7 @@ def scale(kernel: Kernel, factor: Any) -> Kernel:
   """The kernel of `factor * x` for a scalar `factor` (every unit alike, so
   a mixture keeps its parts)."""
   square = factor * factor
-  return mixtures.map_units(kernel, lambda k: covariance.map_covariances(
+  return mixture_units.map_units(kernel, lambda k: covariance.map_covariances(
       k, lambda cov, _: square * cov))
 
 

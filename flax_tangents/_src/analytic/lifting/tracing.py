@@ -24,15 +24,15 @@ from typing import Any, Optional
 
 import flax.linen as nn
 import jax
+from jax import core as jax_core
 from jax.extend import core as jex_core
 import numpy as np
 
 from flax_tangents._src.analytic import call_args as call_args_lib
-from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import registry
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import program as program_lib
 from flax_tangents._src.analytic.lifting import transforms
-from flax_tangents.kernel import Kernel
 
 __all__ = ["CallRecord", "MODULE_CALL", "Trace", "trace_method"]
 
@@ -109,7 +109,7 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
       not context.module.path or context.method_name == "setup"):
     return next_fun(*args, **kwargs)
   leaves, in_tree = jax.tree.flatten((args, kwargs))
-  operands = [x for x in leaves if isinstance(x, jax.core.Tracer)]
+  operands = [x for x in leaves if isinstance(x, jax_core.Tracer)]
   if not operands:
     return next_fun(*args, **kwargs)
   transform = transforms.enclosing_transform(context.module)
@@ -140,7 +140,7 @@ def _tracing_interceptor(next_fun, args, kwargs, context):
   index = len(_state.calls)
   _state.calls.append(CallRecord(
       module=context.module, method=context.method_name, in_tree=in_tree,
-      in_leaves=[None if isinstance(x, jax.core.Tracer) else x
+      in_leaves=[None if isinstance(x, jax_core.Tracer) else x
                  for x in leaves],
       out_tree=out_tree,
       out_leaves=[None if _is_array(x) else x for x in out_leaves],
@@ -171,7 +171,7 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
 
   def shapes(*arrays, diagonal_batch):
     it = iter(arrays)
-    full = [next(it) if isinstance(x, jax.core.Tracer) else x
+    full = [next(it) if isinstance(x, jax_core.Tracer) else x
             for x in leaves]
     call_args, call_kwargs = jax.tree.unflatten(tree, full)
     n1, n2 = _state.batches
@@ -181,12 +181,12 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
       first = jax.numpy.broadcast_to(per_example, (n1,) + x.shape[1:])
       second = None if n2 is None else jax.numpy.broadcast_to(
           per_example, (n2,) + x.shape[1:])
-      return covariance.inputs_to_kernel(
+      return Kernel.from_inputs(
           first, second, diagonal_batch=diagonal_batch,
           diagonal_spatial=False).replace(is_gaussian=True, is_input=False)
 
     to_kernels = functools.partial(jax.tree.map, lambda x: as_kernel(x) if
-                                   isinstance(x, jax.core.Tracer) else x)
+                                   isinstance(x, jax_core.Tracer) else x)
     # Keywords the rule names are call arguments (e.g. a graph `pattern`,
     # traced under an outer `jit`), not network values.
     call_args = to_kernels(call_args)
@@ -197,7 +197,7 @@ def _outputs_from_rule(module: nn.Module, args: Any, kwargs: Any) -> Any:
     found.append(out)
     return 0
 
-  tracers = [x for x in leaves if isinstance(x, jax.core.Tracer)]
+  tracers = [x for x in leaves if isinstance(x, jax_core.Tracer)]
   specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in tracers]
   try:
     jax.eval_shape(functools.partial(shapes, diagonal_batch=True), *specs)

@@ -87,10 +87,11 @@ def enclosing_transform(module: nn.Module) -> Optional[LiftedTransform]:
         owner = local.get("self")
         if isinstance(owner, nn.Module) and tuple(owner.path) == path:
           transform = local.get("transform")
+          module_class = local.get("module_class")
+          assert isinstance(module_class, type), module_class
           return LiftedTransform(
               getattr(transform, "__name__", repr(transform)),
-              local.get("module_class"), dict(local.get("trafo_kwargs", {})),
-              owner)
+              module_class, dict(local.get("trafo_kwargs", {})), owner)
         return None
       frame = frame.f_back
     return None

@@ -17,9 +17,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
+from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.lifting import expressions as ex
 from flax_tangents._src.analytic.lifting.provenance import Provenance
-from flax_tangents.kernel import Kernel
 
 __all__ = ["Const", "Elem", "Net", "Value", "uniform_value"]
 
