@@ -14,8 +14,8 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels_projected
+from testing import assert_mc_close
+from testing import sample_kernels
 
 RNG = np.random.RandomState(0)
 SEQ1, SEQ2 = RNG.randn(3, 5, 2), RNG.randn(2, 5, 2)
@@ -83,8 +83,8 @@ def test_concat_then_nonlinearity_is_the_reordered_network():
 def test_concat_then_nonlinearity_agrees_with_monte_carlo():
   model = Concat(widths=(256, 384))
   expected = ft.kernel_fn(model)(VEC1, VEC2)
-  nngp, ntk = sample_kernels_projected(model, VEC1, VEC2, jax.random.key(0),
-                                       300)
+  nngp, ntk = sample_kernels(model, VEC1, VEC2, jax.random.key(0), 300,
+                             ntk="projected")
   # One hidden layer of each branch: the estimates are unbiased.
   assert_mc_close(nngp, expected.nngp, n_se=5.0)
   assert_mc_close(ntk, expected.ntk, n_se=5.0)
