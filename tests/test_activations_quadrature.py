@@ -24,6 +24,7 @@ from activation_cases import TRIPLES
 from activation_cases import kernel_values
 from activation_cases import triples
 from golden_models import load_golden
+from testing import jit_kernel_fn
 
 
 def _elementwise_derivative(fn):
@@ -168,8 +169,8 @@ def test_fcn_monomials_agrees_with_quadrature():
       ftn.ElementwiseNumerical(lambda x: x**2, deg=4),
       ftn.ElementwiseNumerical(lambda x: jnp.where(x >= 0, x**3, 0), deg=300),
       ftn.ElementwiseNumerical(lambda x: 0.1 + x + 0.5 * x**2, deg=4))
-  expected = jax.jit(ft.kernel_fn(quadrature), static_argnames="get")(
-      golden["x1"], golden["x2"], ("nngp", "ntk"))
+  expected = jit_kernel_fn(quadrature)(golden["x1"], golden["x2"],
+                                       ("nngp", "ntk"))
   actual = ft.kernel_fn(closed_form)(golden["x1"], golden["x2"],
                                      ("nngp", "ntk"))
   for a, e in zip(actual, expected):

@@ -12,6 +12,7 @@ from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import combinators
 from testing import assert_mc_close
 from testing import assert_trees_close
+from testing import jit_kernel_fn
 from testing import sample_kernels
 
 RNG = np.random.RandomState(1)
@@ -115,7 +116,7 @@ def test_concat_diagonal_layouts():
   for axis in (0, 2):
     model = nn.Sequential([_Concat(axis), ftn.Relu(), ftn.Flatten(),
                            ftn.Dense(1)])
-    kernel_fn = jax.jit(ft.kernel_fn(model), static_argnames="get")
+    kernel_fn = jit_kernel_fn(model)
     k = kernel_fn(X1, X2)
     full = kernel_fn(ft.Kernel.from_inputs(
         X1, X2, diagonal_batch=False, diagonal_spatial=False))

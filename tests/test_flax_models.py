@@ -12,6 +12,7 @@ import flax_tangents as ft
 from flax_tangents import nn as ftn
 from testing import assert_mc_close
 from testing import assert_trees_close
+from testing import jit_kernel_fn
 from testing import sample_kernels
 
 RS = np.random.RandomState(0)
@@ -68,10 +69,9 @@ def test_mlp_unchanged():
 
 
 def test_mnist_cnn_unchanged():
-  kernel_fn = jax.jit(ft.kernel_fn(CNN()), static_argnames="get")
-  got = kernel_fn(IMG1, IMG2, get=("nngp", "ntk"))
-  want = jax.jit(ft.kernel_fn(_cnn_with_ftn_layers()),
-                 static_argnames="get")(IMG1, IMG2, get=("nngp", "ntk"))
+  got = jit_kernel_fn(CNN())(IMG1, IMG2, get=("nngp", "ntk"))
+  want = jit_kernel_fn(_cnn_with_ftn_layers())(IMG1, IMG2,
+                                               get=("nngp", "ntk"))
   assert_trees_close(got, want)
   assert got.nngp.shape == (2, 3)
 

@@ -24,6 +24,7 @@ from flax_tangents._src.analytic.lifting.activations import (
 )
 from testing import assert_mc_close
 from testing import exact_ntk
+from testing import jit_kernel_fn
 from testing import sample_kernels
 
 RS = np.random.RandomState(7)
@@ -56,8 +57,7 @@ class Patterns(nn.Module):
 
 
 def test_patterns_monte_carlo():
-  k = jax.jit(ft.kernel_fn(Patterns()), static_argnames="get")(
-      IMG1, IMG2, get=("nngp", "ntk"))
+  k = jit_kernel_fn(Patterns())(IMG1, IMG2, get=("nngp", "ntk"))
   # NNGP: the readout's expectation taken exactly (its weights have variance
   # 1 / fan_in and its bias is zero), so that only the features are sampled:
   # y1 . y2 / fan_in per network, from forward passes.
@@ -79,8 +79,7 @@ def test_written_x_sigmoid_x_is_silu():
   # pre-activation (quadrature), equal to a high-degree reference.
   lifted = _mlp(lambda h: h * nn.sigmoid(h))
   reference = _mlp(ftn.ElementwiseNumerical(fn=nn.silu, deg=100))
-  kernels = lambda m: jax.jit(ft.kernel_fn(m), static_argnames="get")(
-      X1, X2, get=("nngp", "ntk"))
+  kernels = lambda m: jit_kernel_fn(m)(X1, X2, get=("nngp", "ntk"))
   got, want = kernels(lifted), kernels(reference)
   np.testing.assert_allclose(got.nngp, want.nngp, rtol=5e-6)
   np.testing.assert_allclose(got.ntk, want.ntk, rtol=5e-6)

@@ -7,6 +7,8 @@ reordered network (nonlinearity before `Flatten` / before the concat), and
 what finite networks do (Monte Carlo). Where the parts are lost, refused.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -15,6 +17,7 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from testing import assert_mc_close
+from testing import assert_trees_close
 from testing import sample_kernels
 
 RNG = np.random.RandomState(0)
@@ -23,10 +26,8 @@ VEC1, VEC2 = RNG.randn(3, 4), RNG.randn(2, 4)
 FIELDS = ("nngp", "ntk", "cov1", "cov2")
 
 
-def assert_kernels_equal(a, b, rtol=1e-12):
-  for field in FIELDS:
-    np.testing.assert_allclose(getattr(a, field), getattr(b, field),
-                               rtol=rtol, atol=1e-14)
+assert_kernels_equal = functools.partial(assert_trees_close, fields=FIELDS,
+                                         rtol=1e-12, atol=1e-14)
 
 
 def conv():
