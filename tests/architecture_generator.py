@@ -2,10 +2,10 @@
 
 `valid_network(seed)` draws a network that the analytic kernel must compute
 exactly; `linear_network(seed)` one whose parameters enter linearly (its
-NTK is `J J^T` exactly, at any width); `invalid_network(seed)` one with a
-defect that must be refused. Each network is built by `build(width)`, so
-the same architecture serves the analytic kernel (any width) and Monte
-Carlo (wide).
+NTK is `J J^T` exactly, at any width). `invalid_architectures.py` draws
+networks with a defect that must be refused. Each network is built by
+`build(width)`, so the same architecture serves the analytic kernel (any
+width) and Monte Carlo (wide).
 
 The generator tracks what the next layer may be from the state of the
 activations: raw inputs, centred Gaussian (after an affine layer, or a
@@ -105,7 +105,7 @@ def _erf_nngp(cov12, var1, var2):
 
 # Nonlinearities with a closed form (or quadrature), each with random
 # parameters of moderate size.
-def _nonlinearities(rng: np.random.RandomState) -> list[tuple[str, Factory]]:
+def nonlinearities(rng: np.random.RandomState) -> list[tuple[str, Factory]]:
   u = lambda lo, hi: float(np.round(rng.uniform(lo, hi), 2))
   return [
       ("Relu", lambda w: ftn.Relu()),
@@ -137,7 +137,7 @@ def _nonlinearities(rng: np.random.RandomState) -> list[tuple[str, Factory]]:
   ]
 
 
-def _pick(rng: np.random.RandomState, options: Sequence[Any]) -> Any:
+def pick(rng: np.random.RandomState, options: Sequence[Any]) -> Any:
   return options[rng.randint(len(options))]
 
 
@@ -151,7 +151,7 @@ def _affine(rng, state: _State, stock_ok: bool = True, prefer: str = ""
             ) -> tuple[str, Factory, tuple[int, ...]]:
   """An affine layer for the current state, and the new spatial shape."""
   w_std = float(np.round(rng.uniform(0.7, 1.6), 2))
-  b_std = _pick(rng, [None, 0.1, 0.4])
+  b_std = pick(rng, [None, 0.1, 0.4])
   s = len(state.spatial)
   if s == 0:
     if stock_ok and (rng.rand() < 0.25 or prefer == "stock"):
@@ -159,7 +159,7 @@ def _affine(rng, state: _State, stock_ok: bool = True, prefer: str = ""
     return "Dense", lambda w: ftn.Dense(w, W_std=w_std, b_std=b_std), ()
   k = tuple(int(rng.randint(1, 3)) for _ in range(s))
   valid_ok = all(size > kk + 1 for size, kk in zip(state.spatial, k))
-  padding = _pick(rng, ["SAME", "CIRCULAR"] + (["VALID"] if valid_ok else []))
+  padding = pick(rng, ["SAME", "CIRCULAR"] + (["VALID"] if valid_ok else []))
   out = tuple(size - kk + 1 if padding == "VALID" else size
               for size, kk in zip(state.spatial, k))
   choice = {"stock": 0.0, "ConvLocal": 0.25}.get(prefer, rng.rand())
@@ -182,7 +182,7 @@ def _linear_map(rng, state: _State) -> tuple[str, Factory, tuple[int, ...]]:
                 "ImageResize"]
     if state.spatial[0] > 2:
       options.append("Index")
-  name = _pick(rng, options)
+  name = pick(rng, options)
   if name == "Identity":
     return name, lambda w: ftn.Identity(), state.spatial
   if name in ("AvgPool", "SumPool"):
@@ -195,7 +195,7 @@ def _linear_map(rng, state: _State) -> tuple[str, Factory, tuple[int, ...]]:
     idx = (slice(None), slice(1, None)) + (slice(None),) * s
     return name, lambda w: ftn.Index(idx), (state.spatial[0] - 1,) + tuple(
         state.spatial[1:])
-  method = _pick(rng, ["nearest", "linear"])
+  method = pick(rng, ["nearest", "linear"])
   new = (state.spatial[0] + 1,) + tuple(state.spatial[1:])
   return name, lambda w: ftn.ImageResize((-1,) + new + (-1,), method), new
 
@@ -211,13 +211,13 @@ def valid_network(seed: int) -> Network:
   """A random valid network: its kernel must be exact."""
   rng = np.random.RandomState(seed)
   focus = FOCUS[seed % len(FOCUS)]
-  spatial = () if focus in ("Product", "stock") and seed % 2 else _pick(
+  spatial = () if focus in ("Product", "stock") and seed % 2 else pick(
       rng, [(5,), (3, 4)] if focus not in ("Residual", "Dropout", "LayerNorm")
       else [(), (5,), (3, 4)])
   state = _State(INPUT, spatial)
   layers, names = [], []
   flags = dict(dropout=False, attention=False, depth=0, swap_at=None)
-  options = _nonlinearities(rng)
+  options = nonlinearities(rng)
   drawn = iter(range(seed, seed + 100))
 
   def nonlinearity():
@@ -317,7 +317,7 @@ def valid_network(seed: int) -> Network:
   if state.kind == MIX and rng.rand() < 0.8:
     act_step()  # Most often a nonlinearity right after Flatten.
   if state.spatial:
-    name = _pick(rng, ["Flatten", "GlobalAvgPool"])
+    name = pick(rng, ["Flatten", "GlobalAvgPool"])
     add(name, lambda w, cls=getattr(ftn, name): cls())
   add("Dense", lambda w: ftn.Dense(w, W_std=1.2))
   network = Network(layers, spatial + (2,), names, dropout=flags["dropout"],
@@ -339,7 +339,7 @@ def valid_network(seed: int) -> Network:
 def linear_network(seed: int) -> Network:
   """An affine layer (or a sum of two) and parameter-free linear maps."""
   rng = np.random.RandomState(seed)
-  spatial = _pick(rng, [(), (5,), (3, 4)])
+  spatial = pick(rng, [(), (5,), (3, 4)])
   state = _State(INPUT, spatial)
   names, layers = [], []
   name, first, state.spatial = _affine(rng, state)
@@ -369,83 +369,3 @@ class _Sum(nn.Module):
 
   def __call__(self, x):
     return self.first(x) + self.second(x)
-
-
-# --------------------------------------------------------------- invalid
-
-
-class _ReluOnInputs(nn.Module):
-  def __call__(self, x):
-    return nn.relu(x)
-
-
-class _OwnParameter(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return x @ self.param("w", nn.initializers.normal(), (4, 3))
-
-
-class _ShiftAfterNonlinearity(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return ftn.Relu()(x) + 1.0
-
-
-class _SquareOfBranch(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return ftn.FanInProd()([x, x])
-
-
-class _MismatchedSum(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return ftn.Dense(3)(x) + ftn.Dense(4)(x)
-
-
-# Defects: (name, where it can go, factory, call kwargs). `where` is
-# "start" (on the raw inputs), "gauss" (after an affine layer), "free"
-# (after a nonlinearity) or "call" (a bad call on any network).
-DEFECTS = [
-    ("nonlinearity on inputs", "start", lambda w: ftn.Erf(), {}),
-    ("plain relu on inputs", "start", lambda w: _ReluOnInputs(), {}),
-    ("dropout on inputs", "start",
-     lambda w: ftn.Dropout(0.2, deterministic=False), {}),
-    ("product of inputs", "start", lambda w: _SquareOfBranch(), {}),
-    ("flatten then nonlinearity of inputs", "start",
-     lambda w: nn.Sequential([ftn.Flatten(), ftn.Relu()]), {}),
-    ("nonlinearity after nonlinearity", "free", lambda w: ftn.Gelu(), {}),
-    ("layer norm after nonlinearity", "free", lambda w: ftn.LayerNorm(), {}),
-    ("residual of a nonlinearity", "free",
-     lambda w: Residual([ftn.Dense(w)]), {}),
-    ("shift after nonlinearity", "gauss", lambda w: _ShiftAfterNonlinearity(),
-     {}),
-    ("square of a branch", "gauss", lambda w: _SquareOfBranch(), {}),
-    ("mismatched branches", "gauss", lambda w: _MismatchedSum(), {}),
-    ("own parameter", "gauss", lambda w: _OwnParameter(), {}),
-    ("mixture mixed then nonlinearity", "gauss",
-     lambda w: nn.Sequential([Concat([[ftn.Identity()], [ftn.Dense(w)]]),
-                              ftn.LayerNorm(), ftn.Erf()]), {}),
-    ("unknown keyword", "call", None, {"foo": 1}),
-    ("misspelt diagonal argument", "call", None, {"diagonal_spatal": True}),
-]
-
-
-def invalid_network(seed: int) -> tuple[Network, dict[str, Any], str]:
-  """A network with one defect, its call keyword arguments, the defect."""
-  rng = np.random.RandomState(10_000 + seed)
-  name, where, factory, kwargs = DEFECTS[seed % len(DEFECTS)]
-  width = int(rng.randint(2, 5))
-  prefix: list[Factory] = []
-  names: list[str] = []
-  if where in ("gauss", "free"):
-    prefix.append(lambda w, b=_pick(rng, [None, 0.2]): ftn.Dense(
-        width, b_std=b))
-    names.append("Dense")
-  if where == "free":
-    act_name, act = _pick(rng, _nonlinearities(rng))
-    prefix.append(act)
-    names.append(act_name)
-  layers = prefix + ([factory] if factory is not None else [])
-  layers.append(lambda w: ftn.Dense(1))
-  return (Network(layers, (3,), names + [name, "Dense"]), kwargs, name)

@@ -10,19 +10,14 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic import combinators
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels
+from testing import assert_mc_close
+from testing import assert_trees_close
+from testing import jit_kernel_fn
+from testing import sample_kernels
 
 RNG = np.random.RandomState(1)
 X1, X2 = RNG.randn(4, 3, 5, 2), RNG.randn(3, 3, 5, 2)   # (N, H, W, C)
 FIELDS = ("nngp", "cov1", "cov2")
-
-
-def _assert_same(got, want, fields=FIELDS):
-  assert got.shape1 == want.shape1 and got.shape2 == want.shape2
-  for field in fields:
-    np.testing.assert_allclose(getattr(got, field), getattr(want, field),
-                               rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("diagonal_batch", [True, False])
@@ -37,7 +32,8 @@ def test_index_of_batch_is_index_of_inputs(idx, diagonal_batch,
                 diagonal_spatial=diagonal_spatial)
   k = ft.Kernel.from_inputs(X1, X2, **layout)
   got = ft.kernel_fn(ftn.Index(idx))(k)
-  _assert_same(got, ft.Kernel.from_inputs(X1[idx], X2[idx], **layout))
+  assert_trees_close(got, ft.Kernel.from_inputs(X1[idx], X2[idx], **layout),
+                     fields=FIELDS, rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("method,shape", [
@@ -49,7 +45,7 @@ def test_resize_of_batch_is_resize_of_inputs(method, shape):
   want = ft.Kernel.from_inputs(resize.apply({}, X1), resize.apply({}, X2),
                                diagonal_batch=got.diagonal_batch,
                                diagonal_spatial=got.diagonal_spatial)
-  _assert_same(got, want)
+  assert_trees_close(got, want, fields=FIELDS, rtol=1e-12, atol=1e-13)
 
 
 def test_mixing_the_batch_needs_full_batch_covariances():
@@ -120,7 +116,7 @@ def test_concat_diagonal_layouts():
   for axis in (0, 2):
     model = nn.Sequential([_Concat(axis), ftn.Relu(), ftn.Flatten(),
                            ftn.Dense(1)])
-    kernel_fn = jax.jit(ft.kernel_fn(model), static_argnames="get")
+    kernel_fn = jit_kernel_fn(model)
     k = kernel_fn(X1, X2)
     full = kernel_fn(ft.Kernel.from_inputs(
         X1, X2, diagonal_batch=False, diagonal_spatial=False))

@@ -9,8 +9,8 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic.dot_general import apply_dot_general
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels
+from testing import assert_mc_close
+from testing import sample_kernels
 
 RNG = np.random.RandomState(0)
 X1 = RNG.randn(3, 4, 5, 2)   # (N, H, W, C)

@@ -10,8 +10,10 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_nngp_utils import sample_nngp
-from mc_utils import assert_mc_close
+from testing import assert_mc_close
+from testing import assert_trees_close
+from testing import jit_kernel_fn
+from testing import sample_kernels
 
 RS = np.random.RandomState(0)
 X1, X2 = RS.randn(3, 5), RS.randn(2, 5)
@@ -57,26 +59,20 @@ def _cnn_with_ftn_layers():
       ftn.Flatten(), nn.Dense(256), ftn.Relu(), nn.Dense(10)])
 
 
-def _assert_same(a, b):
-  for x, y in zip(a, b):
-    np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-15)
-
-
 def test_mlp_unchanged():
   model = MLP((64, 64, 3))
   reference = nn.Sequential([nn.Dense(64), ftn.Relu(), nn.Dense(64),
                              ftn.Relu(), nn.Dense(3)])
   get = ("nngp", "ntk")
-  _assert_same(ft.kernel_fn(model)(X1, X2, get),
+  assert_trees_close(ft.kernel_fn(model)(X1, X2, get),
                ft.kernel_fn(reference)(X1, X2, get))
 
 
 def test_mnist_cnn_unchanged():
-  kernel_fn = jax.jit(ft.kernel_fn(CNN()), static_argnames="get")
-  got = kernel_fn(IMG1, IMG2, get=("nngp", "ntk"))
-  want = jax.jit(ft.kernel_fn(_cnn_with_ftn_layers()),
-                 static_argnames="get")(IMG1, IMG2, get=("nngp", "ntk"))
-  _assert_same(got, want)
+  got = jit_kernel_fn(CNN())(IMG1, IMG2, get=("nngp", "ntk"))
+  want = jit_kernel_fn(_cnn_with_ftn_layers())(IMG1, IMG2,
+                                               get=("nngp", "ntk"))
+  assert_trees_close(got, want)
   assert got.nngp.shape == (2, 3)
 
 
@@ -84,7 +80,8 @@ def test_mnist_cnn_monte_carlo():
   # Widths 32, 64 and 256 as in the example: a few percent of finite-width
   # bias is expected, so the tolerance includes 10% of the kernel's scale.
   nngp = ft.kernel_fn(CNN())(IMG1, IMG2, "nngp")
-  samples = sample_nngp(CNN(), IMG1, IMG2, jax.random.key(0), 64)
+  samples, _ = sample_kernels(CNN(), IMG1, IMG2, jax.random.key(0), 64,
+                              ntk=None)
   assert_mc_close(samples, np.asarray(nngp), n_se=5.0, bias=0.1)
 
 
@@ -122,13 +119,14 @@ def test_batch_norm_inference_is_an_affine_map():
                            cov1=4 * conv.cov1 / 1.1 + 0.09,
                            cov2=4 * conv.cov2 / 1.1 + 0.09),
               get=("nngp", "ntk"))
-  _assert_same(got, want)
+  assert_trees_close(got, want)
 
 
 def test_batch_norm_inference_monte_carlo():
   model = ConvBN(bias_init=nn.initializers.normal(0.3))
   nngp = ft.kernel_fn(model)(IMG1, IMG2, "nngp")
-  samples = sample_nngp(model, IMG1, IMG2, jax.random.key(2), 256)
+  samples, _ = sample_kernels(model, IMG1, IMG2, jax.random.key(2), 256,
+                              ntk=None)
   assert_mc_close(samples, np.asarray(nngp), n_se=5.0)
 
 

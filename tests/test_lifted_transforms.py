@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-from mc_nngp_utils import sample_nngp
-from mc_utils import assert_mc_close
+from testing import assert_mc_close
+from testing import sample_kernels
 
 RS = np.random.RandomState(0)
 X1, X2 = RS.randn(3, 4), RS.randn(2, 4)
@@ -70,7 +70,8 @@ def test_scan_traces_its_step_a_fixed_number_of_times():
 def test_scan_monte_carlo():
   model = ScanNet(2, width=128)
   nngp = ft.kernel_fn(model)(X1, X2, "nngp")
-  samples = sample_nngp(model, X1, X2, jax.random.key(3), 128)
+  samples, _ = sample_kernels(model, X1, X2, jax.random.key(3), 128,
+                              ntk=None)
   # Three hidden layers of width 128: a finite-width bias of a few percent.
   assert_mc_close(samples, np.asarray(nngp), n_se=5.0, bias=0.05)
 

@@ -14,8 +14,11 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels
+from testing import assert_mc_close
+from testing import assert_trees_close
+from testing import exact_ntk
+from testing import jit_kernel_fn
+from testing import sample_kernels
 
 RS = np.random.RandomState(0)
 X1, X2 = RS.randn(3, 4), RS.randn(2, 4)
@@ -23,24 +26,13 @@ IMG1, IMG2 = RS.randn(2, 5, 4, 3), RS.randn(3, 5, 4, 3)
 erf = jax.scipy.special.erf
 
 
-def _kernel_fn(model):
-  """`ft.kernel_fn(model)`, jitted: one compilation instead of many eager
-  dispatches (lifting itself runs while tracing)."""
-  return jax.jit(ft.kernel_fn(model), static_argnames="get")
-
-
 def _kernels(model, x1, x2):
-  return _kernel_fn(model)(x1, x2, get=("nngp", "ntk"))
-
-
-def _assert_same_kernels(got, want, rtol=1e-12, atol=1e-14):
-  for g, w in zip(got, want):
-    np.testing.assert_allclose(g, w, rtol=rtol, atol=atol)
+  return jit_kernel_fn(model)(x1, x2, get=("nngp", "ntk"))
 
 
 def _assert_same(lifted, reference, x1=X1, x2=X2, rtol=1e-12, atol=1e-14):
-  _assert_same_kernels(_kernels(lifted, x1, x2),
-                       _kernels(reference, x1, x2), rtol, atol)
+  assert_trees_close(_kernels(lifted, x1, x2), _kernels(reference, x1, x2),
+                     rtol=rtol, atol=atol)
 
 
 def _mlp(activation):
@@ -241,7 +233,7 @@ def test_non_centred_plus_fresh_branch():
   total = relu.replace(nngp=relu.nngp + dense.nngp, ntk=relu.ntk + dense.ntk,
                        cov1=relu.cov1 + dense.cov1, cov2=relu.cov2 + dense.cov2)
   want = ft.kernel_fn(nn.Dense(1))(total, get=("nngp", "ntk"))
-  _assert_same_kernels(got, want)
+  assert_trees_close(got, want, rtol=1e-12, atol=1e-14)
 
 
 class Spatial(nn.Module):
@@ -280,7 +272,6 @@ def test_transpose_and_indexing(op, expected):
 def test_padding_is_exact_for_a_linear_network():
   # Conv -> zero padding -> flatten is linear in its parameters: its NTK is
   # the same for every draw, so the finite network gives it exactly.
-  from exact_utils import exact_ntk
 
   class Padded(nn.Module):
     @nn.compact
@@ -358,10 +349,10 @@ def test_float32_and_gradients():
   k32 = _kernels(lifted, X1.astype(np.float32), X2.astype(np.float32))
   k64 = _kernels(lifted, X1, X2)
   assert k32.nngp.dtype == np.float32
-  _assert_same_kernels(k32, k64, rtol=2e-5, atol=1e-6)
+  assert_trees_close(k32, k64, rtol=2e-5, atol=1e-6)
 
   def total(model):
-    return jax.grad(lambda x: _kernel_fn(model)(x, X2, get="ntk").sum())(
+    return jax.grad(lambda x: jit_kernel_fn(model)(x, X2, get="ntk").sum())(
         jnp.asarray(X1))
 
   np.testing.assert_allclose(total(lifted), total(reference), rtol=1e-6,

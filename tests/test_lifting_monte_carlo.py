@@ -22,9 +22,10 @@ from flax_tangents import nn as ftn
 from flax_tangents._src.analytic.lifting.activations import (
   LiftedQuadratureWarning,
 )
-from mc_nngp_utils import sample_nngp
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels
+from testing import assert_mc_close
+from testing import exact_ntk
+from testing import jit_kernel_fn
+from testing import sample_kernels
 
 RS = np.random.RandomState(7)
 IMG1, IMG2 = RS.randn(2, 4, 3, 2), RS.randn(2, 4, 3, 2)
@@ -56,13 +57,12 @@ class Patterns(nn.Module):
 
 
 def test_patterns_monte_carlo():
-  k = jax.jit(ft.kernel_fn(Patterns()), static_argnames="get")(
-      IMG1, IMG2, get=("nngp", "ntk"))
+  k = jit_kernel_fn(Patterns())(IMG1, IMG2, get=("nngp", "ntk"))
   # NNGP: the readout's expectation taken exactly (its weights have variance
   # 1 / fan_in and its bias is zero), so that only the features are sampled:
   # y1 . y2 / fan_in per network, from forward passes.
-  nngp = sample_nngp(Patterns(width=64, readout=False), IMG1, IMG2,
-                     jax.random.key(10), 64)
+  nngp, _ = sample_kernels(Patterns(width=64, readout=False), IMG1, IMG2,
+                           jax.random.key(10), 64, ntk=None)
   assert_mc_close(nngp, np.asarray(k.nngp), n_se=5.0)
   _, ntk = sample_kernels(Patterns(), jnp.asarray(IMG1), jnp.asarray(IMG2),
                           jax.random.key(11), 32)
@@ -79,8 +79,7 @@ def test_written_x_sigmoid_x_is_silu():
   # pre-activation (quadrature), equal to a high-degree reference.
   lifted = _mlp(lambda h: h * nn.sigmoid(h))
   reference = _mlp(ftn.ElementwiseNumerical(fn=nn.silu, deg=100))
-  kernels = lambda m: jax.jit(ft.kernel_fn(m), static_argnames="get")(
-      X1, X2, get=("nngp", "ntk"))
+  kernels = lambda m: jit_kernel_fn(m)(X1, X2, get=("nngp", "ntk"))
   got, want = kernels(lifted), kernels(reference)
   np.testing.assert_allclose(got.nngp, want.nngp, rtol=5e-6)
   np.testing.assert_allclose(got.ntk, want.ntk, rtol=5e-6)
@@ -160,7 +159,6 @@ def test_stack_of_correlated_values_is_refused():
 def test_tile_and_repeat_are_exact_for_a_linear_network(op):
   # Conv -> tile/repeat over locations -> flatten is linear in its
   # parameters: the finite network's tangent kernel is the analytic NTK.
-  from exact_utils import exact_ntk
 
   class Copies(nn.Module):
     @nn.compact

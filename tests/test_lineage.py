@@ -14,8 +14,8 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels_projected
+from testing import assert_mc_close
+from testing import sample_kernels
 
 RNG = np.random.RandomState(0)
 X1, X2 = RNG.randn(3, 4), RNG.randn(2, 4)
@@ -152,8 +152,8 @@ def test_inputs_plus_an_affine_branch_is_exact():
 
 def test_one_non_centred_branch_agrees_with_monte_carlo():
   expected = ft.kernel_fn(ReluPlusDense())(X1, X2)
-  nngp, ntk = sample_kernels_projected(ReluPlusDense(256), X1, X2,
-                                       jax.random.key(1), 128)
+  nngp, ntk = sample_kernels(ReluPlusDense(256), X1, X2, jax.random.key(1),
+                             128, ntk="projected")
   # Two hidden layers: an O(1/width) bias on top of the sampling error.
   assert_mc_close(nngp, expected.nngp, n_se=5.0, bias=0.03)
   assert_mc_close(ntk, expected.ntk, n_se=5.0, bias=0.03)

@@ -11,23 +11,12 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_spatial_utils import sample_kernels
-from mc_utils import assert_mc_close
-
-PAD = -7.0
-
-
-def _padded(lengths, size, channels, seed):
-  """Sequences of the given lengths, padded with PAD to `size` locations."""
-  x = np.random.RandomState(seed).randn(len(lengths), size, channels)
-  for i, length in enumerate(lengths):
-    x[i, length:] = PAD
-  return x
-
-
-def _jit(model):
-  """`ft.kernel_fn(model)` compiled: one compilation per input shape."""
-  return jax.jit(ft.kernel_fn(model), static_argnames="get")
+from masking_cases import Masked
+from masking_cases import PAD
+from masking_cases import padded
+from testing import assert_mc_close
+from testing import jit_kernel_fn
+from testing import sample_kernels
 
 
 class _Residual(nn.Module):
@@ -57,14 +46,14 @@ def test_padding_is_the_same_as_truncation():
   # padding, and the embeddings' covariance on the first 4 locations is the
   # same. Sequences of lengths up to 4 give the same kernel padded to 4 or
   # to 6.
-  kernel_fn = _jit(_sequence_model())
+  kernel_fn = jit_kernel_fn(_sequence_model())
   get = ("nngp", "ntk")
-  x1, x2 = _padded([4] * 2, 6, 3, seed=0), _padded([4] * 3, 6, 3, seed=1)
+  x1, x2 = padded([4] * 2, 6, 3, seed=0), padded([4] * 3, 6, 3, seed=1)
   masked = kernel_fn(x1, x2, get, mask_constant=PAD)
   plain = kernel_fn(x1[:, :4], x2[:, :4], get, mask_constant=PAD)
   np.testing.assert_allclose(masked.nngp, plain.nngp, rtol=1e-11)
   np.testing.assert_allclose(masked.ntk, plain.ntk, rtol=1e-11)
-  x1, x2 = _padded([4, 1, 3], 6, 3, seed=2), _padded([2, 4], 6, 3, seed=3)
+  x1, x2 = padded([4, 1, 3], 6, 3, seed=2), padded([2, 4], 6, 3, seed=3)
   long = kernel_fn(x1, x2, get, mask_constant=PAD)
   short = kernel_fn(x1[:, :4], x2[:, :4], get, mask_constant=PAD)
   np.testing.assert_allclose(long.nngp, short.nngp, rtol=1e-11)
@@ -76,7 +65,7 @@ def test_finite_network_padding_is_the_same_as_truncation():
   # the padded sequence gives the output of the truncated one. (One-hot
   # embeddings, whose parameters restrict to the first 4 locations.)
   model = _sequence_model(pos_emb_decay_fn=None)
-  x = _padded([4, 4], 6, 3, seed=4)
+  x = padded([4, 4], 6, 3, seed=4)
   variables = jax.jit(model.init)(jax.random.key(0), x)
   apply = jax.jit(model.apply)
   y = apply(variables, ft.MaskedArray.from_mask_constant(x, PAD))
@@ -94,8 +83,8 @@ def test_mask_constant_nan_masked_arrays_and_kernel_masks_agree():
   model = nn.Sequential([ftn.Dense(4, b_std=0.1),
                          ftn.GlobalSelfAttention(4, 2, 2, 2),
                          ftn.Relu(), ftn.GlobalAvgPool(), ftn.Dense(1)])
-  kernel_fn = _jit(model)
-  x1, x2 = _padded([5, 2, 4], 5, 3, 5), _padded([3, 1], 5, 3, 6)
+  kernel_fn = jit_kernel_fn(model)
+  x1, x2 = padded([5, 2, 4], 5, 3, 5), padded([3, 1], 5, 3, 6)
   expected = kernel_fn(x1, x2, "ntk", mask_constant=PAD)
   nan = lambda x: np.where(x == PAD, np.nan, x)
   np.testing.assert_allclose(
@@ -117,7 +106,7 @@ def test_gradients_are_finite_and_zero_at_padding():
   model = nn.Sequential([ftn.Conv(4, (2,), padding="SAME"), ftn.Relu(),
                          ftn.GlobalAvgPool(), ftn.Dense(1)])
   kernel_fn = ft.kernel_fn(model)
-  x = _padded([3, 1], 4, 2, 15)
+  x = padded([3, 1], 4, 2, 15)
   grad = jax.jit(jax.grad(lambda x: kernel_fn(x, None, "ntk",
                                               mask_constant=PAD).sum()))(x)
   assert np.all(np.isfinite(grad))
@@ -127,10 +116,10 @@ def test_gradients_are_finite_and_zero_at_padding():
 def test_global_average_pool_closed_form():
   # Dense then GlobalAvgPool: the mean of W^2 x1.x2 / C + b^2 over pairs of
   # unpadded locations; a sequence that is all padding gives zeros.
-  x1, x2 = _padded([4, 1, 0], 4, 3, 7), _padded([2, 3], 4, 3, 8)
+  x1, x2 = padded([4, 1, 0], 4, 3, 7), padded([2, 3], 4, 3, 8)
   model = nn.Sequential([ftn.Dense(5, W_std=1.3, b_std=0.4),
                          ftn.GlobalAvgPool()])
-  k = _jit(model)(x1, x2, ("nngp", "ntk"), mask_constant=PAD)
+  k = jit_kernel_fn(model)(x1, x2, ("nngp", "ntk"), mask_constant=PAD)
   expected = np.zeros((3, 2))
   for i, a in enumerate(x1):
     for j, b in enumerate(x2):
@@ -144,11 +133,11 @@ def test_global_average_pool_closed_form():
 def test_masked_softmax_attention_closed_form():
   # On raw inputs: softmax over unpadded keys, G = softmax(QK C_x), nngp' =
   # OV^2 G1 C12 G2^T + b^2 at unpadded queries and 0 at padded ones.
-  x1, x2 = _padded([3, 1], 4, 5, 9), _padded([4, 2], 4, 5, 10)
+  x1, x2 = padded([3, 1], 4, 5, 9), padded([4, 2], 4, 5, 10)
   qk, ov, b = 1.1 * 0.8, 1.2, 0.3
   layer = ftn.GlobalSelfAttention(3, 2, 2, 2, W_key_std=1.1, W_query_std=0.8,
                                   W_out_std=1.2, b_std=b)
-  k = _jit(layer)(x1, x2, None, mask_constant=PAD)
+  k = jit_kernel_fn(layer)(x1, x2, None, mask_constant=PAD)
   z1, z2 = np.where(x1 == PAD, 0, x1), np.where(x2 == PAD, 0, x2)
   pad1, pad2 = x1[..., 0] == PAD, x2[..., 0] == PAD
 
@@ -169,14 +158,6 @@ def test_masked_softmax_attention_closed_form():
   assert k.mask1.shape == (2, 4, 1)
 
 
-class _Masked(nn.Module):
-  """Applies `inner` to `MaskedArray(x)` (padding = PAD), unmasked output."""
-  inner: nn.Module
-
-  def __call__(self, x):
-    return self.inner(ft.MaskedArray.from_mask_constant(x, PAD)).unmask()
-
-
 def _mc_model(n_out):
   """Conv, pooling and attention (with embeddings) over padded sequences."""
   return nn.Sequential([
@@ -193,13 +174,13 @@ def test_monte_carlo():
   # NNGP: 32 networks, 256 outputs; NTK: 16 networks, one output.
   # Tolerance: 5 standard errors plus 4/128 of the scale for the
   # O(1/width) bias (widths and n_key 128).
-  x1, x2 = _padded([4, 2], 4, 3, 11), _padded([3, 1], 4, 3, 12)
-  nngp, _ = sample_kernels(_Masked(_mc_model(256)), x1, x2,
-                           jax.random.key(1), 32, batch_size=32,
-                           with_ntk=False)
-  _, ntk = sample_kernels(_Masked(_mc_model(1)), x1, x2, jax.random.key(2),
-                          16, batch_size=16)
-  k = _jit(_mc_model(1))(x1, x2, ("nngp", "ntk"), mask_constant=PAD)
+  x1, x2 = padded([4, 2], 4, 3, 11), padded([3, 1], 4, 3, 12)
+  nngp, _ = sample_kernels(Masked(_mc_model(256)), x1, x2,
+                           jax.random.key(1), 32, joint=True, batch_size=32,
+                           ntk=None)
+  _, ntk = sample_kernels(Masked(_mc_model(1)), x1, x2, jax.random.key(2),
+                          16, joint=True, batch_size=16)
+  k = jit_kernel_fn(_mc_model(1))(x1, x2, ("nngp", "ntk"), mask_constant=PAD)
   assert_mc_close(nngp, k.nngp, bias=4 / 128)
   assert_mc_close(ntk, k.ntk, bias=4 / 128)
 
@@ -284,7 +265,7 @@ def test_kernel_mask_and_transpose():
 
 
 def test_errors():
-  x = _padded([2, 3], 4, 3, 14)
+  x = padded([2, 3], 4, 3, 14)
   with pytest.raises(NotImplementedError, match="differs between channels"):
     ft.kernel_fn(ftn.GlobalAvgPool())(x, mask_constant=PAD)
 
@@ -310,116 +291,3 @@ def test_errors():
     nn.Dense(2).init(jax.random.key(0), xm)
   with pytest.raises(NotImplementedError, match="differs between channels"):
     kernel.mask(x == PAD, None)
-
-
-# ------------------------------- supports_masking, shifts, lifted functions ---
-
-
-def _pair_pad(mask):
-  """`(N, N, L, L)`: where either location of a covariance is padding."""
-  pad = np.asarray(mask[..., 0])
-  return pad[:, None, :, None] | pad[None, :, None, :]
-
-
-@ft.kernel_rule(lambda module, k, **kwargs: k * 2.)
-class _Double(nn.Module):
-  """A custom layer: NT's `supports_masking` finite half, and a rule."""
-
-  @ft.supports_masking()
-  def __call__(self, x):
-    return 2. * x
-
-
-def test_supports_masking_decorator():
-  x = _padded([2, 4], 4, 3, 20)
-  model = nn.Sequential([ftn.Dense(3), _Double()])
-  variables = model.init(jax.random.key(0), x)
-  y = model.apply(variables, ft.MaskedArray.from_mask_constant(x, PAD))
-  dense = nn.Sequential([ftn.Dense(3)])
-  plain = dense.apply(variables, ft.MaskedArray.from_mask_constant(x, PAD))
-  assert isinstance(y, ft.MaskedArray)
-  np.testing.assert_array_equal(y.unmask(), 2 * plain.unmask())
-  k = ft.kernel_fn(model)(x, get="nngp", mask_constant=PAD)
-  k_masks = ft.kernel_fn(model)(x, mask_constant=PAD)
-  np.testing.assert_array_equal(y.mask, k_masks.mask1)
-  np.testing.assert_allclose(
-      k, 4 * ft.kernel_fn(ftn.Dense(3))(x, get="nngp", mask_constant=PAD))
-  assert np.all(np.asarray(k)[_pair_pad(y.mask)] == 0)
-  # Plain arrays pass through.
-  np.testing.assert_array_equal(_Double().apply({}, x), 2 * x)
-
-
-class _Shift(nn.Module):
-  """`Dense(x) + c` written as plain JAX (a lifted elementwise function)."""
-
-  @nn.compact
-  def __call__(self, x):
-    return ftn.Dense(3)(x) + 0.7
-
-
-def test_constant_shift_keeps_padding_at_zero():
-  # `x + c` moves padded entries to c, but later layers read them as zeros:
-  # their covariances stay zero, elsewhere c**2 is added (NT's Kernel + c).
-  x = _padded([2, 4], 4, 3, 21)
-  dense = ft.kernel_fn(ftn.Dense(3))(x, mask_constant=PAD)
-  pad = _pair_pad(dense.mask1)
-  expected = np.where(pad, 0., np.asarray(dense.nngp) + 0.49)
-  for shifted in (dense + 0.7, ft.kernel_fn(_Shift())(x, mask_constant=PAD)):
-    np.testing.assert_allclose(shifted.nngp, expected, rtol=1e-12)
-    np.testing.assert_array_equal(shifted.mask1, dense.mask1)
-  # The finite network: the mask stays, the padding reads as zeros.
-  xm = ft.MaskedArray.from_mask_constant(x, PAD)
-  shifted = (xm + 0.7) * 2. - 1.
-  np.testing.assert_array_equal(shifted.mask, xm.mask)
-  np.testing.assert_allclose(shifted.unmask(),
-                             np.where(xm.mask, 0., (x + 0.7) * 2. - 1.))
-  # After Flatten the shift reaches only entries real in both inputs.
-  flat = ft.kernel_fn(nn.Sequential([ftn.Dense(3), ftn.Flatten()]))(
-      x, mask_constant=PAD)
-  real = ~np.asarray(flat.mask1)
-  both = (real[:, None, :] & real[None, :, :]).mean(-1)
-  np.testing.assert_allclose((flat + 0.7).nngp, flat.nngp + 0.49 * both,
-                             rtol=1e-12)
-
-
-class _Reverse(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return ftn.Dense(3)(x)[:, ::-1]
-
-
-class _LiftedResidual(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    h = ftn.Dense(3)(x)
-    return h + ftn.Dense(3)(jnp.tanh(h))
-
-
-def test_lifted_functions_never_keep_stale_masks():
-  x = _padded([2, 4], 4, 3, 22)
-  # Reversing locations in plain JAX would leave the mask behind: refused.
-  with pytest.raises(ft.KernelRuleError, match="padding masks"):
-    ft.kernel_fn(_Reverse())(x, mask_constant=PAD)
-  k = ft.kernel_fn(_Reverse())(x)  # unmasked: lifted as usual
-  np.testing.assert_allclose(
-      k.nngp, ft.kernel_fn(ftn.Dense(3))(x).nngp[:, :, ::-1, ::-1])
-  # A lifted residual sum keeps the mask (NT's FanInSum rule) and zeros.
-  k = ft.kernel_fn(_LiftedResidual())(x, mask_constant=PAD)
-  dense = ft.kernel_fn(ftn.Dense(3))(x, mask_constant=PAD)
-  np.testing.assert_array_equal(k.mask1, dense.mask1)
-  assert np.all(np.asarray(k.nngp)[_pair_pad(k.mask1)] == 0)
-
-
-def test_monte_carlo_mask_constant_says_how():
-  x = _padded([2, 4], 4, 3, 23)
-  model = nn.Sequential([ftn.Dense(4), ftn.GlobalAvgPool(), ftn.Dense(1)])
-  mc = ft.monte_carlo_kernel_fn(model, jax.random.key(0), 2)
-  with pytest.raises(TypeError, match="MaskedArray.from_mask_constant"):
-    mc(x, None, "nngp", mask_constant=PAD)
-  # The recipe from the message: zeros wherever padding is involved.
-  masked = ft.monte_carlo_kernel_fn(
-      _Masked(nn.Sequential([ftn.Dense(4), ftn.Relu(), ftn.Dense(1)])),
-      jax.random.key(0), 2)
-  k = masked(x, None, "nngp")
-  assert k.shape == (2, 2, 4, 4)
-  assert np.all(np.asarray(k)[_pair_pad(np.asarray(x == PAD)[..., :1])] == 0)

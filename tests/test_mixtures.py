@@ -7,6 +7,8 @@ reordered network (nonlinearity before `Flatten` / before the concat), and
 what finite networks do (Monte Carlo). Where the parts are lost, refused.
 """
 
+import functools
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -14,8 +16,9 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels_projected
+from testing import assert_mc_close
+from testing import assert_trees_close
+from testing import sample_kernels
 
 RNG = np.random.RandomState(0)
 SEQ1, SEQ2 = RNG.randn(3, 5, 2), RNG.randn(2, 5, 2)
@@ -23,10 +26,8 @@ VEC1, VEC2 = RNG.randn(3, 4), RNG.randn(2, 4)
 FIELDS = ("nngp", "ntk", "cov1", "cov2")
 
 
-def assert_kernels_equal(a, b, rtol=1e-12):
-  for field in FIELDS:
-    np.testing.assert_allclose(getattr(a, field), getattr(b, field),
-                               rtol=rtol, atol=1e-14)
+assert_kernels_equal = functools.partial(assert_trees_close, fields=FIELDS,
+                                         rtol=1e-12, atol=1e-14)
 
 
 def conv():
@@ -83,8 +84,8 @@ def test_concat_then_nonlinearity_is_the_reordered_network():
 def test_concat_then_nonlinearity_agrees_with_monte_carlo():
   model = Concat(widths=(256, 384))
   expected = ft.kernel_fn(model)(VEC1, VEC2)
-  nngp, ntk = sample_kernels_projected(model, VEC1, VEC2, jax.random.key(0),
-                                       300)
+  nngp, ntk = sample_kernels(model, VEC1, VEC2, jax.random.key(0), 300,
+                             ntk="projected")
   # One hidden layer of each branch: the estimates are unbiased.
   assert_mc_close(nngp, expected.nngp, n_se=5.0)
   assert_mc_close(ntk, expected.ntk, n_se=5.0)

@@ -8,7 +8,7 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
-from mc_utils import assert_mc_close
+from testing import assert_mc_close
 
 RNG = np.random.RandomState(0)
 X1, X2 = RNG.randn(6, 3), RNG.randn(5, 3)

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-from architecture_generator import DEFECTS
-from architecture_generator import invalid_network
 from architecture_generator import linear_network
 from architecture_generator import valid_network
-from mc_utils import assert_mc_close
-from mc_utils import sample_kernels_projected
+from invalid_architectures import DEFECTS
+from invalid_architectures import invalid_network
+from testing import assert_mc_close
+from testing import sample_kernels
 
 # Sizes chosen for CI (about 3 s of compilation per valid network).
 N_VALID = 24
@@ -110,8 +110,8 @@ def test_valid_network_agrees_with_monte_carlo(seed):
   network = valid_network(seed)
   x1, x2 = _inputs(network, seed, n1=2, n2=2)
   expected = ft.kernel_fn(network.build(WIDTH))(x1, x2)
-  nngp, ntk = sample_kernels_projected(network.build(128), x1, x2,
-                                       jax.random.key(seed), 64)
+  nngp, ntk = sample_kernels(network.build(128), x1, x2,
+                             jax.random.key(seed), 64, ntk="projected")
   # Finite-width bias is O(depth / width) beyond one hidden layer.
   bias = 0.0 if network.nonlinear_depth <= 1 else 0.05
   assert_mc_close(nngp, expected.nngp, n_se=5.0, bias=bias)

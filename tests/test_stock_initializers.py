@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import flax_tangents as ft
-from exact_utils import exact_ntk
-from mc_utils import assert_mc_close
+from testing import assert_mc_close
+from testing import exact_ntk
+from testing import sample_kernels
 
 init = nn.initializers
 X1 = np.random.RandomState(0).randn(3, 5)
@@ -201,7 +202,6 @@ def test_standard_parameterization_sequence_matches_monte_carlo():
   # Two stock layers with He initialization around a ReLU (from ftn) agree
   # with sampled finite networks.
   from flax_tangents import nn as ftn
-  from mc_utils import sample_kernels
   model = nn.Sequential([
       nn.Dense(256, kernel_init=init.he_normal(), bias_init=init.normal(0.1)),
       ftn.Relu(),

@@ -19,6 +19,10 @@ from flax_tangents._src.empirical import jacobian_contraction
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.structured import ntk as structured_ntk
 import empirical_zoo as zoo
+from testing import assert_trees_close
+
+# Structured and reference kernels sum in different orders.
+_assert_close = functools.partial(assert_trees_close, rtol=1e-9, atol=1e-9)
 
 
 @functools.lru_cache(maxsize=None)
@@ -68,14 +72,6 @@ def _structured(name, trace_axes, diagonal_axes, vmap, same_inputs=False,
                           diagonal_axes=diagonal_axes, vmap_axes=vmap_axes)
 
   return kernel(params, x1, x2)
-
-
-def _assert_close(actual, expected, rtol=1e-9, atol=1e-9):
-  assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
-    assert a.shape == b.shape
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol,
-                               atol=atol)
 
 
 def _layout(full, trace_axes, diagonal_axes):
