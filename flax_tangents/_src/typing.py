@@ -76,7 +76,7 @@ class ApplyFn(Protocol):
   empirical kernels); so is NT's `apply_fn`.
   """
 
-  def __call__(self, params: PyTree, inputs: PyTree, *args: Any,
+  def __call__(self, params: PyTree, inputs: PyTree, /, *args: Any,
                **kwargs: Any) -> PyTree:
     ...
 

@@ -95,7 +95,8 @@ def _make_ntk_fn(f: ApplyFn, trace_axes: layout.Axes,
 
     def candidates():
       # Bad input fails here, once, rather than in every candidate.
-      jax.eval_shape(lambda *a: prepare(*a, static).fx1, *args)
+      jax.eval_shape(lambda v, a, b, k: prepare(v, a, b, k, static).fx1,
+                     *args)
       return {
           a: functools.partial(compiled.trace, *args, a, static)
           for a in dispatch.available_implementations()

@@ -104,8 +104,8 @@ def check_trace_and_diagonal(
   both = set(trace) & set(diagonal)
   if both:
     raise ValueError(
-        f"axes {sorted(both)} are in both trace_axes={tuple(trace_axes)} and "
-        f"diagonal_axes={tuple(diagonal_axes)}; an axis is either traced or "
+        f"axes {sorted(both)} are in both trace_axes={trace_axes} and "
+        f"diagonal_axes={diagonal_axes}; an axis is either traced or "
         "diagonal.")
   for axis in trace + diagonal:
     if shape1[axis] != shape2[axis]:
