@@ -1,25 +1,9 @@
-"""Masks of padded entries (Neural Tangents' `mask_constant`), written once.
+"""Masks of padded entries (Neural Tangents' `mask_constant`): kernels.
 
-A mask is a boolean array with the rank of the activations `(N, *spatial, C)`
-that is `True` at padding. Raw inputs get elementwise masks `(N, *spatial, C)`
-(the entries equal to `mask_constant`); a layer that mixes channels leaves
-`(N, *spatial, 1)`: a location is padding when all its channels were. The
-conventions are Neural Tangents 0.6.5's:
-
-- every layer reads masked entries of its inputs as zeros. The finite layers
-  zero them (`zero_masked`); kernels keep zero covariances there (`remask`
-  runs after every rule, see `remask_output`);
-- layers that average or attend over locations skip masked ones (global
-  average pooling, layer norm over spatial axes, attention: masked keys get
-  no weight);
-- each layer maps its input mask to its output mask with one function below,
-  shared by the finite layer and the kernel rule.
-
-Every function of a mask returns `None` for a `None` mask (nothing masked).
-
-The functions of masks alone are in `mask_arrays` (re-exported here); this
-module holds those of kernels: the covariance masks of a layout, masking a
-kernel, and re-applying masks after every rule.
+The conventions of masks, and the functions of masks alone, are written once
+in `mask_arrays` (re-exported here); this module holds those of kernels:
+the covariance masks of a layout, masking a kernel, and re-applying masks
+after every rule.
 """
 
 from __future__ import annotations

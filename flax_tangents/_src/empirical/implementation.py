@@ -62,4 +62,24 @@ class NtkAlgorithm(Protocol):
                kwargs1: Mapping[str, Any], kwargs2: Mapping[str, Any], *,
                trace_axes: layout.Axes, diagonal_axes: layout.Axes,
                vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
+    """The empirical NTK of `f` between `x1` and `x2`.
+
+    Args:
+      f: `f(params, x, **kwargs)` returning a pytree of arrays.
+      params: the pytree differentiated.
+      x1: first inputs.
+      x2: second inputs, or None for `x1`.
+      kwargs1: keyword arguments of the `x1` evaluation.
+      kwargs2: keyword arguments of the `x2` evaluation.
+      trace_axes: output axes to average over (possibly negative).
+      diagonal_axes: output axes to keep the diagonal of (possibly
+        negative).
+      vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`
+        from `example_axes.canonicalize_vmap_axes`; with it, `f` is
+        evaluated one example at a time.
+
+    Returns:
+      A pytree like `f`'s output of kernels in NT layout: for an output
+      leaf of shape `(N, O)` and `trace_axes=()`, shape `(N1, N2, O, O)`.
+    """
     ...

@@ -88,19 +88,7 @@ def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
         vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
   """Empirical NTK by contracting explicit Jacobians.
 
-  Args:
-    f: `f(params, x, **kwargs)` returning a pytree of arrays.
-    params: the pytree differentiated.
-    x1: first inputs.
-    x2: second inputs, or None for `x1`.
-    kwargs1: keyword arguments of the `x1` evaluation.
-    kwargs2: keyword arguments of the `x2` evaluation.
-    trace_axes: output axes to average over (possibly negative).
-    diagonal_axes: output axes to keep the diagonal of (possibly negative).
-    vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`.
-
-  Returns:
-    A pytree like `f`'s output of kernels in NT layout.
+  Args and returns as `implementation.NtkAlgorithm.__call__`.
 
   >>> import jax.numpy as jnp
   >>> k = ntk(lambda p, x: x @ p, jnp.ones((2, 3)), jnp.ones((4, 2)), None,

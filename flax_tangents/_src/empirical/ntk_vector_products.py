@@ -175,19 +175,7 @@ def ntk(f: Callable[..., layout.PyTree], params: layout.PyTree,
         vmap_axes: example_axes.VmapAxes) -> layout.PyTree:
   """Empirical NTK from NTK-vector products.
 
-  Args:
-    f: `f(params, x, **kwargs)` returning a pytree of arrays.
-    params: the pytree differentiated.
-    x1: first inputs.
-    x2: second inputs, or None for `x1`.
-    kwargs1: keyword arguments of the `x1` evaluation.
-    kwargs2: keyword arguments of the `x2` evaluation.
-    trace_axes: output axes to average over (possibly negative).
-    diagonal_axes: output axes to keep the diagonal of (possibly negative).
-    vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`.
-
-  Returns:
-    A pytree like `f`'s output of kernels in NT layout.
+  Args and returns as `implementation.NtkAlgorithm.__call__`.
 
   >>> k = ntk(lambda p, x: x @ p, jnp.ones((2, 3)), jnp.ones((4, 2)), None,
   ...         {}, {}, trace_axes=(-1,), diagonal_axes=(), vmap_axes=None)

@@ -133,26 +133,11 @@ def ntk(f: Callable[..., Any], params: Any, x1: Any, x2: Optional[Any],
         vmap_axes: example_axes.VmapAxes) -> Any:
   """Empirical NTK by structured derivatives.
 
-  Args:
-    f: `f(params, x, **kwargs)` returning a pytree of arrays.
-    params: the pytree differentiated.
-    x1: first inputs.
-    x2: second inputs, or None for `x1`.
-    kwargs1: keyword arguments of the `x1` evaluation.
-    kwargs2: keyword arguments of the `x2` evaluation.
-    trace_axes: output axes to average over (possibly negative).
-    diagonal_axes: output axes to keep the diagonal of (possibly negative).
-    vmap_axes: None or the canonical `(in_axes, out_axes, kwargs_axes)`
-      from `example_axes.canonicalize_vmap_axes`; with it, Jacobians are
-      formed per example (`f` is evaluated on one example at a time).
-      With None, `f` runs on the whole batch; where the program provably
-      keeps examples independent (batch axis 0 of `x` to some axis of every
-      output), only the per-example Jacobian blocks are formed, otherwise
-      the cost grows with the square of the batch size.
-
-  Returns:
-    A pytree like `f`'s output of kernels in NT layout: for an output leaf
-    of shape `(N, O)` and `trace_axes=()`, shape `(N1, N2, O, O)`.
+  Args and returns as `implementation.NtkAlgorithm.__call__`. With
+  `vmap_axes=None`, `f` runs on the whole batch; where the program provably
+  keeps examples independent (batch axis 0 of `x` to some axis of every
+  output), only the per-example Jacobian blocks are formed, otherwise the
+  cost grows with the square of the batch size.
 
   Raises:
     ValueError: if the outputs for `x1` and `x2` cannot be paired along
