@@ -19,7 +19,9 @@ same process, implementation after implementation, so the ratios
 `JC/SD` (run) are measured under the same load. `plan` is what
 `ft.empirical_ntk_plan` says of STRUCTURED_DERIVATIVES (`ok`: no parameter
 falls back and examples are proven independent). With `--auto`, AUTO's
-first call (its choice included) and its pick are reported too.
+first call (its choice included) and its pick are reported too, and the
+per-call milliseconds of AUTO and of its pick's own `ntk_fn` after their
+first calls (AUTO's dispatch cost).
 
 `vmap_axes=None` is the default call: without STRUCTURED_DERIVATIVES'
 proof of example independence, Jacobian contraction and NTK-vector products
@@ -73,17 +75,30 @@ def measure(ex, impl, vmap_axes, repeats):
   return compile_s, statistics.median(times)
 
 
-def first_call_auto(ex, vmap_axes):
-  """Seconds of AUTO's first call (choosing included) and its pick."""
+def first_call_auto(ex, vmap_axes, repeats):
+  """AUTO's first call (choosing included), its pick, and the per-call
+  seconds of AUTO and of the picked implementation's own `ntk_fn` after
+  their first calls (both called eagerly: AUTO's cost over its pick's is
+  its dispatch, which must be small)."""
+  def call_seconds(ntk_fn):
+    times = []
+    for _ in range(max(repeats, 5)):
+      start = time.perf_counter()
+      _block(ntk_fn(ex.x1, ex.x2, ex.variables, **ex.kwargs))
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
   ntk_fn = ft.empirical_ntk_fn(ex.f, ex.trace_axes, vmap_axes=vmap_axes,
                                implementation=ft.NtkImplementation.AUTO)
   start = time.perf_counter()
   _block(ntk_fn(ex.x1, ex.x2, ex.variables, **ex.kwargs))
   seconds = time.perf_counter() - start
-  choices = list(ntk_fn.auto_selector.choices.values())
-  pick = SHORT.get(getattr(choices[0], "implementation", choices[0]), "?") \
-      if choices else "?"
-  return seconds, pick
+  choice = list(ntk_fn.auto_selector.choices.values())[0]
+  pick_fn = ft.empirical_ntk_fn(ex.f, ex.trace_axes, vmap_axes=vmap_axes,
+                                implementation=choice.implementation)
+  _block(pick_fn(ex.x1, ex.x2, ex.variables, **ex.kwargs))
+  auto_call, pick_call = call_seconds(ntk_fn), call_seconds(pick_fn)
+  return seconds, SHORT.get(choice.implementation, "?"), auto_call, pick_call
 
 
 def plan_status(ex, vmap_axes):
@@ -118,7 +133,8 @@ def main():
     header += f"{short + ' cmp s':>11}{short + ' run s':>11}"
   header += f"{'JC/SD':>7}"
   if args.auto:
-    header += f"{'AUTO 1st s':>11}{'pick':>5}"
+    header += (f"{'AUTO 1st s':>11}{'pick':>5}{'AUTO call ms':>13}"
+               f"{'pick call ms':>13}")
   print(header)
   for name in args.only:
     if args.n:  # Fewer examples: less memory for the whole-batch Jacobians.
@@ -143,8 +159,10 @@ def main():
       if "JC" in runs and "SD" in runs:
         row += f"{runs['JC'] / runs['SD']:>7.1f}"
       if args.auto:
-        seconds, pick = first_call_auto(ex, vmap_axes)
-        row += f"{seconds:>11.2f}{pick:>5}"
+        seconds, pick, auto_call, pick_call = first_call_auto(
+            ex, vmap_axes, args.repeats)
+        row += (f"{seconds:>11.2f}{pick:>5}{auto_call * 1e3:>13.2f}"
+                f"{pick_call * 1e3:>13.2f}")
       print(row, flush=True)
 
 

@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flax_tangents._src import conventions
 from flax_tangents._src.empirical.layout import PyTree
 
 __all__ = [
@@ -28,20 +28,13 @@ __all__ = [
 # Keyword arguments that are random keys: the `x2` evaluation gets a key of its
 # own unless `x2` equals `x1` (NT's rule for `rng`, applied to Flax's `rngs`).
 _RNG_KWARGS = ("rng", "rngs")
-# Keyword arguments whose tuple values are settings, not `(for_x1, for_x2)`.
-_UNSPLIT_KWARGS = ("mutable",)
 
 
 # Array leaves.
 
 
-def is_array(leaf: Any) -> bool:
-  """Whether `jax.jit` traces `leaf`: a JAX or NumPy array (or scalar).
-
-  >>> is_array(np.ones(2)), is_array(False)
-  (True, False)
-  """
-  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+# The shared test (`_src/conventions.py`), re-exported for this package.
+is_array = conventions.is_array
 
 
 def is_array_like(leaf: Any) -> bool:
@@ -50,7 +43,7 @@ def is_array_like(leaf: Any) -> bool:
   The test of the programs traced from `f` (STRUCTURED_DERIVATIVES and the
   `vmap_axes` check), which also take shape structs.
 
-  >>> is_array_like(jax.ShapeDtypeStruct((2,), np.float32))
+  >>> is_array_like(jax.ShapeDtypeStruct((2,), jnp.float32))
   True
   """
   return is_array(leaf) or (hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
@@ -66,6 +59,7 @@ class ArrayKwargs:
       (`is_array_like`).
     arrays: the array leaves.
 
+  >>> import numpy as np
   >>> kw = ArrayKwargs({'train': False, 'mask': np.ones(2)})
   >>> kw.positions, kw.rebuild([np.zeros(2)])
   ([0], {'mask': array([0., 0.]), 'train': False})
@@ -152,8 +146,7 @@ def split_kwargs(kwargs: Mapping[str, Any], x1: PyTree,
   """
   kwargs1, kwargs2 = {}, {}
   for name, value in kwargs.items():
-    if isinstance(value, tuple) and len(value) == 2 and (
-        name not in _UNSPLIT_KWARGS):
+    if conventions.is_pair(name, value):
       kwargs1[name], kwargs2[name] = value
     elif name in _RNG_KWARGS and x2 is not None and value is not None:
       kwargs1[name] = value

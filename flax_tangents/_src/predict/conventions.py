@@ -18,8 +18,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from flax_tangents._src import conventions as shared
 from flax_tangents._src.scale.tiled_kernel import TiledKernel
 from flax_tangents._src.typing import Get
 
@@ -90,9 +90,8 @@ def package(out: dict[str, Any], single: bool, gets: tuple[str, ...]):
   return _namedtuple(gets)(*(out[g] for g in gets))
 
 
-def is_array(x: Any) -> bool:
-  """Whether `x` is a JAX or NumPy array."""
-  return isinstance(x, (jax.Array, np.ndarray))
+# The shared array-leaf test: a kernel given as an array, not a `Kernel`.
+is_array = shared.is_array
 
 
 def kernel_of(k: Any, g: str, name: str) -> Any:

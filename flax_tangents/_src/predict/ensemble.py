@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from flax_tangents._src import conventions as shared
 from flax_tangents._src.predict import checks
 from flax_tangents._src.predict import conventions
 from flax_tangents._src.predict import inference
@@ -295,8 +296,7 @@ def _test_kwargs(train_kwargs: dict[str, Any],
       kw_td[key] = kw_tt[key] = v_tt
       continue
     v_dd = train_kwargs[key]
-    if (isinstance(v_dd, tuple) and isinstance(v_tt, tuple) and
-        len(v_dd) == 2 and len(v_tt) == 2):
+    if shared.is_pair(key, v_dd) and shared.is_pair(key, v_tt):
       kw_td[key] = (v_tt[0], v_dd[0])
     elif conventions.is_array(v_tt) or conventions.is_array(v_dd):
       kw_td[key] = v_tt

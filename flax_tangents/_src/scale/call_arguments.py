@@ -11,18 +11,15 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import jax
-import numpy as np
 
+from flax_tangents._src import conventions
 from flax_tangents._src.scale.tile_plan import leading_size
 
 __all__ = ["Call"]
 
 # Keyword arguments never split between x1 and x2 (Flax settings, keys).
-_UNSPLIT_KWARGS = frozenset({"mutable", "rng", "rngs", "get"})
-
-
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic))
+# Pairs that are not tiled: random keys belong to a call, not to examples.
+_UNTILED_KWARGS = frozenset({"rng", "rngs", "get"})
 
 
 def _hashable(values: tuple) -> Optional[tuple]:
@@ -63,13 +60,13 @@ class Call:
       else:
         rest[name] = value
     leaves, self.treedef = jax.tree.flatten((args, rest))
-    self.is_dynamic = tuple(_is_array(leaf) for leaf in leaves)
-    self.dynamic = [leaf for leaf in leaves if _is_array(leaf)]
-    self.static = tuple(leaf for leaf in leaves if not _is_array(leaf))
+    self.is_dynamic = tuple(conventions.is_array(leaf) for leaf in leaves)
+    self.dynamic = [l for l, d in zip(leaves, self.is_dynamic) if d]
+    self.static = tuple(l for l, d in zip(leaves, self.is_dynamic) if not d)
 
   def _is_tiled_pair(self, name: str, value: Any) -> bool:
-    if (name in _UNSPLIT_KWARGS or not isinstance(value, tuple)
-        or len(value) != 2 or any(v is None for v in value)):
+    if (name in _UNTILED_KWARGS or not conventions.is_pair(name, value)
+        or any(v is None for v in value)):
       return False
     try:
       return (leading_size(value[0], name) == self.n1
