@@ -184,7 +184,3 @@ def _stitcher(role, perm, index, transposed, b, n1, n2):
     return _trim(full, role, n1, n2)
 
   return stitch
-
-
-def as_numpy(tree: Any) -> Any:
-  return jax.tree.map(np.asarray, tree)

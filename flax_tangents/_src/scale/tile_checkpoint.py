@@ -106,7 +106,6 @@ class TileCheckpoint:
     self.tiles_directory = os.path.join(self.directory, "tiles")
     self._lock_file = None
     self._writer: Optional[tile_writer.TileWriter] = None
-    self._n_written = 0
     try:
       self._lock()
       self._check_or_write_fingerprint(fingerprint)

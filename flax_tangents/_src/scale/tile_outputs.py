@@ -229,7 +229,3 @@ def describe_leaves(template: OutputTemplate) -> list[dict[str, Any]]:
            "shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
            "perm": None if leaf.perm is None else list(leaf.perm)}
           for leaf in template.leaves]
-
-
-def as_host_dtype(dtype: Any) -> np.dtype:
-  return np.dtype(dtype)

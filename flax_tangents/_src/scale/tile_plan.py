@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -140,7 +140,3 @@ def leading_size(x: Any, what: str) -> int:
   size = sizes.pop()
   assert size is not None  # Refused above.
   return size
-
-
-def maybe(x: Optional[Any], fn) -> Optional[Any]:
-  return None if x is None else fn(x)

@@ -51,20 +51,6 @@ class LiftedTransform:
   module: Any
 
 
-def _closure(fn: Callable[..., Any]) -> dict[str, Any]:
-  code = getattr(fn, "__code__", None)
-  cells = getattr(fn, "__closure__", None) or ()
-  if code is None or len(code.co_freevars) != len(cells):
-    return {}
-  out = {}
-  for name, cell in zip(code.co_freevars, cells):
-    try:
-      out[name] = cell.cell_contents
-    except ValueError:
-      pass
-  return out
-
-
 class _Probe(nn.Module):
   def __call__(self, x):
     return x
