@@ -150,7 +150,7 @@ def analytic_workloads():
       "fcn10": (_fcn10(), jax.random.normal(keys[2], (1000, 100)), 10),
       "myrtle5": (_myrtle5(), jax.random.normal(keys[3], (8, 32, 32, 3)), 3),
       "wrn": (_wide_resnet(), jax.random.normal(keys[4], (8, 16, 16, 3)), 3),
-      "attention": (_attention(), jax.random.normal(keys[5], (16, 32, 8)),
+      "attention": (_attention(), jax.random.normal(keys[5], (32, 64, 8)),
                     5),
   }
 
