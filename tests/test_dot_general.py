@@ -1,5 +1,7 @@
 """DotGeneral and Kernel.dot_general: closed forms, Monte Carlo, errors."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,8 +11,10 @@ import pytest
 import flax_tangents as ft
 from flax_tangents import nn as ftn
 from flax_tangents._src.analytic.dot_general import apply_dot_general
-from testing import assert_mc_close
-from testing import sample_kernels
+from testing import DtypeCase
+from testing import LayerRuleTest
+from testing import MonteCarloCase
+from testing import RaisesCase
 
 RNG = np.random.RandomState(0)
 X1 = RNG.randn(3, 4, 5, 2)   # (N, H, W, C)
@@ -120,20 +124,6 @@ MC_LAYERS = {
 }
 
 
-@pytest.mark.parametrize("name", list(MC_LAYERS))
-def test_monte_carlo(name):
-  # One nonlinearity with linear layers above it: per-network estimates are
-  # unbiased at any width; 5 standard errors of 32 networks (width 128).
-  # The "rbg" generator compiles faster than threefry inside `model.init`.
-  model = _Net(MC_LAYERS[name], width=128)
-  nngp, ntk = sample_kernels(model, MC_X1, MC_X2,
-                             jax.random.key(3, impl="rbg"), 32)
-  expected = ft.kernel_fn(model)(MC_X1, MC_X2, ("nngp", "ntk"))
-  assert expected.nngp.shape == nngp.shape[1:]
-  assert_mc_close(nngp, expected.nngp)
-  assert_mc_close(ntk, expected.ntk)
-
-
 def test_kernel_fn_layouts_and_jit():
   # Contracting the batch axis asks for full batch covariances below the
   # layer; mixing positions for full spatial ones; the result is jit-able.
@@ -153,23 +143,6 @@ def test_kernel_fn_layouts_and_jit():
                         "sum_over_batch": True}
 
 
-@pytest.mark.parametrize("layer,x,match", [
-    (ftn.DotGeneral(lhs=1.0, rhs=2.0), X1, "at most one"),
-    (ftn.DotGeneral(rhs=np.ones(2), dimension_numbers=(((3,), (0,)),
-                                                       ((), ()))), X1,
-     "channel axis"),
-    (ftn.DotGeneral(rhs=np.ones(3), dimension_numbers=(((2,), (0,)),
-                                                       ((), ()))), X1,
-     "has size 3"),
-    (ftn.DotGeneral(rhs=np.ones(5), dimension_numbers=(((2,), ()),
-                                                       ((), ()))), X1,
-     "different numbers"),
-])
-def test_errors(layer, x, match):
-  with pytest.raises(ValueError, match=match):
-    ft.kernel_fn(layer)(x)
-
-
 def test_spatial_contraction_refuses_diagonal_kernel():
   k = ft.Kernel.from_inputs(X1, diagonal_spatial=True)
   with pytest.raises(ValueError, match="diagonal_spatial"):
@@ -179,14 +152,33 @@ def test_spatial_contraction_refuses_diagonal_kernel():
     k.dot_general(np.ones(3), None, True, (((0,), (0,)), ((), ())))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_dtypes(dtype):
-  model = _Net(MC_LAYERS["mix_positions"], width=4)
-  k = ft.kernel_fn(model)(jnp.asarray(MC_X1, dtype), None, "ntk")
-  assert k.dtype == dtype
-  k64 = ft.kernel_fn(model)(MC_X1, None, "ntk")
-  np.testing.assert_allclose(k, k64, rtol=1e-5 if dtype == jnp.float32
-                             else 1e-14)
+class TestDotGeneral(LayerRuleTest):
+  # One nonlinearity with linear layers above it: per-network estimates are
+  # unbiased at any width; 5 standard errors of 32 networks (width 128).
+  monte_carlo_cases = [
+      MonteCarloCase(name, functools.partial(_Net, layer, width=128), MC_X1,
+                     MC_X2, n_samples=32, seed=3, impl="rbg")
+      for name, layer in MC_LAYERS.items()
+  ]
+  dtype_cases = [
+      DtypeCase("mix_positions", _Net(MC_LAYERS["mix_positions"], width=4),
+                MC_X1, get=("ntk",)),
+  ]
+  raises_cases = [
+      RaisesCase(match, functools.partial(ft.kernel_fn(layer), X1), match)
+      for layer, match in [
+          (ftn.DotGeneral(lhs=1.0, rhs=2.0), "at most one"),
+          (ftn.DotGeneral(rhs=np.ones(2),
+                          dimension_numbers=(((3,), (0,)), ((), ()))),
+           "channel axis"),
+          (ftn.DotGeneral(rhs=np.ones(3),
+                          dimension_numbers=(((2,), (0,)), ((), ()))),
+           "has size 3"),
+          (ftn.DotGeneral(rhs=np.ones(5),
+                          dimension_numbers=(((2,), ()), ((), ()))),
+           "different numbers"),
+      ]
+  ]
 
 
 def test_masks_follow_nt_rule():
