@@ -1,4 +1,4 @@
-"""Neural Tangents 0.6.5 on the workloads of our benchmarks, for same-run ratios.
+"""Neural Tangents 0.6.5 on our benchmarks' workloads, for same-run ratios.
 
 NOT part of flax_tangents and not imported by it: run it with the Python of
 a separate virtualenv holding NT 0.6.5 on the last JAX it runs on, built by

@@ -33,9 +33,10 @@ process, so per-device peak memory is not reported by JAX on CPU:
 Rows from `--float32-from` (default 40,000) on are computed in float32 by
 `ft.batch(..., store_on_device=False, checkpoint_dir=...)` (the host holds
 the kernel once: 10 GB at N = 50,000) and solved from the tiles on disk in
-float32 (`--float32-tol`, default 1e-4 on the residual): in float64, or assembled on the devices
-(about three times the kernel while stitching), they do not fit in 24 GiB. A failed subprocess (out
-of memory, ...) prints its error in the table instead of numbers.
+float32 (`--float32-tol`, default 1e-4 on the residual): in float64, or
+assembled on the devices (about three times the kernel while stitching),
+they do not fit in 24 GiB. A failed subprocess (out of memory, ...) prints
+its error in the table instead of numbers.
 
 Simulated CPU devices share the machine's cores: times are CPU times of 2
 shared cores, not of 8 devices.
@@ -152,8 +153,8 @@ def _run_one(args, n, dtype, store):
   start = time.perf_counter()
   log = os.path.join(args.log_dir, f"n{n}_{dtype}_{store}.log")
   with open(log, "w") as stderr:  # Progress and errors: tail -f it.
-    result = subprocess.run(command, check=False, stdout=subprocess.PIPE, stderr=stderr,
-                            text=True, env=env)
+    result = subprocess.run(command, check=False, stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, env=env)
   for line in result.stdout.splitlines():
     if line.startswith("RESULT "):
       row = json.loads(line[len("RESULT "):])
