@@ -100,7 +100,8 @@ def main():
     for pair in ("network-linearized", "network-ntk_empirical",
                  "network-ntk_analytic", "linearized-ntk_empirical"):
       print(f"  RMS output gap {pair:26s} train "
-            f"{gaps[pair + '/fx_train']:.4f}  test {gaps[pair + '/fx_test']:.4f}"
+            f"{gaps[pair + '/fx_train']:.4f}  "
+            f"test {gaps[pair + '/fx_test']:.4f}"
             f"   |test loss gap| {gaps[pair + '/test_loss']:.2e}")
   axes[0][0].legend(fontsize=7)
   fig.tight_layout()
