@@ -129,6 +129,24 @@ def test_overflowing_inputs_raise_instead_of_nan():
                                                 "nngp")))
 
 
+@pytest.mark.parametrize("dtype,scale", [(np.float32, 1e-30),
+                                         (np.float32, 1e-20),
+                                         (np.float64, 1e-160)])
+def test_inputs_whose_squares_underflow_are_refused(dtype, scale):
+  # The true NNGP (~scale**2) is not representable: zero would be a silently
+  # wrong kernel. The same inputs rescaled, or in float64, are fine.
+  x = (RNG.randn(3, 4) * scale).astype(dtype)
+  x[1] = RNG.randn(4)  # Only example 0 and 2 are tiny.
+  kernel_fn = ft.kernel_fn(ftn.Dense(2))
+  with pytest.raises(FloatingPointError, match="example 0.*underflow"):
+    kernel_fn(x, None, "nngp")
+  tiny = (RNG.randn(3, 4) * scale).astype(dtype)
+  k = kernel_fn(tiny / dtype(scale), None, "nngp")
+  assert np.all(np.isfinite(k)) and np.all(np.diag(k) > 0)
+  zeros = np.zeros((2, 4), dtype)  # Zero inputs are exact, not refused.
+  np.testing.assert_array_equal(kernel_fn(zeros, None, "nngp"), 0.0)
+
+
 def test_erf_ntk_at_large_variances_is_finite_and_right():
   # E[phi'(u) phi'(v)] for erf divides by sqrt((1+2v)^2 - 4c^2); written as
   # that product it cancels to 0 (an infinite NTK) once v ~ 1/eps.

@@ -97,19 +97,51 @@ def _concrete(x: jax.Array) -> Optional[np.ndarray]:
 
 
 def check_finite_inputs(x1: Any, x2: Any) -> None:
-  """Refuses NaN or infinite inputs when their values are known.
+  """Refuses NaN or infinite inputs when their values are known, and
+  inputs so small that their squares underflow the dtype.
 
   Raises:
-    ValueError: naming the input.
+    ValueError: naming the input that is not finite.
+    FloatingPointError: naming the example whose covariances underflow.
   """
   for name, tree in (("x1", x1), ("x2", x2)):
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
       values = _concrete(leaf)
+      where = name + jax.tree_util.keystr(path)
       if values is not None and not np.all(np.isfinite(values)):
-        where = name + jax.tree_util.keystr(path)
         raise ValueError(
             f"{where} contains NaN or infinite values; kernels of such "
             "inputs are meaningless. Clean or impute the inputs first.")
+      if values is not None:
+        _check_squares_representable(values, where)
+
+
+def _check_squares_representable(values: np.ndarray, where: str) -> None:
+  """Refuses an example whose covariances underflow to zero (or subnormals).
+
+  A kernel holds products of inputs: an example whose largest magnitude
+  `a` is nonzero but has `a**2` below the dtype's smallest normal number
+  would get covariances of zero (or a few bits) in place of its true ones.
+
+  Raises:
+    FloatingPointError: naming the example, the dtype and the fixes.
+  """
+  dtype = np.dtype(values.dtype)
+  if not np.issubdtype(dtype, np.floating) or not values.size:
+    return
+  magnitudes = np.abs(values.astype(np.float64)).reshape(
+      values.shape[:1] + (-1,) if values.ndim else (1, 1)).max(axis=1)
+  tiny = float(np.finfo(dtype).tiny)
+  small = np.flatnonzero((magnitudes > 0) & (magnitudes**2 < tiny))
+  if small.size:
+    i = int(small[0])
+    raise FloatingPointError(
+        f"{where}: example {i} has entries of magnitude at most "
+        f"{magnitudes[i]:.3g}, whose squares underflow {dtype.name} (smallest "
+        f"normal {tiny:.3g}): the covariances the kernel holds would be zero "
+        "or a few bits. Rescale the inputs (e.g. standardize them), or "
+        "compute in float64 (`jax.config.update('jax_enable_x64', True)` "
+        "and float64 inputs).")
 
 
 def _largest_magnitude(tree: Any) -> float:
