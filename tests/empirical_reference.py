@@ -76,8 +76,6 @@ def nt_layout(full, trace_axes, diagonal_axes):
   return result
 
 
-
-
 def ntk(f, variables, x1, x2, kwargs, trace_axes=(), diagonal_axes=(),
         kwargs2=None):
   """The NTK of `f` in NT's layout, for outputs that are pytrees of arrays.

@@ -182,6 +182,7 @@ def make_case(name: str, size: str = "tiny",
       name, d, dtype, (k1, k2))
   init_kwargs = {k: v for k, v in kwargs.items() if k != "rngs"}
   rngs = {"params": k_init, **kwargs.get("rngs", {})}
+
   def init(*args, **kw):
     with jax.numpy_rank_promotion("allow"):
       return model.init(*args, **kw)

@@ -68,6 +68,7 @@ def test_gp_inference_golden(golden):
   # A string `get` gives one result; no k_test_test gives the mean only.
   assert_close(predict_fn("ntk", test_train), g["gp_ntk_mean"])
   # ft.Kernel inputs work like namedtuples.
+
   def as_kernel(k):
     base = ft.Kernel.from_inputs(jnp.ones((2, 1)))
     return base.replace(nngp=jnp.asarray(k.nngp), ntk=jnp.asarray(k.ntk))

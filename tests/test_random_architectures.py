@@ -177,4 +177,3 @@ def test_generators_cover_the_layer_set():
   assert sum(valid_network(s).swapped is not None
              for s in range(N_VALID)) >= 2
   assert len(MC_SEEDS) == 3
-

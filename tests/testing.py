@@ -67,7 +67,6 @@ def jit_kernel_fn(model: nn.Module, **kwargs: Any) -> Callable[..., Any]:
   return jax.jit(ft.kernel_fn(model, **kwargs), static_argnames="get")
 
 
-
 def _pair_spec(n_spatial: int, extra: str = "") -> str:
   """einsum `a{s}c{extra},b{t}c{extra}->ab{s0 t0 s1 t1 ...}`."""
   letters = iter(string.ascii_lowercase[4:])
@@ -218,7 +217,6 @@ def assert_mc_close(samples: Any, expected: Any, *, n_se: float = 5.0,
       f"Monte Carlo mean differs from the limit beyond {n_se} standard "
       f"errors (+{bias} x scale): max excess {excess.max():.3g}, "
       f"mean={mean}, expected={expected}, se={se}")
-
 
 
 @dataclasses.dataclass(frozen=True)

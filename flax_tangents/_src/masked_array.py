@@ -138,6 +138,7 @@ class MaskedArray:
 jax.tree_util.register_dataclass(
     MaskedArray, data_fields=["masked_value", "mask"], meta_fields=[])
 
+
 def _is_scalar(x: Any) -> bool:
   """Whether `x` is a number or a 0-d array (a `MaskedArray` divisor)."""
   return isinstance(x, numbers.Number) or jnp.ndim(x) == 0

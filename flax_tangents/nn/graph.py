@@ -18,6 +18,7 @@ from flax_tangents._src.typing import Axes
 
 __all__ = ["Aggregate"]
 
+
 def _aggregate_rule(module: "Aggregate", kernel: Kernel, *,
                     pattern: Any = None, **kwargs: Any) -> Kernel:
   del kwargs

@@ -16,7 +16,6 @@ from flax_tangents._src.masked_array import supports_masking
 __all__ = ["ImageResize", "Index", "Slice"]
 
 
-
 class _Slice:
   """NT's `stax.Slice`: `ftn.Slice[...]` returns the index it is given.
 

@@ -128,6 +128,7 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
     assert nngp_in is not None, "a Kernel with an NTK has an NNGP"
     bias_grad = 0.0 if b_std is None else 1.0
     ntk = fan_in * nngp_in + bias_grad + w_var * ntk_in
+
   def out_mask(mask, shape):
     del shape
     mask = masking.collapse_channels(mask)

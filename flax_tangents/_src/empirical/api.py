@@ -359,4 +359,3 @@ def empirical_ntk_vp_fn(f: ApplyFn, x1: layout.PyTree,
     return jax.jvp(f1, (prepared.params,), (tangent,))[1]
 
   return ntk_vp_fn
-

@@ -43,6 +43,7 @@ from flax_tangents._src.scale.tile_plan import tile_rows
 
 __all__ = ["BatchedKernelFn"]
 
+
 class BatchedKernelFn:
   """See `ft.batch`."""
 

@@ -187,6 +187,7 @@ class OutputTemplate:
       if not isinstance(node, Kernel):
         return node
       axis = node.batch_axis
+
       def with_size(shape, n):
         shape = tuple(shape)
         return shape[:axis] + (n,) + shape[axis + 1:]

@@ -124,8 +124,6 @@ def lift(module: nn.Module, method: str, args: tuple[Any, ...],
     return Interpreter(trace, where, _call_submodule).run(kernels)
 
 
-
-
 def set_no_rule_error(factory) -> None:
   """The interceptor's error for a stock module without a rule, which
   tracing raises when such a module cannot even run on stand-in arrays."""

@@ -153,4 +153,3 @@ def _varying_constant(interp: Interpreter, eqn: Equation,
     spatial = 1.0 / spatial
   return Net(spatial_ops.scale_locations(linear.kernel, spatial),
              linear.provenance)
-

@@ -383,4 +383,3 @@ def _no_rule_reason(name: str) -> str:
           "transposes, slicing, padding, sums and means over locations, "
           "average pooling, concatenation, sums and products of "
           "independent branches, scaling by constants)")
-

@@ -272,4 +272,3 @@ def linear_scale(expr: Expr) -> Optional[float]:
   if found is not None and set(found) <= {("x", 1)}:
     return found.get(("x", 1), 0.0)
   return None
-

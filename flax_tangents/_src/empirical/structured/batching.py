@@ -242,4 +242,3 @@ def describe(state: State) -> Any:
   if isinstance(state, Mixed):
     return f"examples mixed ({state.reason})"
   return f"batched along axis {state}"
-

@@ -175,4 +175,3 @@ def constant_axes_of(value: Any) -> frozenset:
   return frozenset(a for a in range(value.ndim)
                    if np.array_equal(value, np.take(value, [0] * value.shape[a],
                                                     axis=a)))
-

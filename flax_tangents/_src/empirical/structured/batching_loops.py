@@ -130,4 +130,3 @@ def cond_rule(e: Eqn) -> list[State]:
                                             e.consts[1:]).states
     outs = states if k == 0 else [join(a, b) for a, b in zip(outs, states)]
   return outs
-

@@ -362,4 +362,3 @@ def rule(e: Eqn) -> list[State]:
   if state is None:
     return [Mixed("no batching rule for this primitive")]
   return [state]
-

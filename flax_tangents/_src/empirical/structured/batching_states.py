@@ -138,4 +138,3 @@ class Eqn:
     shape = self.shapes[k]
     return (size > 1 and len(shape) > axis and shape[axis] == size and
             axis not in self.consts[k])
-
