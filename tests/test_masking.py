@@ -11,6 +11,7 @@ import pytest
 
 import flax_tangents as ft
 from flax_tangents import nn as ftn
+from flax_tangents._src.analytic import mask_arrays  # the shared mask maps
 from masking_cases import Masked
 from masking_cases import PAD
 from masking_cases import padded
@@ -236,7 +237,6 @@ def test_finite_and_kernel_masks_agree(layer):
 def test_window_mask_is_the_centre_of_the_window(padding):
   # Neural Tangents' rule, written out: output t reads the input mask at
   # s t - pad_low + (k - 1) // 2.
-  from flax_tangents._src.analytic import masking  # the shared mask maps
   rng = np.random.RandomState(16)
   for size in (5, 6):
     for k in range(1, 4):
@@ -245,8 +245,8 @@ def test_window_mask_is_the_centre_of_the_window(padding):
         (lo, hi), = jax.lax.padtype_to_pads((size,), (k,), (s,), padding)
         out = (size + lo + hi - k) // s + 1
         expected = mask[:, [s * t - lo + (k - 1) // 2 for t in range(out)]]
-        got = masking.window_mask(jnp.asarray(mask), (k,), (s,),
-                                  ((lo, hi),), False)
+        got = mask_arrays.window_mask(jnp.asarray(mask), (k,), (s,),
+                                      ((lo, hi),), False)
         np.testing.assert_array_equal(got, expected)
 
 

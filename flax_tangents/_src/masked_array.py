@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 
 __all__ = ["MaskedArray", "MaybeMasked", "split", "supports_masking",
            "unmask_fn"]
@@ -67,12 +67,12 @@ class MaskedArray:
       `MaskedArray(x with masked entries zeroed, mask)`.
     """
     x = jnp.asarray(x)
-    mask = masking.from_mask_constant(x, mask_constant)
-    return cls(masking.zero_masked(x, mask), mask)
+    mask = mask_arrays.from_mask_constant(x, mask_constant)
+    return cls(mask_arrays.zero_masked(x, mask), mask)
 
   def unmask(self) -> jax.Array:
     """The values with masked entries zeroed."""
-    return masking.zero_masked(self.masked_value, self.mask)
+    return mask_arrays.zero_masked(self.masked_value, self.mask)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -95,7 +95,7 @@ class MaskedArray:
       return NotImplemented
     a, mask_a, _ = split(self)
     b, mask_b, _ = split(other)
-    return MaskedArray(a + b, masking.sum_masks([mask_a, mask_b]))
+    return MaskedArray(a + b, mask_arrays.sum_masks([mask_a, mask_b]))
 
   __radd__ = __add__
 
@@ -116,7 +116,7 @@ class MaskedArray:
       return NotImplemented
     a, mask_a, _ = split(self)
     b, mask_b, _ = split(other)
-    return MaskedArray(a * b, masking.sum_masks([mask_a, mask_b]))
+    return MaskedArray(a * b, mask_arrays.sum_masks([mask_a, mask_b]))
 
   __rmul__ = __mul__
 
@@ -157,7 +157,7 @@ MaybeMasked = Union[jax.Array, MaskedArray]
 def split(x: Any) -> tuple[Any, Optional[jax.Array], bool]:
   """`(values with padding zeroed, mask, whether x was a MaskedArray)`."""
   if isinstance(x, MaskedArray):
-    return masking.zero_masked(x.masked_value, x.mask), x.mask, True
+    return mask_arrays.zero_masked(x.masked_value, x.mask), x.mask, True
   return x, None, False
 
 

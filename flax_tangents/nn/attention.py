@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import positional
 from flax_tangents._src.analytic.attention import ATTENTION_MECHANISMS
 from flax_tangents._src.analytic.attention import attention_fn
@@ -210,7 +210,7 @@ class GlobalSelfAttention(nn.Module):
     y = y.reshape((n,) + spatial + (self.n_chan_out,))
     if not was_masked:
       return y
-    return MaskedArray(y, masking.collapse_channels(mask))
+    return MaskedArray(y, mask_arrays.collapse_channels(mask))
 
   def _embed(self, tokens: jax.Array, spatial: tuple[int, ...],
              mask: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -233,9 +233,9 @@ class GlobalSelfAttention(nn.Module):
                            tokens.shape[:1] + emb.shape)
     if mask is not None:
       # Padded locations get no embedding either (as Neural Tangents).
-      locations = masking.collapse_channels(mask).reshape(
+      locations = mask_arrays.collapse_channels(mask).reshape(
           tokens.shape[0], -1, 1)
-      emb = masking.zero_masked(emb, locations)
+      emb = mask_arrays.zero_masked(emb, locations)
     if mix.kind == "SUM":
       embedded = tokens + emb
     else:

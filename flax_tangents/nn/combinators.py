@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import combinators
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.masked_array import MaskedArray
@@ -45,7 +45,7 @@ class FanInSum(nn.Module):
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
     return _merge(branches, functools.partial(functools.reduce, operator.add),
-                  masking.sum_masks)
+                  mask_arrays.sum_masks)
 
 
 def _concat_rule(module: "FanInConcat", kernels: Sequence[Kernel],
@@ -86,7 +86,7 @@ class FanInConcat(nn.Module):
                        f"{n_dims}).")
     return _merge(
         branches, lambda values: jnp.concatenate(values, axis=self.axis),
-        lambda masks: masking.concat_masks(
+        lambda masks: mask_arrays.concat_masks(
             masks, [jnp.shape(v) for v, _, _ in map(split, branches)],
             self.axis))
 
@@ -103,4 +103,4 @@ class FanInProd(nn.Module):
 
   def __call__(self, branches: Sequence[jax.Array]) -> jax.Array:
     return _merge(branches, functools.partial(functools.reduce, operator.mul),
-                  masking.sum_masks)
+                  mask_arrays.sum_masks)

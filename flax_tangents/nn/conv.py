@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.affine import check_width_scale
 from flax_tangents._src.analytic.kernel import Kernel
@@ -82,8 +82,8 @@ class _ConvBase(nn.Module):
                   shape: Sequence[int]) -> Optional[jax.Array]:
     """A location is padding iff its receptive field's centre is (as NT)."""
     kernel_size, strides, pads, circular = self.geometry(shape[1:-1])
-    return masking.window_mask(masking.collapse_channels(mask), kernel_size,
-                               strides, pads, circular)
+    return mask_arrays.window_mask(mask_arrays.collapse_channels(mask),
+                                   kernel_size, strides, pads, circular)
 
   def _weights(self, kernel_shape: tuple[int, ...], fan_in: int
                ) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -196,14 +196,14 @@ def _conv_transpose_rule(module: "ConvTranspose", kernel: Kernel,
       spatial_map=spatial_map,
       shape1=(kernel.shape1[0],) + out_spatial + (module.width,),
       shape2=(kernel.shape2[0],) + out_spatial + (module.width,),
-      mask_map=lambda mask: masking.transpose_window_mask(
+      mask_map=lambda mask: mask_arrays.transpose_window_mask(
           mask, kernel_size, strides, padding))
 
 
 def _transpose_output_mask(module: "ConvTranspose", mask: jax.Array,
                            shape: Sequence[int]) -> Optional[jax.Array]:
   kernel_size, strides, _, _ = module.geometry(shape[1:-1])
-  return masking.transpose_window_mask(mask, kernel_size, strides,
+  return mask_arrays.transpose_window_mask(mask, kernel_size, strides,
                                        module.padding.upper())
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic.affine import affine_kernel
 from flax_tangents._src.analytic.affine import check_width_scale
 from flax_tangents._src.analytic.kernel import Kernel
@@ -72,7 +72,8 @@ class Dense(nn.Module):
   param_dtype: Any = jnp.float32
   s: Sequence[int] = (1, 1)
 
-  @supports_masking(lambda self, mask, shape: masking.collapse_channels(mask))
+  @supports_masking(
+      lambda self, mask, shape: mask_arrays.collapse_channels(mask))
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     s = check_width_scale(self.s, self.parameterization, "Dense")

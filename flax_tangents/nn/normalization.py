@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.normalization import canonical_axes
 from flax_tangents._src.analytic.normalization import layer_norm_kernel
@@ -55,7 +55,7 @@ class LayerNorm(nn.Module):
     value, mask, was_masked = split(x)
     axes = canonical_axes(self.axis, value.ndim)
     # Statistics over unpadded entries only.
-    mean = masking.masked_mean(value, mask, axes, keepdims=True)
-    var = masking.masked_mean((value - mean)**2, mask, axes, keepdims=True)
+    mean = mask_arrays.masked_mean(value, mask, axes, keepdims=True)
+    var = mask_arrays.masked_mean((value - mean)**2, mask, axes, keepdims=True)
     y = (value - mean) / jnp.sqrt(var + self.eps)
     return MaskedArray(y, mask) if was_masked else y

@@ -12,6 +12,7 @@ import numpy as np
 
 from flax_tangents._src.analytic import conv as conv_math
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import pooling as pooling_math
 from flax_tangents._src.analytic.kernel import Kernel
@@ -57,7 +58,7 @@ class _Pool(nn.Module):
                   shape: Sequence[int]) -> Optional[jax.Array]:
     """A pooled location is padding iff its window's centre is (as NT)."""
     window, strides, pads, circular = self.geometry(shape[1:-1])
-    return masking.window_mask(mask, window, strides, pads, circular)
+    return mask_arrays.window_mask(mask, window, strides, pads, circular)
 
   def pool(self, x: jax.Array) -> jax.Array:
     window, strides, pads, circular = self.geometry(x.shape[1:-1])
@@ -181,10 +182,10 @@ class GlobalAvgPool(nn.Module):
   def __call__(self, x: MaybeMasked) -> MaybeMasked:
     value, mask, was_masked = split(x)
     # Padded locations are skipped (NT's masked mean).
-    y = masking.masked_mean(value, mask, _spatial_axes(value))
+    y = mask_arrays.masked_mean(value, mask, _spatial_axes(value))
     if not was_masked:
       return y
-    return MaskedArray(y, masking.global_mask(mask, "GlobalAvgPool"))
+    return MaskedArray(y, mask_arrays.global_mask(mask, "GlobalAvgPool"))
 
 
 @kernel_rule(_global_rule(average=False))
@@ -202,4 +203,4 @@ class GlobalSumPool(nn.Module):
     y = jnp.sum(value, axis=_spatial_axes(value))
     if not was_masked:
       return y
-    return MaskedArray(y, masking.global_mask(mask, "GlobalSumPool"))
+    return MaskedArray(y, mask_arrays.global_mask(mask, "GlobalSumPool"))

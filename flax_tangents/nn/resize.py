@@ -7,6 +7,7 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import resize as resize_math
 from flax_tangents._src.analytic.kernel import Kernel
@@ -82,7 +83,7 @@ class ImageResize(nn.Module):
   def output_mask(self, mask: jax.Array,
                   shape: Sequence[int]) -> Optional[jax.Array]:
     """Padding iff made of padding only (as NT)."""
-    return masking.resize_mask(
+    return mask_arrays.resize_mask(
         mask, resize_math.resolve_resize_shape(self.shape, shape,
                                                type(self).__name__),
         self.method, self.antialias)
@@ -130,7 +131,7 @@ class Index(nn.Module):
   def output_mask(self, mask: jax.Array,
                   shape: Sequence[int]) -> Optional[jax.Array]:
     """The mask is indexed like its entries."""
-    return masking.index_mask(mask, resize_math.normalize_index(
+    return mask_arrays.index_mask(mask, resize_math.normalize_index(
         self.idx, shape, type(self).__name__))
 
   @supports_masking(output_mask)

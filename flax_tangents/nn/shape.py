@@ -7,7 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.registry import kernel_rule
 from flax_tangents._src.analytic.spatial import flatten_kernel
@@ -29,7 +29,8 @@ class Flatten(nn.Module):
   (2, 60)
   """
 
-  @supports_masking(lambda self, mask, shape: masking.flatten_mask(mask, shape))
+  @supports_masking(
+      lambda self, mask, shape: mask_arrays.flatten_mask(mask, shape))
   def __call__(self, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], -1)
 

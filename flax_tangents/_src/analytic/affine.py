@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import jax
 
 from flax_tangents._src.analytic import lineage
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic.kernel import Kernel
 
@@ -98,7 +99,7 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
     shape2: shape on the second batch.
     mask_map: maps a padding mask of whole input locations `(N, *spatial,
       1)` to that of the outputs (the identity for a dense layer; see
-      `masking.window_mask`). Input masks are first collapsed over channels.
+      `mask_arrays.window_mask`). Input masks are first collapsed over channels.
 
   Returns:
     The kernel of the (Gaussian) outputs.
@@ -131,7 +132,7 @@ def affine_kernel(kernel: Kernel, *, W_std: float, b_std: Optional[float],
 
   def out_mask(mask, shape):
     del shape
-    mask = masking.collapse_channels(mask)
+    mask = mask_arrays.collapse_channels(mask)
     return mask if mask_map is None else mask_map(mask)
 
   out = kernel.replace(

@@ -18,6 +18,7 @@ import numpy as np
 
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import lineage
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import positional
 from flax_tangents._src.analytic.enums import AttentionMechanism
@@ -91,7 +92,7 @@ def flat_key_mask(mask: Optional[jax.Array]) -> Optional[jax.Array]:
   """`(N, 1, P)`: padded keys of each input, from a mask `(N, *S, C|1)`."""
   if mask is None:
     return None
-  mask = masking.collapse_channels(mask)
+  mask = mask_arrays.collapse_channels(mask)
   return mask.reshape(mask.shape[0], 1, -1)
 
 
@@ -114,8 +115,8 @@ def _embedded(kernel: Kernel, mix: positional.PositionalMix,
     return out
   masks1, masks2 = masking.kernel_masks(kernel)
   mask11, mask12, mask22 = masking.pair_masks(
-      kernel, masking.collapse_channels(masks1),
-      masking.collapse_channels(masks2), layer)
+      kernel, mask_arrays.collapse_channels(masks1),
+      mask_arrays.collapse_channels(masks2), layer)
   pair_mask = {"nngp": mask12, "ntk": mask12, "cov1": mask11, "cov2": mask22}
   dtype = jnp.result_type(*(getattr(kernel, name) for name in
                             ("nngp", "cov1") if getattr(kernel, name)
@@ -127,7 +128,7 @@ def _embedded(kernel: Kernel, mix: positional.PositionalMix,
       out[name] = None
       continue
     n_batch = covariance.batch_ndim(kernel, name)
-    emb = masking.zero_masked(
+    emb = mask_arrays.zero_masked(
         jnp.broadcast_to(zipped_R, (1,) * n_batch + zipped_R.shape),
         pair_mask[name])
     out[name] = _to_flat(
@@ -234,7 +235,7 @@ def attention_kernel(kernel: Kernel, *, n_chan_out: int, QK_std: float,
       shape2=kernel.shape2[:-1] + (n_chan_out,))
   # The output projection is a fresh affine layer: a new Gaussian source.
   return lineage.fresh(masking.map_masks(
-      result, kernel, lambda mask, shape: masking.collapse_channels(mask)))
+      result, kernel, lambda mask, shape: mask_arrays.collapse_channels(mask)))
 
 
 def _linear_scaling(values: dict[str, Any], g1: jax.Array, g2: jax.Array,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import lineage
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import requirements
 from flax_tangents._src.analytic.kernel import Kernel
@@ -49,8 +49,8 @@ def _combine(kernels: Sequence[Kernel], field: str,
 
 def _summed_masks(kernels: Sequence[Kernel]) -> dict[str, Any]:
   """Masks of a sum or product: padding where every branch is."""
-  return dict(mask1=masking.sum_masks([k.mask1 for k in kernels]),
-              mask2=masking.sum_masks([k.mask2 for k in kernels]))
+  return dict(mask1=mask_arrays.sum_masks([k.mask1 for k in kernels]),
+              mask2=mask_arrays.sum_masks([k.mask2 for k in kernels]))
 
 
 def fan_in_sum(kernels: Sequence[Kernel]) -> Kernel:
@@ -108,9 +108,9 @@ def channel_average(kernels: Sequence[Kernel]) -> Kernel:
       cov2=_combine(kernels, "cov2", weighted),
       shape1=first.shape1[:-1] + (total,), shape2=first.shape2[:-1] + (total,),
       is_gaussian=False, is_input=all(k.is_input for k in kernels),
-      mask1=masking.concat_masks([k.mask1 for k in kernels],
+      mask1=mask_arrays.concat_masks([k.mask1 for k in kernels],
                                  [k.shape1 for k in kernels], -1),
-      mask2=masking.concat_masks([k.mask2 for k in kernels],
+      mask2=mask_arrays.concat_masks([k.mask2 for k in kernels],
                                  [k.shape2 for k in kernels], -1))
 
 
@@ -224,9 +224,9 @@ def _block_concat(kernels: Sequence[Kernel], axis: int) -> Kernel:
       cov2=concat("cov2"), shape1=new_shape(lambda k: k.shape1),
       shape2=new_shape(lambda k: k.shape2), is_gaussian=True,
       is_input=False,
-      mask1=masking.concat_masks([k.mask1 for k in kernels],
+      mask1=mask_arrays.concat_masks([k.mask1 for k in kernels],
                                  [k.shape1 for k in kernels], axis),
-      mask2=masking.concat_masks([k.mask2 for k in kernels],
+      mask2=mask_arrays.concat_masks([k.mask2 for k in kernels],
                                  [k.shape2 for k in kernels], axis))
   return lineage.with_sources(out, lineage.union(kernels))
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import affine
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import spatial_maps
 from flax_tangents._src.analytic.spatial_maps import circular_fold_matrix
 
@@ -299,7 +299,7 @@ def conv_kernel(kernel, *, filter_shape: Sequence[int],
       spatial_map=spatial_map,
       shape1=(kernel.shape1[0],) + out_spatial + (features,),
       shape2=(kernel.shape2[0],) + out_spatial + (features,),
-      mask_map=lambda mask: masking.window_mask(mask, filter_shape, strides,
+      mask_map=lambda mask: mask_arrays.window_mask(mask, filter_shape, strides,
                                                 pads, circular))
 
 

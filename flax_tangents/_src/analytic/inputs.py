@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.masked_array import MaskedArray
 
@@ -213,8 +213,8 @@ def masked_inputs(x: Any, mask_constant: Any
       value, mask = leaf, None
     else:
       value = jnp.asarray(leaf)
-      mask = masking.from_mask_constant(value, mask_constant)
-    values.append(masking.zero_masked(value, mask))
+      mask = mask_arrays.from_mask_constant(value, mask_constant)
+    values.append(mask_arrays.zero_masked(value, mask))
     masks.append(mask)
   return jax.tree.unflatten(tree, values), masks
 

@@ -34,6 +34,7 @@ from flax_tangents._src.analytic import combinators
 from flax_tangents._src.analytic import covariance
 from flax_tangents._src.analytic import dot_general
 from flax_tangents._src.analytic import kernel_operations
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixture_units
 from flax_tangents._src.analytic import resize
@@ -101,8 +102,8 @@ def _getitem_one(kernel: Kernel, idx: Any) -> Kernel:
     kernel = _slice_one(kernel, batch, batch)
   rest = (slice(None),) + tuple(full[1:])
   out = resize.index_kernel(kernel, rest, layer)
-  return masking.map_masks(out, kernel,
-                           lambda mask, shape: masking.index_mask(mask, rest))
+  return masking.map_masks(
+      out, kernel, lambda mask, shape: mask_arrays.index_mask(mask, rest))
 
 
 def getitem(kernel: Kernel, idx: Any) -> Kernel:

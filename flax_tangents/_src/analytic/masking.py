@@ -16,41 +16,17 @@ import jax.numpy as jnp
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic.kernel import Kernel
 from flax_tangents._src.analytic.mask_arrays import Mask
-from flax_tangents._src.analytic.mask_arrays import collapse_channels
-from flax_tangents._src.analytic.mask_arrays import concat_masks
-from flax_tangents._src.analytic.mask_arrays import flatten_mask
-from flax_tangents._src.analytic.mask_arrays import from_mask_constant
-from flax_tangents._src.analytic.mask_arrays import global_mask
-from flax_tangents._src.analytic.mask_arrays import index_mask
 from flax_tangents._src.analytic.mask_arrays import location_mask
-from flax_tangents._src.analytic.mask_arrays import masked_mean
-from flax_tangents._src.analytic.mask_arrays import resize_mask
-from flax_tangents._src.analytic.mask_arrays import sum_masks
-from flax_tangents._src.analytic.mask_arrays import transpose_window_mask
-from flax_tangents._src.analytic.mask_arrays import window_mask
 from flax_tangents._src.analytic.mask_arrays import zero_masked
 
 __all__ = [
-    "collapse_channels",
-    "concat_masks",
-    "flatten_mask",
-    "from_mask_constant",
-    "global_mask",
-    "index_mask",
     "kernel_masks",
-    "location_mask",
     "map_masks",
     "mask_kernel",
-    "masked_mean",
     "pair_masks",
     "remask",
     "remask_shifted",
-    "resize_mask",
-    "sum_masks",
     "remask_output",
-    "transpose_window_mask",
-    "window_mask",
-    "zero_masked",
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic.kernel import Kernel
@@ -87,8 +88,8 @@ def layer_norm_kernel(kernel: Kernel, axis: Axes, eps: float,
   def normalizer(v, mask):
     if not reduce:
       return eps + v
-    loc = masking.location_mask(mask, layer)
-    return eps + masking.masked_mean(v, loc, reduce, keepdims=True)
+    loc = mask_arrays.location_mask(mask, layer)
+    return eps + mask_arrays.masked_mean(v, loc, reduce, keepdims=True)
 
   var1 = normalizer(var1, mask1)
   var2 = var1 if kernel.cov2 is None else normalizer(var2, mask2)

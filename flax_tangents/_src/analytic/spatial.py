@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_tangents._src.analytic import covariance
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import masking
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic.kernel import Kernel
@@ -53,7 +54,7 @@ def flattened_average(kernel: Kernel) -> Kernel:
       **_drop_spatial_shape(kernel, size(kernel.shape1), size(kernel.shape2)))
   # Padded entries are zeros among the flattened channels: the mean above
   # counts them as such, and the mask follows its entries.
-  return masking.map_masks(out, kernel, masking.flatten_mask)
+  return masking.map_masks(out, kernel, mask_arrays.flatten_mask)
 
 
 def global_pool_kernel(kernel: Kernel, *, average: bool, layer: str) -> Kernel:
@@ -79,11 +80,11 @@ def global_pool_kernel(kernel: Kernel, *, average: bool, layer: str) -> Kernel:
     axes = tuple(range(covariance.batch_ndim(kernel, name), cov.ndim))
     if average:
       # The mean over pairs of unpadded locations (NT's masked mean).
-      return masking.masked_mean(cov, masks[name], axes)
-    return jnp.sum(masking.zero_masked(cov, masks[name]), axis=axes)
+      return mask_arrays.masked_mean(cov, masks[name], axes)
+    return jnp.sum(mask_arrays.zero_masked(cov, masks[name]), axis=axes)
 
   out = kernel.replace(
       **{name: pooled(name, getattr(kernel, name)) for name in masks},
       **_drop_spatial_shape(kernel, kernel.shape1[-1], kernel.shape2[-1]))
   return masking.map_masks(
-      out, kernel, lambda mask, shape: masking.global_mask(mask, layer))
+      out, kernel, lambda mask, shape: mask_arrays.global_mask(mask, layer))

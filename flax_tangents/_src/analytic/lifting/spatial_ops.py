@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_tangents._src.analytic import covariance
-from flax_tangents._src.analytic import masking
+from flax_tangents._src.analytic import mask_arrays
 from flax_tangents._src.analytic import mixture_units
 from flax_tangents._src.analytic import mixtures
 from flax_tangents._src.analytic import resize
@@ -63,8 +63,8 @@ def add(a: Kernel, b: Kernel) -> Kernel:
                   is_gaussian=a.is_gaussian and b.is_gaussian,
                   is_input=False,
                   # Padding in both summands (NT's FanInSum rule).
-                  mask1=masking.sum_masks([a.mask1, b.mask1]),
-                  mask2=masking.sum_masks([a.mask2, b.mask2]))
+                  mask1=mask_arrays.sum_masks([a.mask1, b.mask1]),
+                  mask2=mask_arrays.sum_masks([a.mask2, b.mask2]))
   if mixtures.is_mixed(a) or mixtures.is_mixed(b):
     mixtures.mark_mixed(out)
   return out
