@@ -64,21 +64,10 @@ def input_fields(x1: jax.typing.ArrayLike,
                  diagonal_batch: bool = True,
                  diagonal_spatial: bool = False,
                  compute_ntk: bool = True) -> dict[str, Any]:
-  """The fields of the kernel of raw inputs (see `Kernel.from_inputs`).
+  """The keyword arguments of the `Kernel` constructor for raw inputs.
 
-  Args:
-    x1: inputs of shape `(N1, *spatial, C)`.
-    x2: inputs of shape `(N2, *spatial, C)`, or `None` for `x2 = x1`.
-    diagonal_batch: keep only the batch diagonal of `cov1`/`cov2`.
-    diagonal_spatial: keep only spatial diagonals.
-    compute_ntk: whether to carry an NTK (zero for raw inputs).
-
-  Returns:
-    The keyword arguments of the `Kernel` constructor.
-
-  Raises:
-    ValueError: if `x1` and `x2` differ in anything but the batch size, or
-      are not at least 2-D.
+  The arguments, and the `ValueError`s, are those of `Kernel.from_inputs`,
+  which documents them.
 
   >>> import jax.numpy as jnp
   >>> fields = input_fields(jnp.ones((3, 4)), jnp.ones((2, 4)))
