@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 _TREE_TYPES = (tuple, list, dict)
+# What to do when a kernel's entries do not fit the inputs' dtype.
+_PRECISION_FIXES = (
+    "Rescale the inputs (e.g. standardize them), or compute in float64 "
+    "(`jax.config.update('jax_enable_x64', True)` and float64 inputs).")
 
 
 def is_tree(x: Any) -> bool:
@@ -139,9 +143,7 @@ def _check_squares_representable(values: np.ndarray, where: str) -> None:
         f"{where}: example {i} has entries of magnitude at most "
         f"{magnitudes[i]:.3g}, whose squares underflow {dtype.name} (smallest "
         f"normal {tiny:.3g}): the covariances the kernel holds would be zero "
-        "or a few bits. Rescale the inputs (e.g. standardize them), or "
-        "compute in float64 (`jax.config.update('jax_enable_x64', True)` "
-        "and float64 inputs).")
+        "or a few bits. " + _PRECISION_FIXES)
 
 
 def _largest_magnitude(tree: Any) -> float:
@@ -182,10 +184,8 @@ def check_finite_output(output: Any, x1: Any, x2: Any) -> None:
           f"infinite entries although the inputs are finite: a covariance "
           f"overflowed {dtype.name} (largest representable "
           f"{np.finfo(dtype).max:.3g}; largest input magnitude "
-          f"{largest:.3g}, whose square is what the kernel holds). Rescale "
-          "the inputs (e.g. standardize them), or compute in float64 "
-          "(`jax.config.update('jax_enable_x64', True)` and float64 "
-          "inputs).")
+          f"{largest:.3g}, whose square is what the kernel holds). " +
+          _PRECISION_FIXES)
 
 
 def masked_inputs(x: Any, mask_constant: Any
