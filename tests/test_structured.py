@@ -5,6 +5,7 @@ References: a direct `jax.jacobian` of the whole model contracted with
 JACOBIAN_CONTRACTION implementation.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -18,6 +19,7 @@ from flax_tangents._src.empirical import example_axes
 from flax_tangents._src.empirical import jacobian_contraction
 from flax_tangents._src.empirical import layout
 from flax_tangents._src.empirical.structured import ntk as structured_ntk
+from flax_tangents._src.empirical.structured.rules import RULES
 import empirical_zoo as zoo
 from testing import assert_trees_close
 
@@ -186,3 +188,33 @@ def test_static_index_factors_in_a_loop_are_not_stacked():
   _assert_close(kernel_fn(params, x1, x2),
                 _layout(_full_reference(f, params, x1, x2, {}, {}), (), ()))
   assert _largest_intermediate(kernel_fn, params, x1, x2) < (steps * gates)**2
+
+
+def test_a_static_factor_that_reads_in_a_loop_is_refused(monkeypatch):
+  # A static factor is computed outside the loop, where a read would see no
+  # iteration's values: a rule that marks a value-dependent factor static
+  # must fail loudly instead of misreading.
+  original = RULES["concatenate"]
+
+  def reading_concatenate(ctx):
+    result = original(ctx)
+    if result is None:
+      return None
+    factors = tuple(
+        dataclasses.replace(
+            f, compute=lambda read, c=f.compute: (read(None), c(read))[1])
+        if getattr(f, "static", False) else f for f in result.factors)
+    return dataclasses.replace(result, factors=factors)
+
+  monkeypatch.setitem(RULES, "concatenate", reading_concatenate)
+  params = {"a": jnp.ones((3, 4)), "b": jnp.ones((3, 4))}
+
+  def f(p, x):
+    def step(h, x_t):
+      return jnp.tanh(x_t @ jnp.concatenate([p["a"], p["b"]], axis=1)) + h, None
+    return jax.lax.scan(step, jnp.zeros((x.shape[0], 8)), x.swapaxes(0, 1))[0]
+
+  x = jnp.ones((2, 5, 3))
+  with pytest.raises(AssertionError, match="static IndexFactor read"):
+    structured_ntk(f, params, x, x, {}, {}, trace_axes=(), diagonal_axes=(),
+                   vmap_axes=None)

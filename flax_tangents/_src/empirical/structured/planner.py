@@ -28,7 +28,7 @@ is a plain Jacobian contraction. Each chain records why it stopped
 
 import dataclasses
 import math
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax.numpy as jnp
 
@@ -177,6 +177,17 @@ _NOT_PAST_INPUTS = frozenset({"conv_general_dilated", "gather",
 _MAX_FACTORS_PAST_INPUTS = 8
 
 
+def _without_reads(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
+  """`compute` given a reader that refuses every read (static factors)."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a static IndexFactor read a forward value; only "
+                         "factors whose indices depend on shapes alone may "
+                         "be marked static")
+
+  return lambda read: compute(refuse)
+
+
 class _Planner:
   """Plans one parameter leaf."""
 
@@ -295,8 +306,13 @@ class _Planner:
     A static index factor is the same in every iteration: stacking it would
     only multiply the Gram of a pair of them by the squared loop length.
     """
-    if not scope.prefix or getattr(factor, "static", False):
+    if not scope.prefix:
       return factor
+    if getattr(factor, "static", False):
+      # Computed outside the loop: a read there would see no iteration's
+      # values, so a factor wrongly marked static must fail, not misread.
+      return dataclasses.replace(factor,
+                                 compute=_without_reads(factor.compute))
     return dataclasses.replace(factor,
                                labels=scope.loop_labels + factor.labels,
                                scope=scope.prefix)
